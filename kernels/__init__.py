@@ -1,0 +1,1 @@
+"""Pallas kernels for trakjax, installed as ``trakjax.kernels`` (package-dir mapping)."""

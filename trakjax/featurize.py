@@ -1,0 +1,489 @@
+"""Featurization: per-example gradients of the model output, projected to k dimensions.
+
+For checkpoint θ_m and example z_i this computes ``φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P`` together
+with f(z_i; θ_m) and, for training examples, the output-to-loss term ``q_i = −∂L/∂f``.
+
+* :func:`select_parameters` turns ``grad_wrt`` into a mask over the parameter pytree. Only the
+  selected leaves are differentiated: the rest are closed over as constants, so XLA never
+  computes their gradients.
+* :func:`per_example_grads` is ``jax.vmap(jax.value_and_grad(output))`` over a batch.
+* :func:`prepare_checkpoint` does the per-checkpoint work once (parameter split, the task's
+  auxiliary state, the projection key, R materialized when it fits the budget);
+  :func:`featurize_batch` then featurizes batches of examples with one jitted step, micro-batched
+  so that a micro-batch of per-example gradients fits ``grad_memory_bytes``.
+* :func:`featurize` runs :func:`featurize_batch` over a whole data set.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trakjax import data as data_lib
+from trakjax import projection as projection_lib
+from trakjax import randomness
+from trakjax.tasks import Task, TaskState
+
+logger = logging.getLogger("trakjax")
+
+TRAIN_SPLIT = 0
+TARGET_SPLIT = 1
+
+DEFAULT_GRAD_MEMORY_BYTES = 4 * 2**30
+"""Default budget for one micro-batch of per-example gradients."""
+DEFAULT_MATRIX_CACHE_BYTES = 4 * 2**30
+"""Default budget for holding R materialized for a checkpoint (0 disables it)."""
+
+GradWrt = None | Sequence[str] | Callable[[str, Any], bool] | Any
+
+
+# --------------------------------------------------------------------------- parameter selection
+
+
+def _path_string(path) -> str:
+    parts = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            parts.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            parts.append(str(entry.name))
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            parts.append(str(entry.idx))
+        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(entry.key))
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def parameter_paths(params) -> list[str]:
+    """The '/'-joined path of every leaf of ``params``, in flattening order."""
+    return [_path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def select_parameters(params, grad_wrt: GradWrt = None) -> list[bool]:
+    """Which leaves of ``params`` (in flattening order) are differentiated.
+
+    Args:
+      params: the parameter pytree.
+      grad_wrt: ``None`` for every floating-point leaf; a sequence of '/'-joined path prefixes
+        (``["params/Dense_0", "params/head/kernel"]``); a callable ``(path, leaf) -> bool``; or a
+        pytree of bools with the structure of ``params`` (an optax-style mask).
+
+    Returns:
+      One bool per leaf of ``params``.
+
+    Raises:
+      ValueError: if a path prefix matches no leaf (listing the valid paths), if the selection
+        is empty, or if a selected leaf is not floating point.
+    """
+    with_path = jax.tree_util.tree_leaves_with_path(params)
+    paths = [_path_string(p) for p, _ in with_path]
+    leaves = [x for _, x in with_path]
+    if not leaves:
+        raise ValueError("params has no leaves")
+    if grad_wrt is None:
+        mask = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+    elif isinstance(grad_wrt, str):
+        raise TypeError(
+            f"grad_wrt must be a sequence of path prefixes, not a single string; use [{grad_wrt!r}]"
+        )
+    elif callable(grad_wrt):
+        mask = [bool(grad_wrt(p, x)) for p, x in zip(paths, leaves, strict=True)]
+    elif isinstance(grad_wrt, list | tuple) and all(isinstance(s, str) for s in grad_wrt):
+        mask = [False] * len(paths)
+        for prefix in grad_wrt:
+            hits = [i for i, p in enumerate(paths) if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
+            if not hits:
+                raise ValueError(
+                    f"grad_wrt entry {prefix!r} matches no parameter; valid paths are {paths}"
+                )
+            for i in hits:
+                mask[i] = True
+    else:
+        try:
+            flags = jax.tree_util.tree_leaves(
+                jax.tree_util.tree_map(lambda m, _: bool(m), grad_wrt, params)
+            )
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                "grad_wrt must be None, a sequence of path prefixes, a callable (path, leaf) -> bool "
+                f"or a pytree of bools shaped like params; got {type(grad_wrt).__name__}: {err}"
+            ) from err
+        mask = flags
+    if not any(mask):
+        raise ValueError(f"grad_wrt={grad_wrt!r} selects no parameter; valid paths are {paths}")
+    for flag, path, leaf in zip(mask, paths, leaves, strict=True):
+        if flag and not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise ValueError(
+                f"grad_wrt selects {path!r} of dtype {jnp.result_type(leaf)}; only floating-point "
+                "parameters can be differentiated"
+            )
+    return [bool(m) for m in mask]
+
+
+def split_parameters(params, mask: Sequence[bool]) -> tuple[list, list]:
+    """(differentiated leaves, fixed leaves) of ``params`` under ``mask``."""
+    leaves = jax.tree_util.tree_leaves(params)
+    diff = [x for x, m in zip(leaves, mask, strict=True) if m]
+    fixed = [x for x, m in zip(leaves, mask, strict=True) if not m]
+    return diff, fixed
+
+
+def merge_parameters(treedef, mask: Sequence[bool], diff: Sequence, fixed: Sequence):
+    """Inverse of :func:`split_parameters`."""
+    diff_iter, fixed_iter = iter(diff), iter(fixed)
+    leaves = [next(diff_iter) if m else next(fixed_iter) for m in mask]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------- per-example gradients
+
+
+def per_example_grads(
+    task: Task,
+    params,
+    batch,
+    *,
+    grad_wrt: GradWrt = None,
+    state: TaskState = TaskState(),
+):
+    """Per-example gradients of ``task.output`` and the outputs themselves.
+
+    ``jax.vmap(jax.value_and_grad(output))`` over the batch, differentiating only the leaves that
+    ``grad_wrt`` selects.
+
+    Args:
+      task: the :class:`~trakjax.tasks.Task`.
+      params: the parameter pytree of one checkpoint.
+      batch: pytree of arrays with a leading example axis B.
+      grad_wrt: see :func:`select_parameters`.
+      state: :class:`~trakjax.tasks.TaskState`; ``state.key``, if given, is a (B,) batch of keys.
+
+    Returns:
+      ``(grads, outputs)``: ``grads`` has the structure of ``params`` with each selected leaf
+      (B, *leaf_shape) and ``None`` in place of unselected leaves; ``outputs`` is (B,).
+    """
+    mask = select_parameters(params, grad_wrt)
+    treedef = jax.tree_util.tree_structure(params)
+    diff, fixed = split_parameters(params, mask)
+    outputs, grads = _value_and_grads(task, treedef, tuple(mask), diff, fixed, batch, state)
+    leaves = iter(grads)
+    full = [next(leaves) if m else None for m in mask]
+    return jax.tree_util.tree_unflatten(treedef, full), outputs
+
+
+def _value_and_grads(task, treedef, mask, diff, fixed, batch, state):
+    def output(diff_leaves, example, key):
+        params = merge_parameters(treedef, mask, diff_leaves, fixed)
+        return task.output(params, example, TaskState(state.aux, key))
+
+    key_axis = None if state.key is None else 0
+    return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)
+
+
+# --------------------------------------------------------------------------- per-checkpoint featurizer
+
+
+class FeaturizeConfig(NamedTuple):
+    """Static settings of featurization; shared by every checkpoint of a run.
+
+    Attributes:
+      projection: ``"rademacher"``, ``"normal"`` or ``"identity"``.
+      proj_dim: k (``None`` for identity).
+      seed: projection seed (also seeds task PRNG keys).
+      grad_wrt: see :func:`select_parameters`.
+      batch_size: examples per step; capped by ``grad_memory_bytes``.
+      precision: matmul precision policy (``"highest"``, ``"high"``, ``"default"``).
+      chunk_rows: rows of R per generated chunk (``None``: about 64 MiB of R).
+      matrix_cache_bytes: hold R materialized for a checkpoint when P·k·4 fits this budget.
+      grad_memory_bytes: budget for one micro-batch of per-example gradients.
+      backend: projection backend (``"xla"``, ``"pallas"`` or ``"auto"``).
+    """
+
+    projection: str = "rademacher"
+    proj_dim: int | None = 2048
+    seed: int = 0
+    grad_wrt: GradWrt = None
+    batch_size: int = 64
+    precision: str = "highest"
+    chunk_rows: int | None = None
+    matrix_cache_bytes: int = DEFAULT_MATRIX_CACHE_BYTES
+    grad_memory_bytes: int = DEFAULT_GRAD_MEMORY_BYTES
+    backend: str = "auto"
+
+
+class Checkpoint(NamedTuple):
+    """Everything :func:`featurize_batch` needs for one checkpoint, computed once.
+
+    Attributes:
+      model_id: the checkpoint's id (selects its projection matrix).
+      params: the full parameter pytree.
+      mask: per-leaf differentiation flags.
+      diff, fixed: the differentiated and fixed leaves.
+      layout: :class:`~trakjax.projection.ParameterLayout` of the differentiated leaves.
+      proj_dim: effective k.
+      proj_key: uint32 key of R (None for identity).
+      blocks: R materialized per leaf, or None to generate it chunk by chunk.
+      aux: the task's auxiliary state for this checkpoint.
+      micro_batch: examples per jitted step.
+      train_step: the jitted step ``(diff, fixed, batch, aux, indices, split_key, proj_key,
+        blocks) -> (features, outputs, out_to_loss)``.
+      target_step: the same without the out-to-loss term (its q is zeros).
+    """
+
+    model_id: int
+    params: Any
+    mask: tuple[bool, ...]
+    diff: list
+    fixed: list
+    layout: projection_lib.ParameterLayout
+    proj_dim: int
+    proj_key: Any
+    blocks: list | None
+    aux: Any
+    micro_batch: int
+    train_step: Callable
+    target_step: Callable
+
+
+def resolve_backend(backend: str) -> str:
+    """``"xla"`` or ``"pallas"`` for a requested backend; ``"auto"`` picks Pallas on GPU."""
+    from trakjax import backends
+
+    return backends.resolve(backend)
+
+
+def task_key(seed: int, model_id: int, split: int) -> jax.Array:
+    """The base PRNG key of a task's sampling for one checkpoint and split (train or target).
+
+    Example ``i`` gets ``jax.random.fold_in(task_key(...), i)``, so a sample never depends on
+    the batch it was computed in.
+    """
+    key = jax.random.key(int(seed) & 0xFFFFFFFF)
+    key = jax.random.fold_in(key, int(seed) >> 32)
+    key = jax.random.fold_in(key, int(model_id))
+    return jax.random.fold_in(key, int(split))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_step(task: Task, treedef, mask: tuple[bool, ...], kind: str, proj_dim: int,
+               chunk_rows: int | None, precision: str, backend: str, with_out_to_loss: bool):
+    """A jitted featurize step for one static configuration (shared across checkpoints)."""
+    from trakjax import backends
+
+    def step(diff, fixed, batch, aux, indices, split_key, proj_key, blocks):
+        params = merge_parameters(treedef, mask, diff, fixed)
+        keys = None
+        if task.uses_key:
+            keys = jax.vmap(lambda i: jax.random.fold_in(split_key, i))(indices)
+        state = TaskState(aux, keys)
+        outputs, grads = _value_and_grads(task, treedef, mask, diff, fixed, batch, state)
+        features = backends.project(
+            grads, kind=kind, proj_dim=proj_dim, key=proj_key, blocks=blocks,
+            chunk_rows=chunk_rows, precision=precision, backend=backend,
+        )
+        if with_out_to_loss:
+            q = task.out_to_loss(params, batch, state).astype(jnp.float32)
+        else:
+            q = jnp.zeros(outputs.shape, jnp.float32)
+        return features, outputs.astype(jnp.float32), q
+
+    return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_blocks_fn(layout: projection_lib.ParameterLayout, kind: str, proj_dim: int):
+    return jax.jit(lambda key: projection_lib.projection_blocks(layout, kind, proj_dim, key))
+
+
+def prepare_checkpoint(
+    task: Task,
+    params,
+    config: FeaturizeConfig,
+    model_id: int = 0,
+    init_data: Any = None,
+) -> Checkpoint:
+    """Do the per-checkpoint work once: split parameters, task state, projection key and matrix.
+
+    Args:
+      task: the :class:`~trakjax.tasks.Task`.
+      params: the checkpoint's parameter pytree.
+      config: :class:`FeaturizeConfig`.
+      model_id: the checkpoint's id in [0, 2³²); it selects the projection matrix.
+      init_data: the training data (pytree with a leading example axis) handed to
+        ``task.init`` when the task has one.
+
+    Returns:
+      A :class:`Checkpoint` for :func:`featurize_batch`.
+    """
+    randomness.check_seed_and_model_id(config.seed, model_id)
+    mask = tuple(select_parameters(params, config.grad_wrt))
+    treedef = jax.tree_util.tree_structure(params)
+    diff, fixed = split_parameters(params, mask)
+    diff = [jnp.asarray(x) for x in diff]
+    fixed = [jnp.asarray(x) if hasattr(x, "shape") else x for x in fixed]
+    layout = projection_lib.parameter_layout(diff)
+    proj_dim = projection_lib.check_kind_and_dim(config.projection, config.proj_dim, layout.total)
+    backend = resolve_backend(config.backend)
+    proj_key = None
+    blocks = None
+    if config.projection != "identity":
+        proj_key = jnp.uint32(randomness.stream_key(config.seed, model_id, config.projection))
+        fits = layout.total * proj_dim * 4 <= config.matrix_cache_bytes
+        if backend == "xla" and fits:
+            blocks = _make_blocks_fn(layout, config.projection, proj_dim)(proj_key)
+    aux = None
+    if task.init is not None:
+        if init_data is None:
+            raise ValueError(
+                f"task {task.name!r} has an init function (per-checkpoint state) and needs "
+                "init_data: the training data"
+            )
+        aux = task.init(params, init_data)
+    grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in diff)
+    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int | np.integer) or config.batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {config.batch_size!r}")
+    micro_batch = int(min(config.batch_size, max(1, config.grad_memory_bytes // max(grad_bytes, 1))))
+    static = (task, treedef, mask, config.projection, proj_dim, config.chunk_rows,
+              config.precision, backend)
+    return Checkpoint(
+        model_id=int(model_id), params=params, mask=mask, diff=diff, fixed=fixed, layout=layout,
+        proj_dim=proj_dim, proj_key=proj_key, blocks=blocks, aux=aux, micro_batch=micro_batch,
+        train_step=_make_step(*static, True), target_step=_make_step(*static, False),
+    )
+
+
+class BatchFeatures(NamedTuple):
+    """Featurized examples: ``features`` (B, k) φ, ``outputs`` (B,) f, ``out_to_loss`` (B,) q."""
+
+    features: np.ndarray
+    outputs: np.ndarray
+    out_to_loss: np.ndarray
+
+
+def _padded_size(n: int, micro_batch: int) -> int:
+    size = 1
+    while size < n:
+        size *= 2
+    return min(size, micro_batch)
+
+
+def featurize_batch(
+    task: Task,
+    checkpoint: Checkpoint,
+    batch,
+    indices=None,
+    *,
+    seed: int = 0,
+    split: int = TRAIN_SPLIT,
+    with_out_to_loss: bool = True,
+) -> BatchFeatures:
+    """Featurize one batch of examples at one prepared checkpoint.
+
+    Args:
+      task: the task ``checkpoint`` was prepared with.
+      checkpoint: from :func:`prepare_checkpoint`.
+      batch: pytree of arrays with a leading example axis B.
+      indices: (B,) global example indices (for task PRNG keys and error messages); default
+        ``0 .. B − 1``.
+      seed: the run's seed (task PRNG keys).
+      split: :data:`TRAIN_SPLIT` or :data:`TARGET_SPLIT` (targets get other PRNG keys).
+      with_out_to_loss: compute q (train examples); targets skip it.
+
+    Returns:
+      :class:`BatchFeatures` as float32 numpy arrays.
+
+    Raises:
+      ValueError: if any per-example gradient, output or q is NaN or Inf, naming the example
+        indices and the checkpoint.
+    """
+    n = data_lib.num_examples(batch, "batch")
+    indices = np.arange(n) if indices is None else np.asarray(indices).reshape(-1)
+    if indices.shape[0] != n:
+        raise ValueError(f"indices has {indices.shape[0]} entries but the batch has {n} examples")
+    if task.validate is not None:
+        task.validate(checkpoint.params, batch)
+    step = checkpoint.train_step if with_out_to_loss else checkpoint.target_step
+    split_key = task_key(seed, checkpoint.model_id, split)
+    parts = []
+    micro = checkpoint.micro_batch
+    for start in range(0, n, micro):
+        stop = min(start + micro, n)
+        part = data_lib.take(batch, start, stop)
+        size = _padded_size(stop - start, micro)
+        part = data_lib.pad_batch(part, size)
+        part_indices = np.concatenate(
+            [indices[start:stop], np.repeat(indices[stop - 1 : stop], size - (stop - start))]
+        ).astype(np.int32)
+        out = step(
+            checkpoint.diff, checkpoint.fixed, part, checkpoint.aux, part_indices, split_key,
+            checkpoint.proj_key, checkpoint.blocks,
+        )
+        parts.append(tuple(np.asarray(x)[: stop - start] for x in out))
+    features, outputs, q = (np.concatenate(p) for p in zip(*parts, strict=True))
+    bad = ~np.isfinite(features).all(axis=1) | ~np.isfinite(outputs)
+    if with_out_to_loss:
+        bad |= ~np.isfinite(q)
+    if bad.any():
+        where = indices[bad]
+        raise ValueError(
+            f"non-finite (NaN or Inf) per-example gradient, output or out-to-loss term for "
+            f"{where.size} example(s) at checkpoint model_id={checkpoint.model_id}, "
+            f"example indices {where[:10].tolist()}{' ...' if where.size > 10 else ''}"
+        )
+    return BatchFeatures(features, outputs, q)
+
+
+
+class Features(NamedTuple):
+    """Featurized data set: ``features`` (N, k), ``outputs`` (N,), ``out_to_loss`` (N,), float32."""
+
+    features: np.ndarray
+    outputs: np.ndarray
+    out_to_loss: np.ndarray
+
+
+def featurize(
+    task: Task,
+    checkpoint: Checkpoint,
+    data,
+    *,
+    batch_size: int = 64,
+    seed: int = 0,
+    split: int = TRAIN_SPLIT,
+    with_out_to_loss: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Features:
+    """Featurize a whole data set at one prepared checkpoint.
+
+    Args:
+      task: the task ``checkpoint`` was prepared with.
+      checkpoint: from :func:`prepare_checkpoint`.
+      data: a pytree of arrays with a leading example axis, or a zero-argument callable
+        returning an iterator of such batches.
+      batch_size: examples per batch when ``data`` is arrays.
+      seed, split, with_out_to_loss: as in :func:`featurize_batch`.
+      progress: called with the number of examples after each batch (for progress bars).
+
+    Returns:
+      :class:`Features` with N rows, in data order.
+    """
+    parts = []
+    for start, batch in data_lib.iterate_batches(data, batch_size):
+        n = data_lib.num_examples(batch, "batch")
+        parts.append(
+            featurize_batch(
+                task, checkpoint, batch, np.arange(start, start + n), seed=seed, split=split,
+                with_out_to_loss=with_out_to_loss,
+            )
+        )
+        if progress is not None:
+            progress(n)
+    return Features(*(np.concatenate(p) for p in zip(*parts, strict=True)))

@@ -1,0 +1,218 @@
+"""The randomness contract: the projection matrix R as a pure function of (seed, model_id, row, column).
+
+Every backend (this jnp path, the Pallas kernel in ``trakjax.kernels.projection``, any future one)
+computes exactly these entries, so projected features never depend on batch size, parameter
+chunking, tile size, device count or backend. Stores record :data:`CONTRACT_VERSION`; any change
+to the functions below must bump it.
+
+Contract version 1
+------------------
+All arithmetic is on unsigned 32-bit words (multiply, add, xor and logical shift, wrapping
+modulo 2³²), which Pallas's Triton backend lowers::
+
+    mix(x)        = x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
+    GOLDEN        = 0x9e3779b9
+    key           = mix(mix(mix(seed_lo ^ GOLDEN) ^ seed_hi) ^ model_id) + kind_tag)
+                    kind_tag: 1 for "rademacher", 2 for "normal"
+    block         = row >> 11            (64-bit: rows are parameter indices, which pass 2³²)
+    bit           = (row >> 6) & 31
+    lane          = row & 63
+    block_key     = mix(mix(key ^ block_hi) + block_lo)          block = block_hi·2³² + block_lo
+    row_key       = mix(block_key + lane)
+    column_key    = mix((column · GOLDEN) ^ key)
+    word          = mix(mix(row_key ^ column_key) + row_key)
+
+Rademacher: ``R[row, column] = 1 − 2·((word >> bit) & 1)``, so one hash word serves the 32 rows
+that share (block, lane): a generator computes a (64, k) word tile per block of 2048 rows and
+reads 32 sign planes out of it.
+
+Normal: with ``h1 = mix(word + (2·bit + 1)·GOLDEN)`` and ``h2 = mix(word + (2·bit + 2)·GOLDEN)``,
+``u1 = ((h1 >> 8) + 0.5)·2⁻²⁴`` in (0, 1), ``u2 = (h2 >> 8)·2⁻²⁴`` in [0, 1), and the entry is the
+Box–Muller value ``sqrt(−2 ln u1)·cos(2π u2)`` in float32. Rademacher entries are exact on every
+backend; normal entries agree across backends to the float32 rounding of ``log``, ``sqrt`` and
+``cos`` (a few ulp).
+
+``seed`` is in [0, 2⁶⁴) and ``model_id`` in [0, 2³²).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONTRACT_VERSION = 1
+"""Version of the randomness contract; recorded in every store."""
+
+ROWS_PER_BLOCK = 2048
+"""Rows of R that share one block key: 32 sign planes × 64 lanes."""
+LANES = 64
+BITS = 32
+
+PROJECTION_KINDS = ("rademacher", "normal", "identity")
+_KIND_TAGS = {"rademacher": 1, "normal": 2}
+
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+GOLDEN = 0x9E3779B9
+_MASK32 = 0xFFFFFFFF
+
+
+def mix(x):
+    """The lowbias32 integer finalizer on uint32 arrays (jnp or numpy); a bijection of 2³²."""
+    x = x ^ (x >> 16)
+    x = x * _u32(_M1, x)
+    x = x ^ (x >> 15)
+    x = x * _u32(_M2, x)
+    x = x ^ (x >> 16)
+    return x
+
+
+def _u32(value: int, like):
+    """``value`` as a uint32 scalar of the same array library as ``like``."""
+    if isinstance(like, np.ndarray | np.integer):
+        return np.uint32(value)
+    return jnp.uint32(value)
+
+
+def _mix_int(x: int) -> int:
+    """:func:`mix` on a Python int (used to derive scalar keys on the host)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _M1) & _MASK32
+    x ^= x >> 15
+    x = (x * _M2) & _MASK32
+    x ^= x >> 16
+    return x
+
+
+def check_seed_and_model_id(seed: int, model_id: int) -> None:
+    """Raise ``ValueError`` unless ``seed`` and ``model_id`` fit the contract's word sizes."""
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if not isinstance(model_id, int | np.integer) or isinstance(model_id, bool):
+        raise TypeError(f"model_id must be an int in [0, 2**32), got {model_id!r}")
+    if not 0 <= int(model_id) < 2**32:
+        raise ValueError(f"model_id must be in [0, 2**32), got {model_id}")
+
+
+def stream_key(seed: int, model_id: int, kind: str) -> int:
+    """The 32-bit key of one projection matrix, as a Python int.
+
+    Args:
+      seed: the projection seed, in [0, 2⁶⁴).
+      model_id: the checkpoint's id, in [0, 2³²); checkpoints get different matrices.
+      kind: ``"rademacher"`` or ``"normal"``.
+    """
+    check_seed_and_model_id(seed, model_id)
+    if kind not in _KIND_TAGS:
+        raise ValueError(f"kind must be 'rademacher' or 'normal' to have a key, got {kind!r}")
+    seed = int(seed)
+    key = _mix_int((seed & _MASK32) ^ GOLDEN)
+    key = _mix_int(key ^ (seed >> 32))
+    key = _mix_int(key ^ int(model_id))
+    return (key + _KIND_TAGS[kind]) & _MASK32
+
+
+def column_keys(key, proj_dim: int, column_start: int = 0):
+    """``column_key`` for columns ``column_start .. column_start + proj_dim − 1``: (k,) uint32."""
+    key = jnp.asarray(key, jnp.uint32)
+    columns = jnp.arange(column_start, column_start + proj_dim, dtype=jnp.uint32)
+    return mix((columns * jnp.uint32(GOLDEN)) ^ key)
+
+
+def block_row_keys(key, block_hi, block_lo, num_blocks: int):
+    """``row_key`` for the 64 lanes of ``num_blocks`` consecutive blocks: (num_blocks, 64) uint32.
+
+    ``block_hi``/``block_lo`` are the two 32-bit words of the first block's index (Python ints
+    or traced uint32 scalars); the block index is carried into ``block_hi`` where ``block_lo`` wraps.
+    """
+    key = jnp.asarray(key, jnp.uint32)
+    block_hi = jnp.asarray(block_hi, jnp.uint32)
+    block_lo = jnp.asarray(block_lo, jnp.uint32)
+    lo = block_lo + jnp.arange(num_blocks, dtype=jnp.uint32)
+    hi = block_hi + (lo < block_lo).astype(jnp.uint32)
+    block_key = mix(mix(key ^ hi) + lo)
+    return mix(block_key[:, None] + jnp.arange(LANES, dtype=jnp.uint32)[None, :])
+
+
+def words(row_key, col_key):
+    """The contract's hash word for broadcastable ``row_key`` and ``column_key`` arrays."""
+    return mix(mix(row_key ^ col_key) + row_key)
+
+
+def rademacher_from_words(word, bit):
+    """±1.0 float32 entries from hash words and sign-plane indices (broadcastable)."""
+    return 1.0 - 2.0 * ((word >> bit) & jnp.uint32(1)).astype(jnp.float32)
+
+
+def normal_from_words(word, bit):
+    """Standard normal float32 entries from hash words and sign-plane indices (Box–Muller)."""
+    bit = jnp.asarray(bit, jnp.uint32)
+    h1 = mix(word + (2 * bit + 1) * jnp.uint32(GOLDEN))
+    h2 = mix(word + (2 * bit + 2) * jnp.uint32(GOLDEN))
+    scale = jnp.float32(2.0**-24)
+    u1 = ((h1 >> 8).astype(jnp.float32) + jnp.float32(0.5)) * scale
+    u2 = (h2 >> 8).astype(jnp.float32) * scale
+    return jnp.sqrt(jnp.float32(-2.0) * jnp.log(u1)) * jnp.cos(jnp.float32(2.0 * np.pi) * u2)
+
+
+def split_u64(value: int) -> tuple[int, int]:
+    """(hi, lo) 32-bit words of a non-negative Python int below 2⁶⁴."""
+    if not 0 <= value < 2**64:
+        raise ValueError(f"row index must be in [0, 2**64), got {value}")
+    return value >> 32, value & _MASK32
+
+
+def aligned_rows(kind: str, key, block_hi, block_lo, num_blocks: int, proj_dim: int):
+    """R rows for ``num_blocks`` whole blocks starting at block (hi, lo): (num_blocks·2048, k) f32.
+
+    ``block_hi``/``block_lo`` may be traced uint32 scalars (e.g. inside ``lax.fori_loop``).
+    """
+    row_keys = block_row_keys(key, block_hi, block_lo, num_blocks)  # (nb, 64)
+    col_keys = column_keys(key, proj_dim)  # (k,)
+    word = words(row_keys[:, None, :, None], col_keys[None, None, None, :])  # (nb, 1, 64, k)
+    bit = jnp.arange(BITS, dtype=jnp.uint32)[None, :, None, None]  # (1, 32, 1, 1)
+    if kind == "rademacher":
+        entries = rademacher_from_words(word, bit)
+    elif kind == "normal":
+        entries = normal_from_words(word, bit)
+    else:
+        raise ValueError(f"kind must be 'rademacher' or 'normal', got {kind!r}")
+    return entries.reshape(num_blocks * ROWS_PER_BLOCK, proj_dim)
+
+
+def projection_matrix(
+    kind: str, seed: int, model_id: int, row_start: int, num_rows: int, proj_dim: int
+) -> jax.Array:
+    """Rows ``row_start .. row_start + num_rows − 1`` of the contract's R: (num_rows, k) float32.
+
+    This is the plain reference generator: every other path (chunked projection, the Pallas
+    kernel) is tested against it. ``row_start`` may exceed 2³².
+
+    Args:
+      kind: ``"rademacher"`` (entries ±1) or ``"normal"`` (entries N(0, 1)).
+      seed: projection seed in [0, 2⁶⁴).
+      model_id: checkpoint id in [0, 2³²).
+      row_start: first parameter index (a Python int, any size below 2⁶⁴).
+      num_rows: number of rows.
+      proj_dim: k, the number of columns.
+    """
+    if kind not in _KIND_TAGS:
+        raise ValueError(
+            f"projection kind must be one of ('rademacher', 'normal') to have a random matrix, got {kind!r}"
+        )
+    if proj_dim < 1:
+        raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
+    if num_rows < 0 or row_start < 0:
+        raise ValueError(f"row_start and num_rows must be >= 0, got {row_start}, {num_rows}")
+    key = stream_key(seed, model_id, kind)
+    first_block = row_start // ROWS_PER_BLOCK
+    last_block = (row_start + num_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    num_blocks = max(last_block - first_block, 1)
+    block_hi, block_lo = split_u64(first_block)
+    rows = aligned_rows(kind, key, block_hi, block_lo, num_blocks, proj_dim)
+    offset = row_start - first_block * ROWS_PER_BLOCK
+    return rows[offset : offset + num_rows]

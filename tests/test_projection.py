@@ -77,7 +77,7 @@ def test_invariant_to_chunk_size_batch_size_and_materialization():
     blocks = projection.projection_blocks(layout, "rademacher", k, jnp.uint32(KEY))
     np.testing.assert_allclose(_project(g, k, blocks=blocks), reference, rtol=1e-5, atol=1e-5)
     for size in (1, 3):
-        part = jax.tree_util.tree_map(lambda x: x[:size], g)
+        part = jax.tree_util.tree_map(lambda x, size=size: x[:size], g)
         np.testing.assert_allclose(_project(part, k, chunk_rows=4096), reference[:size], rtol=1e-5, atol=1e-5)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
 from trakjax import scores as scores_lib
+from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax.tasks import Task
 
@@ -96,6 +97,7 @@ def attribute(
     chunk_rows: int | None = None,
     matrix_cache_bytes: int = featurize_lib.DEFAULT_MATRIX_CACHE_BYTES,
     grad_memory_bytes: int = featurize_lib.DEFAULT_GRAD_MEMORY_BYTES,
+    mesh: jax.sharding.Mesh | None = None,
     progress: bool = False,
     return_details: bool = False,
 ):
@@ -127,6 +129,11 @@ def attribute(
       model_ids: ids selecting each checkpoint's projection matrix (default 0 .. M − 1).
       chunk_rows, matrix_cache_bytes, grad_memory_bytes: memory knobs, see
         :class:`~trakjax.featurize.FeaturizeConfig`.
+      mesh: a 1-D mesh with axis ``"data"`` over this process's devices (see
+        :mod:`trakjax.sharding`); ``None`` uses all local devices. Examples are sharded over it.
+        Under ``jax.distributed`` (several processes), each process featurizes its own
+        contiguous slice of ``train`` (which must then be arrays) and every process returns the
+        full score matrix.
       progress: show tqdm progress bars.
       return_details: also return a list of :class:`CheckpointDetails`.
 
@@ -144,10 +151,23 @@ def attribute(
         raise ValueError(
             f"model_ids must hold {len(checkpoints)} distinct ints, one per checkpoint; got {model_ids}"
         )
-    if not callable(train):
-        data_lib.num_examples(train, "train")
     if not callable(targets):
         data_lib.num_examples(targets, "targets")
+    mesh = sharding_lib.check_mesh(mesh)
+    local_train, num_train = train, None
+    if not callable(train):
+        num_train = data_lib.num_examples(train, "train")
+    if jax.process_count() > 1:
+        if callable(train):
+            raise ValueError(
+                "under jax.distributed each process featurizes its own slice of train, so train "
+                "must be a pytree of arrays, not a callable; for streamed data use the TRAKer "
+                "session with per-process indices"
+            )
+        start, stop = sharding_lib.process_slice(num_train)
+        local_train = data_lib.take(train, start, stop) if stop > start else None
+    else:
+        start = 0
     if projection == "identity":
         k = proj_dim
     else:
@@ -155,7 +175,7 @@ def attribute(
     config = featurize_lib.FeaturizeConfig(
         projection=projection, proj_dim=k, seed=seed, grad_wrt=grad_wrt, batch_size=batch_size,
         precision=precision, chunk_rows=chunk_rows, matrix_cache_bytes=matrix_cache_bytes,
-        grad_memory_bytes=grad_memory_bytes, backend=backend,
+        grad_memory_bytes=grad_memory_bytes, backend=backend, mesh=mesh,
     )
     bar = _progress_bar(progress, len(checkpoints))
     score_sum = None
@@ -163,23 +183,31 @@ def attribute(
     details = []
     for params, model_id in zip(checkpoints, model_ids, strict=True):
         checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)
-        train_features = featurize_lib.featurize(
-            task, checkpoint, train, batch_size=batch_size, seed=seed,
-            split=featurize_lib.TRAIN_SPLIT,
-        )
+        if local_train is None:  # more processes than examples: this one has none
+            k_eff = checkpoint.proj_dim
+            train_features = featurize_lib.Features(
+                np.zeros((0, k_eff), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+            )
+        else:
+            train_features = featurize_lib.featurize(
+                task, checkpoint, local_train, batch_size=batch_size, seed=seed,
+                split=featurize_lib.TRAIN_SPLIT, index_offset=start,
+            )
         phi = round_to(train_features.features, storage)
+        local_gram = solve_lib.gram(phi, mesh=mesh) if phi.shape[0] else np.zeros((checkpoint.proj_dim,) * 2)
+        total_examples = num_train if num_train is not None else phi.shape[0]
         kernel = solve_lib.solve(
-            solve_lib.gram(phi), lambda_reg, reference_compat=reference_compat,
-            num_examples=phi.shape[0], num_params=checkpoint.layout.total,
+            sharding_lib.process_sum(local_gram), lambda_reg, reference_compat=reference_compat,
+            num_examples=total_examples, num_params=checkpoint.layout.total,
             storage_dtype=storage,
         )
-        features = round_to(solve_lib.apply_inverse(phi, kernel), storage)
+        features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=mesh), storage)
         target_features = featurize_lib.featurize(
             task, checkpoint, targets, batch_size=batch_size, seed=seed,
             split=featurize_lib.TARGET_SPLIT, with_out_to_loss=False,
         )
         psi = round_to(target_features.features, storage)
-        part = scores_lib.checkpoint_scores(features, psi).astype(np.float64)
+        part = scores_lib.checkpoint_scores(features, psi, mesh=mesh).astype(np.float64)
         score_sum = part if score_sum is None else score_sum + part
         q = train_features.out_to_loss.astype(np.float64)
         q_sum = q if q_sum is None else q_sum + q
@@ -189,7 +217,7 @@ def attribute(
         )
         bar.update(1)
     bar.close()
-    scores = scores_lib.combine(score_sum, q_sum, len(checkpoints))
+    scores = sharding_lib.process_concat(scores_lib.combine(score_sum, q_sum, len(checkpoints)))
     return (scores, details) if return_details else scores
 
 

@@ -11,16 +11,19 @@ on i raised the target's output), negative for opponents.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax import sharding as sharding_lib
+from trakjax.solve import row_blocks
+
 SCORE_BLOCK_ROWS = 8192
 
 
-@jax.jit
 def _block_scores(train_block, target_features):
     return jnp.matmul(
         train_block.astype(jnp.float32), target_features.astype(jnp.float32).T,
@@ -28,22 +31,25 @@ def _block_scores(train_block, target_features):
     )
 
 
-def checkpoint_scores(train_features, target_features, *, block_rows: int = SCORE_BLOCK_ROWS) -> np.ndarray:
-    """F Ψᵀ for one checkpoint: (N, k) × (T, k) -> (N, T) float32, block by block over N."""
-    n = train_features.shape[0]
+@functools.cache
+def _scores_fn(mesh):
+    return sharding_lib.shard_map_rows(_block_scores, mesh, 1, 1)
+
+
+def checkpoint_scores(train_features, target_features, *, block_rows: int = SCORE_BLOCK_ROWS,
+                      mesh=None) -> np.ndarray:
+    """F Ψᵀ for one checkpoint: (N, k) × (T, k) -> (N, T) float32, by blocks of train rows
+    (split over ``mesh``'s devices when given)."""
     if train_features.shape[1] != target_features.shape[1]:
         raise ValueError(
             f"train features have k={train_features.shape[1]} but target features have "
             f"k={target_features.shape[1]}"
         )
     target = jnp.asarray(np.asarray(target_features, np.float32))
-    out = np.empty((n, target.shape[0]), np.float32)
-    for start in range(0, n, block_rows):
-        block = np.asarray(train_features[start : start + block_rows], np.float32)
-        rows = block.shape[0]
-        if rows < block_rows and n > block_rows:
-            block = np.concatenate([block, np.zeros((block_rows - rows, block.shape[1]), np.float32)])
-        out[start : start + rows] = np.asarray(_block_scores(block, target))[:rows]
+    fn = _scores_fn(mesh if sharding_lib.mesh_size(mesh) > 1 else None)
+    out = np.empty((train_features.shape[0], target.shape[0]), np.float32)
+    for start, rows, block in row_blocks(train_features, block_rows, sharding_lib.mesh_size(mesh)):
+        out[start : start + rows] = np.asarray(fn(block, target))[:rows]
     return out
 
 

@@ -8,19 +8,24 @@ The functional core, one module per stage:
 * :mod:`trakjax.solve`: Gram, regularized inverse with rank detection, features F = Φ A⁻¹.
 * :mod:`trakjax.scores`: the checkpoint ensemble and the out-to-loss weighting.
 * :func:`attribute` composes them.
+* :mod:`trakjax.scoring_fn`: :func:`train_features` and :func:`scorer`, scores as a pure function
+  of (params, batch) that runs inside a user's ``jax.jit``.
+* :mod:`trakjax.flax`: adapters from Flax NNX modules and linen ``apply`` (imported on first use).
 """
 
-from trakjax import data, featurize, projection, randomness, scores, solve, tasks
+from trakjax import data, featurize, projection, randomness, scores, scoring_fn, solve, tasks
 from trakjax.attribution import attribute
 from trakjax.featurize import per_example_grads
 from trakjax.projection import project
 from trakjax.randomness import CONTRACT_VERSION
+from trakjax.scoring_fn import TrainFeatures, scorer, train_features
 from trakjax.solve import gram
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CONTRACT_VERSION",
+    "TrainFeatures",
     "attribute",
     "data",
     "featurize",
@@ -29,7 +34,19 @@ __all__ = [
     "project",
     "projection",
     "randomness",
+    "scorer",
     "scores",
+    "scoring_fn",
     "solve",
     "tasks",
+    "train_features",
 ]
+
+
+def __getattr__(name: str):
+    # trakjax.flax imports flax, which takes a while: load it on first use.
+    if name == "flax":
+        import importlib
+
+        return importlib.import_module("trakjax.flax")
+    raise AttributeError(f"module 'trakjax' has no attribute {name!r}")

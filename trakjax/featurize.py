@@ -29,7 +29,7 @@ from trakjax import data as data_lib
 from trakjax import projection as projection_lib
 from trakjax import randomness
 from trakjax import sharding as sharding_lib
-from trakjax.tasks import Task, TaskState
+from trakjax.tasks import Task, TaskState, describe_shapes
 
 logger = logging.getLogger("trakjax")
 
@@ -180,10 +180,23 @@ def per_example_grads(
     return jax.tree_util.tree_unflatten(treedef, full), outputs
 
 
+def check_scalar_output(task: Task, value, example) -> None:
+    """Raise ``ValueError`` (at trace time) unless ``task.output`` gave one scalar for one example."""
+    shape = jnp.shape(value)
+    if shape != ():
+        raise ValueError(
+            f"task {task.name!r}: output(params, example, state) must return one scalar per "
+            f"example; got shape {tuple(shape)} for an example of shape {describe_shapes(example)}"
+            " (reduce it, e.g. sum a sequence's per-token terms, or pick one output)"
+        )
+
+
 def _value_and_grads(task, treedef, mask, diff, fixed, batch, state):
     def output(diff_leaves, example, key):
         params = merge_parameters(treedef, mask, diff_leaves, fixed)
-        return task.output(params, example, TaskState(state.aux, key))
+        value = task.output(params, example, TaskState(state.aux, key))
+        check_scalar_output(task, value, example)
+        return value
 
     key_axis = None if state.key is None else 0
     return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)

@@ -1,0 +1,361 @@
+"""``trakjax demo``: TRAK on sklearn's embedded digits, end to end, in minutes on a CPU.
+
+Stages, each timed (and shown with a progress bar unless quiet):
+
+1. **train**: an ensemble of M small linen MLPs (64 pixels → hidden, ReLU → 10 logits), full-batch
+   Adam with optax, one seed each; test accuracy of each and of the ensemble.
+2. **save**: each checkpoint to ``DIR/checkpoints/<m>`` with orbax.
+3. **featurize**, **finalize**, **score**: the :class:`trakjax.TRAKer` session over a store at
+   ``DIR/store``, loading the orbax checkpoints: projected per-example gradients of the training
+   images, the kernel solve, then the test targets, and the (N, T) score matrix.
+4. **report**: ``DIR/attributions.png`` (8 targets, each with its 5 strongest proponents and
+   opponents, labels and scores), ``DIR/topk.csv`` and ``DIR/topk.json``.
+5. **LDS**: the linear datamodeling score of these scores (:mod:`trakjax.evaluation`): models of
+   the same architecture and recipe retrained on random half-subsets, ``jax.vmap``-ed over subsets,
+   and the Spearman correlation between their target margins and the summed scores of each subset.
+
+``DIR/run.json`` records what ``trakjax show DIR`` needs to redraw the picture and the table;
+``DIR/summary.json`` holds accuracy, LDS and the time of every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+EXPERIMENT = "digits_test"
+"""The scoring experiment's name in the demo's store."""
+NUM_PICTURED = 8
+NUM_SHOWN = 5
+
+
+class DemoSettings(NamedTuple):
+    """Sizes of the demo; the defaults finish in under 3 minutes on a 2-core CPU.
+
+    Attributes:
+      out: output directory.
+      checkpoints: M, the ensemble size.
+      proj_dim: k.
+      train_size: N training digits (the rest of the 1797 are test digits).
+      num_targets: T test digits attributed (the first 8 are pictured).
+      hidden: hidden units of the MLP.
+      steps: full-batch Adam steps per model (ensemble and retrained models alike).
+      learning_rate: Adam's learning rate.
+      lds_subsets: random half-subsets retrained for the LDS (0 skips the LDS stage).
+      batch_size: examples per featurize step.
+      seed: seeds the data split, the models and the projection.
+      top_k: depth of the top-k table.
+    """
+
+    out: Path = Path("trakjax-demo")
+    checkpoints: int = 8
+    proj_dim: int = 512
+    train_size: int = 1000
+    num_targets: int = 100
+    hidden: int = 32
+    steps: int = 300
+    learning_rate: float = 0.01
+    lds_subsets: int = 100
+    batch_size: int = 100
+    seed: int = 0
+    top_k: int = 10
+
+
+def check_settings(settings: DemoSettings) -> None:
+    """Raise ``ValueError`` naming the first setting out of range."""
+    import trakjax.report  # noqa: F401  (matplotlib is imported only when drawing)
+
+    for name, low in (("checkpoints", 1), ("proj_dim", 1), ("train_size", 2), ("num_targets", NUM_PICTURED),
+                      ("hidden", 1), ("steps", 1), ("batch_size", 1), ("top_k", NUM_SHOWN)):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+    if settings.train_size + settings.num_targets > DIGITS:
+        raise ValueError(
+            f"--train-size + --targets must be at most {DIGITS} (the digits data set), got "
+            f"{settings.train_size} + {settings.num_targets}"
+        )
+    if settings.top_k > settings.train_size:
+        raise ValueError(f"--top-k must be at most --train-size={settings.train_size}, got {settings.top_k}")
+    if settings.lds_subsets != 0 and settings.lds_subsets < 3:
+        raise ValueError(f"--lds-subsets must be 0 (skip the LDS) or at least 3, got {settings.lds_subsets}")
+    if not settings.learning_rate > 0:
+        raise ValueError(f"--learning-rate must be > 0, got {settings.learning_rate}")
+
+
+DIGITS = 1797
+"""Examples in sklearn's digits data set."""
+
+
+def digits_split(train_size: int, num_targets: int, seed: int):
+    """``((x, y) train, (x, y) targets)``: disjoint random digits, pixels in [0, 1] (64,) float32."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(labels.size)
+    x = (images / 16.0).astype(np.float32)[order]
+    y = labels.astype(np.int32)[order]
+    stop = train_size + num_targets
+    return (x[:train_size], y[:train_size]), (x[train_size:stop], y[train_size:stop])
+
+
+def digits_mlp(hidden: int):
+    """The demo's linen model: 64 pixels → ``hidden`` (ReLU) → 10 logits."""
+    import flax.linen as nn
+
+    class DigitsMLP(nn.Module):
+        hidden: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.relu(nn.Dense(self.hidden)(x)))
+
+    return DigitsMLP(hidden)
+
+
+def make_trainer(model, optimizer, steps: int):
+    """``train(key, x, y) -> params``: ``steps`` full-batch optimizer steps on the mean
+    cross-entropy from ``model.init(key, x[:1])``, jitted (the recipe the LDS retrains use)."""
+    import jax
+    import optax
+
+    def train(key, x, y):
+        params = model.init(key, x[:1])
+        opt_state = optimizer.init(params)
+
+        def step(carry, _):
+            p, s = carry
+            grads = jax.grad(
+                lambda q: optax.softmax_cross_entropy_with_integer_labels(model.apply(q, x), y).mean()
+            )(p)
+            updates, s = optimizer.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), None
+
+        (params, _), _ = jax.lax.scan(step, (params, opt_state), None, length=steps)
+        return params
+
+    return jax.jit(train)
+
+
+def _bar(total: int, desc: str, quiet: bool, unit: str = "it"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, leave=False, dynamic_ncols=True)
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out``, or clear a previous demo's outputs from it.
+
+    Raises:
+      ValueError: if ``out`` exists and is not empty but holds no previous demo (``run.json`` of
+        kind "demo"), so that nothing of the user's is removed.
+    """
+    from trakjax import report
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        record = report.read_run_record(out, missing_ok=True)
+        if record is None or record.get("kind") != "demo":
+            raise ValueError(
+                f"--out {out} is not empty and holds no earlier trakjax demo ({report.RUN_FILE}); "
+                "choose a new or empty directory"
+            )
+        for name in ("store", "checkpoints", "data"):
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo; returns the summary (also written to ``DIR/summary.json``).
+
+    Returns:
+      ``{"accuracy": {"models": [...], "mean": a, "ensemble": a}, "lds": {"mean", "ci_low",
+      "ci_high", "subsets", "targets"} or None, "seconds": {stage: s}, "picture": path,
+      "top_k": [csv, json], "out": DIR}``.
+    """
+    import jax
+    import optax
+    import orbax.checkpoint as ocp
+
+    import trakjax
+    from trakjax import data as data_lib
+    from trakjax import report, tasks
+
+    check_settings(settings)
+    out = Path(settings.out).resolve()
+    report.check_writable(out, "--out")
+    prepare_out_dir(out)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = now - clock
+        clock = now
+
+    # The run record first: a demo killed half-way is still recognized (and cleared) next time.
+    report.write_run_record(out, {"kind": "demo", "complete": False})
+    train, targets = digits_split(settings.train_size, settings.num_targets, settings.seed)
+    n, t = settings.train_size, settings.num_targets
+    data_dir = out / "data"
+    data_dir.mkdir()
+    for name, array in (("train_inputs", train[0]), ("train_labels", train[1]),
+                        ("target_inputs", targets[0]), ("target_labels", targets[1])):
+        np.save(data_dir / f"{name}.npy", array)
+    lap("data")
+
+    model = digits_mlp(settings.hidden)
+    optimizer = optax.adam(settings.learning_rate)
+    trainer = make_trainer(model, optimizer, settings.steps)
+    base = jax.random.key(settings.seed)
+    checkpoints = []
+    bar = _bar(settings.checkpoints, "train", quiet, "model")
+    for m in range(settings.checkpoints):
+        params = trainer(jax.random.fold_in(base, m), train[0], train[1])
+        checkpoints.append(jax.tree_util.tree_map(np.asarray, params))
+        bar.update(1)
+    bar.close()
+    logits = np.stack([np.asarray(model.apply(p, targets[0])) for p in checkpoints])  # (M, T, 10)
+    per_model = (logits.argmax(-1) == targets[1][None]).mean(axis=1)
+    predictions = logits.mean(axis=0).argmax(-1)
+    accuracy = {"models": per_model.tolist(), "mean": float(per_model.mean()),
+                "ensemble": float((predictions == targets[1]).mean())}
+    np.save(data_dir / "target_predictions.npy", predictions.astype(np.int32))
+    lap("train")
+
+    checkpointer = ocp.StandardCheckpointer()
+    paths = []
+    for m, params in enumerate(checkpoints):
+        path = out / "checkpoints" / str(m)
+        checkpointer.save(path, params)
+        paths.append(path)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    lap("save")
+
+    task = tasks.image_classification(model.apply)
+    traker = trakjax.TRAKer(
+        task, train_set_size=n, save_dir=out / "store", proj_dim=settings.proj_dim,
+        seed=settings.seed, batch_size=settings.batch_size, params_template=checkpoints[0],
+    )
+    bar = _bar(n * len(paths), "featurize", quiet, "example")
+    for m, path in enumerate(paths):
+        traker.load_checkpoint(path, model_id=m)
+        for start, batch in data_lib.iterate_batches(train, settings.batch_size, "train"):
+            size = data_lib.num_examples(batch)
+            traker.featurize(batch, inds=np.arange(start, start + size))
+            bar.update(size)
+    bar.close()
+    lap("featurize")
+    traker.finalize_features()
+    lap("finalize")
+    bar = _bar(t * len(paths), "score", quiet, "target")
+    for m, path in enumerate(paths):
+        traker.start_scoring_checkpoint(EXPERIMENT, path, m, num_targets=t)
+        for start, batch in data_lib.iterate_batches(targets, settings.batch_size, "targets"):
+            size = data_lib.num_examples(batch)
+            traker.score(batch, inds=np.arange(start, start + size))
+            bar.update(size)
+    bar.close()
+    scores = np.asarray(traker.finalize_scores(EXPERIMENT))
+    top = traker.top_k(EXPERIMENT, settings.top_k)
+    lap("score")
+
+    record = {
+        "kind": "demo", "complete": True, "store": "store", "experiment": EXPERIMENT,
+        "top_k": settings.top_k, "picture_targets": list(range(NUM_PICTURED)),
+        "data": {name: f"data/{name}.npy" for name in
+                 ("train_inputs", "train_labels", "target_inputs", "target_labels")},
+        "predictions": "data/target_predictions.npy",
+        "title": (f"trakjax demo: {len(paths)} MLPs on {n} digits, k={settings.proj_dim}; "
+                  f"test accuracy {accuracy['ensemble']:.3f}"),
+    }
+    outputs = report.render(out, record, top)
+    lap("report")
+
+    lds = None
+    if settings.lds_subsets:
+        lds = lds_stage(model, optimizer, settings, train, targets, scores, quiet)
+        lap("lds")
+    record_summary = {
+        "accuracy": accuracy, "lds": lds, "seconds": seconds, "picture": str(outputs["picture"]),
+        "top_k": [str(outputs["csv"]), str(outputs["json"])], "out": str(out),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings._asdict().items()},
+    }
+    (out / "summary.json").write_text(json.dumps(record_summary, indent=1))
+    report.write_run_record(out, record)
+    log(summary_text(record_summary, outputs["records"]))
+    return record_summary
+
+
+def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, quiet: bool) -> dict:
+    """LDS of ``scores`` against ``settings.lds_subsets`` models retrained on random half-subsets.
+
+    The models are the demo's MLP trained with the demo's recipe (full batch, same optimizer and
+    steps) by :func:`trakjax.evaluation.retrain_margins`, vmapped over subsets in chunks.
+    """
+    from trakjax import evaluation
+
+    masks = evaluation.subset_masks(settings.train_size, settings.lds_subsets, 0.5, seed=settings.seed + 1)
+    chunk = 25
+    x0 = train[0][:1]
+
+    def init_fn(key):
+        return model.init(key, x0)
+
+    margins = []
+    bar = _bar(settings.lds_subsets, "LDS retrain", quiet, "model")
+    for start in range(0, settings.lds_subsets, chunk):
+        part = masks[start : start + chunk]
+        margins.append(evaluation.retrain_margins(
+            init_fn, model.apply, optimizer, settings.steps, train, targets, part,
+            seed=settings.seed + 10_000 + start, chunk_size=chunk,
+        ))
+        bar.update(part.shape[0])
+    bar.close()
+    result = evaluation.lds(scores, masks, np.concatenate(margins))
+    return {"mean": result.mean, "ci_low": result.ci_low, "ci_high": result.ci_high,
+            "confidence": result.confidence, "subsets": settings.lds_subsets,
+            "targets": settings.num_targets}
+
+
+def summary_text(summary: dict, records: list[dict]) -> str:
+    """The console summary: accuracy, LDS, time per stage, and a few top proponents."""
+    from trakjax import report
+
+    acc = summary["accuracy"]
+    settings = summary["settings"]
+    lines = [
+        "",
+        f"trakjax demo: {settings['checkpoints']} MLPs on {settings['train_size']} digits, "
+        f"{settings['num_targets']} test digits attributed, k = {settings['proj_dim']}",
+        f"  test accuracy   {acc['mean']:.3f} per model (mean), {acc['ensemble']:.3f} ensemble",
+    ]
+    lds = summary["lds"]
+    if lds is None:
+        lines.append("  LDS             skipped (--lds-subsets 0)")
+    else:
+        lines.append(
+            f"  LDS             {lds['mean']:.3f}  ({lds['confidence']:.0%} CI {lds['ci_low']:.3f} .. "
+            f"{lds['ci_high']:.3f}; {lds['subsets']} half-subset retrains, {lds['targets']} targets)"
+        )
+    seconds = summary["seconds"]
+    lines.append("  time per stage  " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    total = sum(seconds.values())
+    attribution = sum(seconds.get(k, 0.0) for k in ("featurize", "finalize", "score"))
+    lines.append(f"  total           {total:.1f} s (attribution {attribution:.1f} s, "
+                 f"LDS {seconds.get('lds', 0.0):.1f} s)")
+    lines.append(f"  picture         {summary['picture']}")
+    lines.append(f"  top-k table     {summary['top_k'][0]}, {summary['top_k'][1]}")
+    lines.append("")
+    lines.append(report.format_top_k(records, num_shown=3, max_targets=3))
+    return "\n".join(lines)

@@ -1,0 +1,455 @@
+"""Reports of a finished attribution: the picture of proponents and opponents, the top-k table.
+
+Used by the ``trakjax`` command line (``demo``, ``attribute`` and ``show``); plain numpy and
+matplotlib, no JAX. A top-k result is anything with the fields of :class:`trakjax.scores.TopK`:
+``proponents`` and ``opponents`` (k, T) train indices, with ``proponent_scores`` (descending) and
+``opponent_scores`` (ascending), (k, T).
+
+* :func:`attribution_figure` writes ``attributions.png``: one row per target, the target image,
+  then its strongest proponents and opponents, each with its label and score.
+* :func:`top_k_records`, :func:`write_top_k` and :func:`format_top_k` give the same top-k as
+  JSON records, CSV rows and a console table.
+* :func:`as_images` decides whether inputs can be drawn: (N, H, W), (N, H, W, C) with C in
+  {1, 3, 4}, or (N, D) with D a perfect square (flattened square images, e.g. digits' 64 pixels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PICTURE_FILE = "attributions.png"
+TOP_K_CSV = "topk.csv"
+TOP_K_JSON = "topk.json"
+
+PANEL_WIDTH_PIXELS = 120
+"""Width of one image panel (with its caption) in the picture."""
+PANEL_HEIGHT_PIXELS = 150
+"""Height of one picture row: the image and a two-line caption."""
+HEADER_PIXELS = 60
+"""Height of the picture's column headings."""
+GAP_PIXELS = 40
+"""Blank space between the target column, the proponents and the opponents."""
+DPI = 100
+
+
+def figure_pixels(num_targets: int, num_shown: int) -> tuple[int, int]:
+    """(height, width) in pixels of :func:`attribution_figure` for these counts."""
+    width = (1 + 2 * num_shown) * PANEL_WIDTH_PIXELS + 2 * GAP_PIXELS
+    height = HEADER_PIXELS + num_targets * PANEL_HEIGHT_PIXELS
+    return height, width
+
+
+def as_images(inputs: Any) -> np.ndarray | None:
+    """``inputs`` as drawable images (N, H, W) or (N, H, W, C), else ``None``.
+
+    (N, D) inputs are drawn as √D × √D images when D is a perfect square; anything else
+    (token ids, dicts of arrays, odd shapes) is not an image.
+    """
+    if not isinstance(inputs, np.ndarray) or not np.issubdtype(inputs.dtype, np.number):
+        return None
+    if inputs.ndim == 2:
+        side = math.isqrt(inputs.shape[1])
+        if side * side == inputs.shape[1] and side > 1:
+            return inputs.reshape(inputs.shape[0], side, side)
+        return None
+    if inputs.ndim == 3:
+        return inputs
+    if inputs.ndim == 4 and inputs.shape[3] in (1, 3, 4):
+        return inputs[..., 0] if inputs.shape[3] == 1 else inputs
+    return None
+
+
+def _label_text(labels, i: int) -> str:
+    if labels is None:
+        return ""
+    value = np.asarray(labels[i])
+    if value.ndim:
+        return ""
+    if np.issubdtype(value.dtype, np.floating):
+        return f"{float(value):.3g}"
+    return str(value.item())
+
+
+def _draw(ax, image) -> None:
+    image = np.asarray(image, np.float32)
+    low, high = float(np.nanmin(image)), float(np.nanmax(image))
+    if image.ndim == 3:  # colour: scale to [0, 1] for imshow
+        image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+        ax.imshow(image, interpolation="nearest")
+    else:
+        ax.imshow(image, cmap="gray_r", vmin=low, vmax=high if high > low else low + 1,
+                  interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def attribution_figure(
+    path: str | os.PathLike,
+    top: Any,
+    train_images: np.ndarray,
+    target_images: np.ndarray,
+    *,
+    train_labels: Sequence | None = None,
+    target_labels: Sequence | None = None,
+    target_ids: Sequence[int] | None = None,
+    predictions: Sequence | None = None,
+    columns: Sequence[int] | None = None,
+    num_shown: int = 5,
+    title: str | None = None,
+) -> tuple[int, int]:
+    """Draw targets with their strongest proponents and opponents; write a PNG at ``path``.
+
+    Row r shows target ``columns[r]`` (a column of ``top``), then its ``num_shown`` highest-scored
+    training images (proponents: training on them raised the target's output) and its
+    ``num_shown`` lowest-scored ones (opponents), each captioned with its training index, label
+    and score.
+
+    Args:
+      path: the PNG to write.
+      top: top-k result (see the module docstring) with k ≥ ``num_shown``.
+      train_images: (N, H, W[, C]) training images (see :func:`as_images`).
+      target_images: (T, H, W[, C]) target images, indexed like ``top``'s columns.
+      train_labels, target_labels: optional labels for captions.
+      target_ids: optional names of the targets for captions (default: their column index).
+      predictions: optional (T,) predicted labels, shown beside the target's label.
+      columns: which targets to draw (default: all columns of ``top``).
+      num_shown: proponents and opponents per target.
+      title: optional figure title (drawn in the heading row).
+
+    Returns:
+      (height, width) in pixels of the written PNG, :func:`figure_pixels`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = np.shape(top.proponents)[0]
+    if not 1 <= num_shown <= k:
+        raise ValueError(f"num_shown must be in [1, k={k}] (the top-k depth), got {num_shown}")
+    columns = list(range(np.shape(top.proponents)[1])) if columns is None else [int(c) for c in columns]
+    if not columns:
+        raise ValueError("columns is empty; at least one target is needed for the picture")
+    height, width = figure_pixels(len(columns), num_shown)
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    panel_w, panel_h = PANEL_WIDTH_PIXELS / width, PANEL_HEIGHT_PIXELS / height
+    image_w, image_h = 0.78 * panel_w, 0.6 * panel_h  # leaves room for a two-line caption
+
+    def left(col: int) -> float:
+        groups = 0 if col == 0 else 1 if col <= num_shown else 2
+        return (col * PANEL_WIDTH_PIXELS + groups * GAP_PIXELS) / width
+
+    heading_y = 1 - 0.5 * HEADER_PIXELS / height
+    figure.text(left(0) + panel_w / 2, heading_y, "target", ha="center", va="center", fontsize=11,
+                weight="bold")
+    figure.text(left(1) + num_shown * panel_w / 2, heading_y,
+                f"{num_shown} strongest proponents", ha="center", va="center", fontsize=11,
+                weight="bold", color="#1b7837")
+    figure.text(left(1 + num_shown) + num_shown * panel_w / 2, heading_y,
+                f"{num_shown} strongest opponents", ha="center", va="center", fontsize=11,
+                weight="bold", color="#b2182b")
+    if title:
+        figure.text(0.005, 1 - 0.12 * HEADER_PIXELS / height, title, ha="left", va="top", fontsize=8,
+                    color="#555555")
+    for r, j in enumerate(columns):
+        row_top = 1 - (HEADER_PIXELS + r * PANEL_HEIGHT_PIXELS) / height
+        bottom = row_top - 0.06 * panel_h - image_h
+        ax = figure.add_axes((left(0) + (panel_w - image_w) / 2, bottom, image_w, image_h))
+        _draw(ax, target_images[j])
+        name = j if target_ids is None else target_ids[j]
+        caption = f"target {name}"
+        label = _label_text(target_labels, j)
+        if label:
+            caption += f"\nlabel {label}"
+            if predictions is not None:
+                caption += f", pred {_label_text(predictions, j)}"
+        ax.set_title(caption, fontsize=8, y=-0.04, va="top", pad=0)
+        for group, (indices, values, colour) in enumerate((
+            (top.proponents, top.proponent_scores, "#1b7837"),
+            (top.opponents, top.opponent_scores, "#b2182b"),
+        )):
+            for s in range(num_shown):
+                i = int(indices[s, j])
+                col = 1 + group * num_shown + s
+                ax = figure.add_axes((left(col) + (panel_w - image_w) / 2, bottom, image_w, image_h))
+                _draw(ax, train_images[i])
+                label = _label_text(train_labels, i)
+                caption = f"#{i}" + (f" label {label}" if label else "") + f"\n{float(values[s, j]):+.3g}"
+                ax.set_title(caption, fontsize=8, y=-0.04, va="top", pad=0, color=colour)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)
+    return height, width
+
+
+def _value(labels, i: int):
+    if labels is None:
+        return None
+    value = np.asarray(labels[i])
+    return value.tolist()
+
+
+def top_k_records(
+    top: Any,
+    *,
+    train_labels: Sequence | None = None,
+    target_labels: Sequence | None = None,
+) -> list[dict]:
+    """One JSON-able record per target: its label, proponents and opponents with scores.
+
+    ``[{"target": j, "label": y_j, "proponents": [{"rank": 1, "train_index": i, "label": y_i,
+    "score": s}, …], "opponents": […]}, …]``, ranks from 1 (strongest first).
+    """
+    k, num_targets = np.shape(top.proponents)
+    records = []
+    for j in range(num_targets):
+        record = {"target": j, "label": _value(target_labels, j)}
+        for name, indices, values in (("proponents", top.proponents, top.proponent_scores),
+                                      ("opponents", top.opponents, top.opponent_scores)):
+            record[name] = [
+                {"rank": r + 1, "train_index": int(indices[r, j]),
+                 "label": _value(train_labels, int(indices[r, j])), "score": float(values[r, j])}
+                for r in range(k)
+            ]
+        records.append(record)
+    return records
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_top_k(out_dir: str | os.PathLike, records: list[dict], meta: dict | None = None) -> tuple[Path, Path]:
+    """Write ``topk.json`` (``{**meta, "targets": records}``) and ``topk.csv`` in ``out_dir``.
+
+    CSV columns: target, target_label, kind (proponent/opponent), rank, train_index,
+    train_label, score. Both files are written atomically (temporary file, then rename).
+    """
+    out_dir = Path(out_dir)
+    json_path, csv_path = out_dir / TOP_K_JSON, out_dir / TOP_K_CSV
+    _write_atomic(json_path, lambda h: json.dump({**(meta or {}), "targets": records}, h, indent=1))
+
+    def rows(handle):
+        writer = csv.writer(handle)
+        writer.writerow(["target", "target_label", "kind", "rank", "train_index", "train_label", "score"])
+        for record in records:
+            for kind in ("proponents", "opponents"):
+                for entry in record[kind]:
+                    writer.writerow([record["target"], _csv(record["label"]), kind[:-1], entry["rank"],
+                                     entry["train_index"], _csv(entry["label"]), f"{entry['score']:.9g}"])
+
+    _write_atomic(csv_path, rows)
+    return csv_path, json_path
+
+
+def _csv(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+def format_top_k(records: list[dict], num_shown: int = 3, max_targets: int = 8) -> str:
+    """A console table: for each of the first ``max_targets`` targets, its strongest few."""
+    lines = []
+    for record in records[:max_targets]:
+        label = "" if record["label"] is None else f" (label {_csv(record['label'])})"
+        lines.append(f"target {record['target']}{label}")
+        for kind in ("proponents", "opponents"):
+            shown = ", ".join(
+                f"#{e['train_index']}" + ("" if e["label"] is None else f" [{_csv(e['label'])}]")
+                + f" {e['score']:+.3g}"
+                for e in record[kind][:num_shown]
+            )
+            lines.append(f"  {kind:<11} {shown}")
+    if len(records) > max_targets:
+        lines.append(f"… and {len(records) - max_targets} more targets (all in {TOP_K_CSV} / {TOP_K_JSON})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- run records
+
+RUN_FILE = "run.json"
+"""What ``trakjax show`` needs to redraw a finished run: written by ``demo`` and ``attribute``."""
+
+
+def write_run_record(out_dir: str | os.PathLike, record: dict) -> Path:
+    """Write ``out_dir/run.json`` atomically.
+
+    Fields: ``kind`` ("demo" or "attribute"), ``complete``, ``store`` (the store directory,
+    relative to ``out_dir`` or absolute), ``experiment``, ``top_k``, ``data`` (``.npy`` paths of
+    train_inputs, train_labels, target_inputs, target_labels; any may be absent),
+    ``picture_targets`` (target indices to draw), optional ``predictions`` (a ``.npy`` of
+    predicted target labels) and ``title``.
+    """
+    path = Path(out_dir) / RUN_FILE
+    _write_atomic(path, lambda h: json.dump(record, h, indent=1))
+    return path
+
+
+def read_run_record(out_dir: str | os.PathLike, *, missing_ok: bool = False) -> dict | None:
+    """``out_dir/run.json`` as a dict (``None`` when absent and ``missing_ok``).
+
+    Raises:
+      ValueError: naming the file when it is absent (unless ``missing_ok``) or not a JSON object.
+    """
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise ValueError(
+            f"{out_dir} holds no {RUN_FILE}: it is not the output directory of `trakjax demo` or "
+            "`trakjax attribute`"
+        )
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return record
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is a writable directory or can be created as one.
+
+    The nearest existing ancestor must be a directory in which a file can actually be created
+    (probed with a temporary file, removed at once): permission bits alone do not tell, e.g.
+    on a read-only file system or for root.
+    """
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} is not writable: {existing} is not a directory")
+    try:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".trakjax-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {path} is not writable: cannot create a file in {existing} ({err.strerror})") from err
+
+
+def _resolve(out_dir: Path, name: str | None) -> Path | None:
+    if name is None:
+        return None
+    path = Path(name)
+    return path if path.is_absolute() else out_dir / path
+
+
+def _load(out_dir: Path, data: dict, name: str):
+    path = _resolve(out_dir, data.get(name))
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"{RUN_FILE} of {out_dir} names {name} = {path}, which does not exist")
+    return np.load(path, mmap_mode="r")
+
+
+def render(out_dir: str | os.PathLike, record: dict, top: Any) -> dict:
+    """Write the top-k table and, for image inputs, the picture of a run into ``out_dir``.
+
+    Args:
+      out_dir: the run's output directory.
+      record: its run record (see :func:`write_run_record`).
+      top: the experiment's top-k (see the module docstring).
+
+    Returns:
+      ``{"records": top-k records, "csv": path, "json": path, "picture": path or None}``.
+    """
+    out_dir = Path(out_dir)
+    data = record.get("data", {})
+    train_labels = _load(out_dir, data, "train_labels")
+    target_labels = _load(out_dir, data, "target_labels")
+    records = top_k_records(top, train_labels=train_labels, target_labels=target_labels)
+    csv_path, json_path = write_top_k(
+        out_dir, records, {"experiment": record.get("experiment"), "k": int(np.shape(top.proponents)[0])}
+    )
+    train_images = as_images(_as_array(_load(out_dir, data, "train_inputs")))
+    target_images = as_images(_as_array(_load(out_dir, data, "target_inputs")))
+    picture = None
+    if train_images is not None and target_images is not None:
+        predictions = _load(out_dir, record, "predictions")
+        columns = record.get("picture_targets") or list(range(min(8, np.shape(top.proponents)[1])))
+        picture = out_dir / PICTURE_FILE
+        attribution_figure(
+            picture, top, train_images, target_images, train_labels=train_labels,
+            target_labels=target_labels, predictions=predictions, columns=columns,
+            num_shown=min(5, np.shape(top.proponents)[0]), title=record.get("title"),
+        )
+    return {"records": records, "csv": csv_path, "json": json_path, "picture": picture}
+
+
+def _as_array(value):
+    return None if value is None else np.asarray(value)
+
+
+def open_store(path: str | os.PathLike):
+    """Open the finished store at ``path`` with the configuration it records."""
+    from trakjax import store as store_lib
+
+    path = Path(path)
+    metadata_path = path / store_lib.METADATA_FILE
+    if not metadata_path.is_file():
+        raise ValueError(f"{path} is not a trakjax store (no {store_lib.METADATA_FILE})")
+    config = store_lib.read_json(metadata_path).get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{metadata_path} records no configuration")
+    return store_lib.Store.open(path, config)
+
+
+def stored_top_k(store, experiment: str, k: int, block_rows: int = 8192):
+    """Top-k of an experiment's finalized score matrix, streamed block by block."""
+    from trakjax import scores as scores_lib
+
+    scores = store.scores(experiment)
+    k = min(int(k), scores.shape[0])
+    blocks = ((s, scores[s : s + block_rows]) for s in range(0, scores.shape[0], block_rows))
+    return scores_lib.top_k(blocks, k)
+
+
+def show(out_dir: str | os.PathLike) -> dict:
+    """Redraw the picture and the top-k table of a finished run from its store.
+
+    Returns :func:`render`'s dict.
+
+    Raises:
+      ValueError: if ``out_dir`` holds no run record, the run did not finish, or its store has
+        no finalized scores for the recorded experiment.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is not a directory")
+    record = read_run_record(out_dir)
+    if not record.get("complete"):
+        raise ValueError(
+            f"the run in {out_dir} did not finish (its {RUN_FILE} is not marked complete); "
+            "rerun the command that made it"
+        )
+    store = open_store(_resolve(out_dir, record["store"]))
+    experiment = record["experiment"]
+    if experiment not in store.experiment_names():
+        raise ValueError(
+            f"the store at {store.root} has no experiment {experiment!r} (it has "
+            f"{store.experiment_names()})"
+        )
+    top = stored_top_k(store, experiment, int(record.get("top_k", 10)))
+    return render(out_dir, record, top)

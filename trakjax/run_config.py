@@ -1,10 +1,11 @@
 """``trakjax attribute --config FILE``: TRAK over your own Flax model, data and orbax checkpoints.
 
 The run is described by a TOML file (read with ``tomllib``). Relative paths are relative to the
-file's directory, which is also put first on ``sys.path`` so that a model module next to the
-file imports::
+file's directory, which is also put first on ``sys.path`` (with ``python_path``) so that a model
+module next to the file imports::
 
     model = "my_model:model"            # "module:attribute", importable (required)
+    model_kwargs = {}                   # keyword arguments to call the attribute with
     task = "image_classification"       # see TASKS (required)
     checkpoints = ["ckpt/0", "ckpt/1"]  # orbax checkpoint directories; model_id = position (required)
     output = "out"                      # output directory (required)
@@ -17,6 +18,7 @@ file imports::
     top_k = 10                          # depth of topk.csv / topk.json
     experiment = "targets"              # the scoring experiment's name in the store
     grad_wrt = ["params"]               # '/'-joined path prefixes of differentiated leaves
+    python_path = []                    # more directories to import the model module from
     apply_kwargs = {}                   # fixed keyword arguments of every model call (linen),
                                         # e.g. {train = false}
 
@@ -26,8 +28,8 @@ file imports::
     target_inputs = "test_x.npy"
     target_labels = "test_y.npy"
 
-The model attribute is a ``flax.linen.Module``, a ``flax.nnx.Module``, or a zero-argument
-callable returning one. Checkpoints are what orbax's ``StandardCheckpointer().save(path, tree)``
+The model attribute is a ``flax.linen.Module``, a ``flax.nnx.Module``, or a callable returning
+one (a factory or a Module class), called with ``model_kwargs`` (default: no arguments). Checkpoints are what orbax's ``StandardCheckpointer().save(path, tree)``
 wrote, with ``tree`` the linen variables as ``module.init`` returns them (``{"params": …}``,
 plus ``batch_stats`` and such, held fixed), or for NNX ``nnx.state(model)`` (or its
 ``nnx.to_pure_dict``); NNX variables other than ``nnx.Param`` are held fixed.
@@ -64,7 +66,8 @@ TASKS = ("image_classification", "text_classification", "binary_classification",
 REQUIRED = ("model", "task", "checkpoints", "output", "data")
 OPTIONAL = {
     "proj_dim": 2048, "seed": 0, "lambda": None, "batch_size": 64, "projection": "rademacher",
-    "top_k": 10, "experiment": "targets", "grad_wrt": None, "apply_kwargs": {},
+    "top_k": 10, "experiment": "targets", "grad_wrt": None, "apply_kwargs": {}, "python_path": [],
+    "model_kwargs": None,
 }
 DATA_KEYS = ("train_inputs", "train_labels", "target_inputs", "target_labels")
 
@@ -91,6 +94,8 @@ class RunConfig(NamedTuple):
     experiment: str
     grad_wrt: list[str] | None
     apply_kwargs: dict
+    python_path: list[Path]
+    model_kwargs: dict | None
 
 
 def _int(config_path: Path, key: str, value, low: int) -> int:
@@ -199,6 +204,16 @@ def parse(path: str | os.PathLike) -> RunConfig:
     if grad_wrt is not None and (not isinstance(grad_wrt, list) or not grad_wrt
                                  or not all(isinstance(g, str) for g in grad_wrt)):
         raise BadInput(f"{path}: grad_wrt must be a non-empty list of '/'-joined path prefixes, got {grad_wrt!r}")
+    python_path = settings["python_path"]
+    if not isinstance(python_path, list) or not all(isinstance(p, str) for p in python_path):
+        raise BadInput(f"{path}: python_path must be a list of directories, got {python_path!r}")
+    python_path = [resolve(p) for p in python_path]
+    absent = [str(p) for p in python_path if not p.is_dir()]
+    if absent:
+        raise BadInput(f"{path}: python_path names directories that do not exist: {absent}")
+    model_kwargs = settings["model_kwargs"]
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise BadInput(f"{path}: model_kwargs must be a table, got {model_kwargs!r}")
     if not isinstance(settings["apply_kwargs"], dict):
         raise BadInput(f"{path}: apply_kwargs must be a table, got {settings['apply_kwargs']!r}")
     return RunConfig(
@@ -209,6 +224,7 @@ def parse(path: str | os.PathLike) -> RunConfig:
         batch_size=_int(path, "batch_size", settings["batch_size"], 1),
         projection=settings["projection"], top_k=_int(path, "top_k", settings["top_k"], 1),
         experiment=experiment, grad_wrt=grad_wrt, apply_kwargs=dict(settings["apply_kwargs"]),
+        python_path=python_path, model_kwargs=model_kwargs,
     )
 
 
@@ -244,9 +260,9 @@ def import_model(config: RunConfig) -> Any:
     from flax import nnx
 
     module_name, attribute = config.model.split(":")
-    where = str(config.path.parent)
-    if where not in sys.path:
-        sys.path.insert(0, where)
+    for where in reversed([config.path.parent, *config.python_path]):
+        if str(where) not in sys.path:
+            sys.path.insert(0, str(where))
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001  (any failure to import is the user's input)
@@ -262,25 +278,31 @@ def import_model(config: RunConfig) -> Any:
                 f"({getattr(module, '__file__', '?')}) has no attribute {attribute!r}"
             )
         obj = getattr(obj, part)
+    kwargs = config.model_kwargs
+    if isinstance(obj, linen.Module | nnx.Module):
+        if kwargs is not None:
+            raise BadInput(
+                f"{config.path}: model = {config.model!r} is a {type(obj).__name__} instance, "
+                "which takes no model_kwargs; name its class or a factory instead"
+            )
+        return obj
+    if not callable(obj):
+        raise BadInput(
+            f"{config.path}: model = {config.model!r} is a {type(obj).__name__}; expected a "
+            "flax linen or NNX Module, or a callable returning one"
+        )
+    try:
+        obj = obj(**(kwargs or {}))
+    except Exception as err:  # noqa: BLE001
+        raise BadInput(
+            f"{config.path}: model = {config.model!r}: calling it with model_kwargs={kwargs or {}} "
+            f"failed ({type(err).__name__}: {_first_line(err)})"
+        ) from err
     if not isinstance(obj, linen.Module | nnx.Module):
-        if not callable(obj):
-            raise BadInput(
-                f"{config.path}: model = {config.model!r} is a {type(obj).__name__}; expected a "
-                "flax linen or NNX Module, or a zero-argument callable returning one"
-            )
-        try:
-            obj = obj()
-        except Exception as err:  # noqa: BLE001
-            raise BadInput(
-                f"{config.path}: model = {config.model!r}: calling it with no arguments failed "
-                f"({type(err).__name__}: {_first_line(err)}); name a Module instance or a "
-                "zero-argument factory"
-            ) from err
-        if not isinstance(obj, linen.Module | nnx.Module):
-            raise BadInput(
-                f"{config.path}: model = {config.model!r} returned a {type(obj).__name__}; "
-                "expected a flax linen or NNX Module"
-            )
+        raise BadInput(
+            f"{config.path}: model = {config.model!r} returned a {type(obj).__name__}; "
+            "expected a flax linen or NNX Module"
+        )
     return obj
 
 
@@ -468,16 +490,24 @@ def check_data(config: RunConfig, model: LoadedModel, arrays: dict) -> None:
     """
     import jax
 
-    from trakjax import data as data_lib
     from trakjax.tasks import describe_shapes
 
     task = make_task(config.task, model.apply_fn)
     for split in ("train", "target"):
         batch = examples(config.task, arrays, split)
-        try:
-            data_lib.num_examples(batch, f"data.{split}_*")
-        except ValueError as err:
-            raise BadInput(f"{config.path}: {err}") from err
+        lengths = {}
+        for key in (f"{split}_inputs", f"{split}_labels"):
+            if key in arrays:
+                for path, leaf in jax.tree_util.tree_leaves_with_path(arrays[key]):
+                    name = f"data.{key}{jax.tree_util.keystr(path)}"
+                    if np.ndim(leaf) == 0:
+                        raise BadInput(f"{config.path}: {name} is a scalar; it needs a leading example axis")
+                    lengths[name] = np.shape(leaf)
+        if len({shape[0] for shape in lengths.values()}) > 1:
+            listed = ", ".join(f"{name} {shape}" for name, shape in lengths.items())
+            raise BadInput(f"{config.path}: the {split} arrays disagree on the number of examples: {listed}")
+        if not next(iter(lengths.values()))[0]:
+            raise BadInput(f"{config.path}: the {split} arrays hold no example")
         inputs = arrays[f"{split}_inputs"]
         sample = jax.tree_util.tree_map(lambda x: x[:2], inputs)
         try:

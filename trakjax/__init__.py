@@ -8,19 +8,24 @@ The functional core, one module per stage:
 * :mod:`trakjax.solve`: Gram, regularized inverse with rank detection, features F = Φ A⁻¹.
 * :mod:`trakjax.scores`: the checkpoint ensemble and the out-to-loss weighting.
 * :func:`attribute` composes them.
+
+The shell: :class:`TRAKer` (:mod:`trakjax.session`), a resumable session with the reference
+library's method names, over an on-disk :mod:`trakjax.store`.
 """
 
-from trakjax import data, featurize, projection, randomness, scores, solve, tasks
+from trakjax import data, featurize, projection, randomness, scores, solve, store, tasks
 from trakjax.attribution import attribute
 from trakjax.featurize import per_example_grads
 from trakjax.projection import project
 from trakjax.randomness import CONTRACT_VERSION
+from trakjax.session import TRAKer
 from trakjax.solve import gram
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CONTRACT_VERSION",
+    "TRAKer",
     "attribute",
     "data",
     "featurize",
@@ -31,5 +36,6 @@ __all__ = [
     "randomness",
     "scores",
     "solve",
+    "store",
     "tasks",
 ]

@@ -204,12 +204,32 @@ def _times(block, matrix):
     return jnp.matmul(block.astype(jnp.float32), matrix, precision=jax.lax.Precision.HIGHEST)
 
 
-def apply_inverse(features, kernel: KernelSolve | np.ndarray, *, block_rows: int = GRAM_BLOCK_ROWS) -> np.ndarray:
-    """F = Φ A⁻¹: (N, k) float32, computed block by block at full float32 precision."""
+def apply_inverse(
+    features,
+    kernel: KernelSolve | np.ndarray,
+    *,
+    block_rows: int = GRAM_BLOCK_ROWS,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """F = Φ A⁻¹: (N, k) float32, computed block by block at full float32 precision.
+
+    Args:
+      features: Φ (N, k), any float dtype (numpy, memory map or jax).
+      kernel: a :class:`KernelSolve` or the (k, k) inverse itself.
+      block_rows: rows per block (a fixed compiled shape).
+      out: optional (N, k) array to write F into block by block, e.g. a memory map, so that F
+        is never held in memory whole; each block is cast to ``out``'s dtype on assignment.
+
+    Returns:
+      ``out``, or a new (N, k) float32 array.
+    """
     inverse = kernel.inverse if isinstance(kernel, KernelSolve) else np.asarray(kernel)
     matrix = jnp.asarray(inverse, jnp.float32)
     n, _ = features.shape
-    out = np.empty((n, matrix.shape[1]), np.float32)
+    if out is None:
+        out = np.empty((n, matrix.shape[1]), np.float32)
+    elif tuple(out.shape) != (n, matrix.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, matrix.shape[1])}")
     for start in range(0, n, block_rows):
         block = np.asarray(features[start : start + block_rows], np.float32)
         rows = block.shape[0]

@@ -232,13 +232,35 @@ def _times_fn(mesh):
     return sharding_lib.shard_map_rows(_times, mesh, 1, 1)
 
 
-def apply_inverse(features, kernel: KernelSolve | np.ndarray, *, block_rows: int = GRAM_BLOCK_ROWS,
-                  mesh=None) -> np.ndarray:
-    """F = Φ A⁻¹: (N, k) float32, block by block at full float32 precision, rows over ``mesh``."""
+def apply_inverse(
+    features,
+    kernel: KernelSolve | np.ndarray,
+    *,
+    block_rows: int = GRAM_BLOCK_ROWS,
+    out: np.ndarray | None = None,
+    mesh=None,
+) -> np.ndarray:
+    """F = Φ A⁻¹: (N, k) float32, computed block by block at full float32 precision.
+
+    Args:
+      features: Φ (N, k), any float dtype (numpy, memory map or jax).
+      kernel: a :class:`KernelSolve` or the (k, k) inverse itself.
+      block_rows: rows per block (a fixed compiled shape).
+      out: optional (N, k) array to write F into block by block, e.g. a memory map, so that F
+        is never held in memory whole; each block is cast to ``out``'s dtype on assignment.
+      mesh: split each block's rows over this mesh's devices.
+
+    Returns:
+      ``out``, or a new (N, k) float32 array.
+    """
     inverse = kernel.inverse if isinstance(kernel, KernelSolve) else np.asarray(kernel)
     matrix = jnp.asarray(inverse, jnp.float32)
+    n, _ = features.shape
+    if out is None:
+        out = np.empty((n, matrix.shape[1]), np.float32)
+    elif tuple(out.shape) != (n, matrix.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, matrix.shape[1])}")
     fn = _times_fn(mesh if sharding_lib.mesh_size(mesh) > 1 else None)
-    out = np.empty((features.shape[0], matrix.shape[1]), np.float32)
     for start, rows, block in row_blocks(features, block_rows, sharding_lib.mesh_size(mesh)):
         out[start : start + rows] = np.asarray(fn(block, matrix))[:rows]
     return out

@@ -80,9 +80,32 @@ def add_batch_axis(tree):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
 
 
+_SHAPE_CACHE: dict = {}
+
+
+def output_shape(fn, params, inputs) -> jax.ShapeDtypeStruct:
+    """``jax.eval_shape(fn, params, inputs)``, memoized on ``fn`` and the argument shapes.
+
+    Tasks validate every batch; tracing a large model for each one would cost more than the
+    check, so the shape is traced once per (function, parameter and input shapes and dtypes).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((params, inputs))
+    signature = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+    try:
+        key = (fn, treedef, signature)
+        hash(key)
+    except TypeError:  # an unhashable callable: trace every time
+        return jax.eval_shape(fn, params, inputs)
+    if key not in _SHAPE_CACHE:
+        if len(_SHAPE_CACHE) > 256:
+            _SHAPE_CACHE.clear()
+        _SHAPE_CACHE[key] = jax.eval_shape(fn, params, inputs)
+    return _SHAPE_CACHE[key]
+
+
 def _label_range_check(name: str, apply_fn, params, inputs, labels, what: str = "images") -> None:
     """Check logits are (B, C) and labels are integers in [0, C), using only shapes where possible."""
-    logits = jax.eval_shape(apply_fn, params, inputs)
+    logits = output_shape(apply_fn, params, inputs)
     batch = np.shape(labels)[0] if np.ndim(labels) else None
     if len(logits.shape) != 2 or logits.shape[0] != batch:
         raise ValueError(
@@ -274,7 +297,7 @@ def binary_classification(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         _check_pair(name, batch, "x", "labels")
         x, labels = batch
         size = np.shape(labels)[0] if np.ndim(labels) else None
-        logits = jax.eval_shape(apply_fn, params, x)
+        logits = output_shape(apply_fn, params, x)
         _scalar_per_example(name, "apply_fn(params, x)", logits.shape, size, x, "x")
         _binary_labels(name, labels, size)
 
@@ -392,8 +415,8 @@ def clip(
             if start == 0:
                 check_embeddings(
                     describe_shapes(batch[0]), describe_shapes(batch[1]),
-                    jax.eval_shape(image_fn, params, batch[0]).shape,
-                    jax.eval_shape(text_fn, params, batch[1]).shape, n,
+                    output_shape(image_fn, params, batch[0]).shape,
+                    output_shape(text_fn, params, batch[1]).shape, n,
                 )
             size = 1
             while size < n:
@@ -460,8 +483,8 @@ def clip(
         from trakjax import data as data_lib
 
         n = data_lib.num_examples(batch, "batch")
-        image_emb = jax.eval_shape(image_fn, params, images)
-        text_emb = jax.eval_shape(text_fn, params, texts)
+        image_emb = output_shape(image_fn, params, images)
+        text_emb = output_shape(text_fn, params, texts)
         check_embeddings(describe_shapes(images), describe_shapes(texts),
                          image_emb.shape, text_emb.shape, n)
 
@@ -559,7 +582,7 @@ def language_modeling(
                 f"{name}: {mask_key!r} must have the token ids' shape {ids.shape}, got "
                 f"{np.shape(mask)}"
             )
-        logits = jax.eval_shape(apply_fn, params, batch)
+        logits = output_shape(apply_fn, params, batch)
         if len(logits.shape) != 3 or tuple(logits.shape[:2]) != ids.shape:
             raise ValueError(
                 f"{name}: apply_fn(params, inputs) must return (B, L, V) logits for token ids "
@@ -632,7 +655,7 @@ def regression(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         size = np.shape(y)[0] if np.ndim(y) else None
         if np.shape(y) not in ((size,), (size, 1)):
             raise ValueError(f"{name}: targets y must have shape (B,) or (B, 1), got {np.shape(y)}")
-        pred = jax.eval_shape(apply_fn, params, x)
+        pred = output_shape(apply_fn, params, x)
         _scalar_per_example(name, "apply_fn(params, x)", pred.shape, size, x, "x")
 
     return Task(output, out_to_loss, validate=validate, name=name)

@@ -1,10 +1,11 @@
 """Subprocess worker for the scale-out tests (not collected by pytest).
 
-usage: python distributed_worker.py OUT.npy devices|process [PROCESS_ID NUM_PROCESSES PORT]
+usage: python distributed_worker.py OUT.npy devices|process|session [PROCESS_ID NUM_PROCESSES PORT [STORE_DIR]]
 
 ``devices``: run on this process's (simulated) devices, all of them and one of them, and save
 both score matrices. ``process``: join a ``jax.distributed`` job on 127.0.0.1 with gloo CPU
-collectives and save the scores this process returns.
+collectives and save the scores this process returns. ``session``: the same job through one
+shared TRAKer store, each process featurizing and scoring its own slice.
 """
 
 import os
@@ -41,6 +42,35 @@ def run(mesh):
     )
 
 
+def run_session(save_dir):
+    import jax
+
+    import trakjax
+    from trakjax import sharding, tasks
+
+    train, targets, checkpoints = problem()
+    traker = trakjax.TRAKer(
+        tasks.image_classification(apply_fn), train_set_size=train[0].shape[0], save_dir=save_dir,
+        proj_dim=24, lambda_reg=0.01, batch_size=16, backend="xla",
+    )
+    start, stop = sharding.process_slice(train[0].shape[0])
+    mine = np.arange(start, stop)
+    for model_id, params in enumerate(checkpoints):
+        traker.load_checkpoint(params, model_id)
+        for lo in range(start, stop, 16):
+            inds = mine[lo - start : lo - start + 16]
+            traker.featurize((train[0][inds], train[1][inds]), inds=inds)
+    traker.finalize_features()
+    t = targets[0].shape[0]
+    t_start = jax.process_index() * t // jax.process_count()
+    t_stop = (jax.process_index() + 1) * t // jax.process_count()
+    for model_id, params in enumerate(checkpoints):
+        traker.start_scoring_checkpoint("targets", params, model_id, t)
+        inds = np.arange(t_start, t_stop)
+        traker.score((targets[0][inds], targets[1][inds]), inds=inds)
+    return np.array(traker.finalize_scores("targets"))
+
+
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     import jax
@@ -62,7 +92,7 @@ def main():
         jax.distributed.initialize(
             coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
         )
-        scores = run(None)
+        scores = run(None) if mode == "process" else run_session(sys.argv[6])
         np.save(out, scores)
         print(f"process {jax.process_index()} of {jax.process_count()}")
         jax.distributed.shutdown()

@@ -49,13 +49,14 @@ def test_sharded_over_devices_equals_one_device(devices, tmp_path):
     assert rel <= 1e-5, rel
 
 
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["process", "session"])
+def test_two_processes_equal_one_process(mode, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, tmp_path / f"p{i}.npy", "process", str(i), "2", str(port)],
+            [sys.executable, WORKER, tmp_path / f"p{i}.npy", mode, str(i), "2", str(port), tmp_path / "store"],
             env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)

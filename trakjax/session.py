@@ -49,6 +49,7 @@ from trakjax import featurize as featurize_lib
 from trakjax import projection as projection_lib
 from trakjax import randomness
 from trakjax import scores as scores_lib
+from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax import store as store_lib
 from trakjax.tasks import Task
@@ -129,6 +130,14 @@ class TRAKer:
         ``score_block_rows · T · 24`` bytes).
       chunk_rows, matrix_cache_bytes, grad_memory_bytes: memory knobs of
         :class:`~trakjax.featurize.FeaturizeConfig`.
+      mesh: a 1-D mesh with axis ``"data"`` over this process's devices; featurize steps, the
+        Gram, F and score blocks are sharded over it (default: all local devices).
+
+    Several processes under ``jax.distributed`` share one store (a filesystem every host sees):
+    each featurizes and scores its own indices (e.g. ``trakjax.sharding.process_slice(N)``),
+    then all call :meth:`finalize_features` and :meth:`finalize_scores` together: the Gram is
+    reduced across processes (each reads its own slice of Φ), process 0 writes F, and each
+    process computes and writes its share of the score blocks.
     """
 
     def __init__(
@@ -153,6 +162,7 @@ class TRAKer:
         chunk_rows: int | None = None,
         matrix_cache_bytes: int = featurize_lib.DEFAULT_MATRIX_CACHE_BYTES,
         grad_memory_bytes: int = featurize_lib.DEFAULT_GRAD_MEMORY_BYTES,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be a trakjax.tasks.Task, got {type(task).__name__}")
@@ -178,11 +188,12 @@ class TRAKer:
         self.seed = int(seed)
         self.init_data = init_data
         self.score_block_rows = int(score_block_rows)
+        self.mesh = sharding_lib.check_mesh(mesh)
         self.config = featurize_lib.FeaturizeConfig(
             projection=projection, proj_dim=proj_dim, seed=self.seed, grad_wrt=grad_wrt,
             batch_size=int(batch_size), precision=precision, chunk_rows=chunk_rows,
             matrix_cache_bytes=matrix_cache_bytes, grad_memory_bytes=grad_memory_bytes,
-            backend=backend,
+            backend=backend, mesh=self.mesh,
         )
         featurize_lib.resolve_backend(backend)
         projection_lib.matmul_precision(precision)
@@ -352,6 +363,9 @@ class TRAKer:
         """
         ids = self._model_ids(model_ids)
         n = self.train_set_size
+        distributed = jax.process_count() > 1
+        if distributed:
+            _barrier("trakjax finalize_features: every process has featurized")
         for model_id in ids:
             missing = self.store.missing_train(model_id)
             if missing.size:
@@ -364,25 +378,51 @@ class TRAKer:
             if self.store.is_finalized(model_id):
                 logger.info("model_id %d is already finalized; skipping it", model_id)
                 continue
+            if distributed:
+                self._finalize_distributed(model_id)
+                continue
             with self.store.lock(self.store.root / "models" / str(model_id) / ".lock"):
                 if self.store.is_finalized(model_id):
                     continue
                 self._finalize_one(model_id)
 
-    def _finalize_one(self, model_id: int) -> None:
-        phi = self.store.train_arrays(model_id, "r").grads
+    def _kernel(self, model_id: int, phi) -> solve_lib.KernelSolve:
+        """Solve a checkpoint's kernel; under jax.distributed each process adds its own rows'
+        Gram (its :func:`~trakjax.sharding.process_slice`) to the cross-process sum."""
+        start, stop = sharding_lib.process_slice(phi.shape[0])
+        k = phi.shape[1]
+        local = solve_lib.gram(phi[start:stop], mesh=self.mesh) if stop > start else np.zeros((k, k))
         num_params = int(self.store.parameters()["differentiated"]["num_params"])
-        kernel = solve_lib.solve(
-            solve_lib.gram(phi), self.lambda_reg, reference_compat=self.reference_compat,
+        return solve_lib.solve(
+            sharding_lib.process_sum(local), self.lambda_reg, reference_compat=self.reference_compat,
             num_examples=phi.shape[0], num_params=num_params, storage_dtype=self.storage,
         )
+
+    def _finalize_one(self, model_id: int) -> None:
+        phi = self.store.train_arrays(model_id, "r").grads
+        kernel = self._kernel(model_id, phi)
         details = {
             "lambda_reg": kernel.lambda_reg, "rank": kernel.rank,
             "condition": kernel.condition, "scale": kernel.scale,
         }
         self.store.write_features(
-            model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out), details
+            model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh), details
         )
+
+    def _finalize_distributed(self, model_id: int) -> None:
+        """Every process reduces the Gram; process 0 writes F; all wait for it."""
+        phi = self.store.train_arrays(model_id, "r").grads
+        kernel = self._kernel(model_id, phi)
+        if jax.process_index() == 0:
+            details = {
+                "lambda_reg": kernel.lambda_reg, "rank": kernel.rank,
+                "condition": kernel.condition, "scale": kernel.scale,
+            }
+            self.store.write_features(
+                model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh),
+                details,
+            )
+        _barrier(f"trakjax finalize_features: model {model_id} written")
 
     # ----------------------------------------------------------------- scoring
 
@@ -487,20 +527,34 @@ class TRAKer:
           The (N, T) float32 scores as a read-only memory map of the store's file.
         """
         store_lib.check_experiment_name(exp_name)
+        distributed = jax.process_count() > 1
+        if distributed:
+            _barrier(f"trakjax finalize_scores {exp_name}: every process has scored")
         ids, features, targets, out_to_loss = self._score_inputs(exp_name, model_ids)
         record = self.store.experiment_info(exp_name).get("scores") or {}
         if (record.get("complete") and record.get("model_ids") == ids
                 and record.get("block_rows") == self.score_block_rows):
             self._last_ind_target = 0
             return self.store.scores(exp_name)
+        if distributed:
+            _barrier(f"trakjax finalize_scores {exp_name}: inputs checked")
         arrays = self.store.score_arrays(exp_name, ids, self.score_block_rows)
         todo = np.flatnonzero(np.asarray(arrays.done) == 0)
+        if distributed:  # each process computes every process_count-th block
+            todo = todo[todo % jax.process_count() == jax.process_index()]
         blocks = scores_lib.score_blocks(
-            features, targets, out_to_loss, block_rows=self.score_block_rows, blocks=todo.tolist()
+            features, targets, out_to_loss, block_rows=self.score_block_rows, blocks=todo.tolist(),
+            mesh=self.mesh,
         )
         for block, (start, values) in zip(todo, blocks, strict=True):
             self.store.write_score_block(arrays, int(block), start, values)
-        self.store.complete_scores(exp_name)
+        if distributed:
+            _barrier(f"trakjax finalize_scores {exp_name}: blocks written")
+            if jax.process_index() == 0:
+                self.store.complete_scores(exp_name)
+            _barrier(f"trakjax finalize_scores {exp_name}: complete")
+        else:
+            self.store.complete_scores(exp_name)
         self._last_ind_target = 0
         return self.store.scores(exp_name)
 
@@ -520,8 +574,17 @@ class TRAKer:
             rows = self.score_block_rows
             blocks = ((s, stored[s : s + rows]) for s in range(0, stored.shape[0], rows))
         else:
-            blocks = scores_lib.score_blocks(features, targets, out_to_loss, block_rows=self.score_block_rows)
+            blocks = scores_lib.score_blocks(
+                features, targets, out_to_loss, block_rows=self.score_block_rows, mesh=self.mesh
+            )
         return scores_lib.top_k(blocks, int(k))
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process of a jax.distributed job reaches the barrier ``name``."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _check_model_id(model_id) -> int:

@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trakjax.demo import DemoSettings
+    from trakjax.demo import DemoSettings, flag
 
     defaults = DemoSettings()
     common = argparse.ArgumentParser(add_help=False)
@@ -63,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("batch_size", "B", "examples per featurize step"), ("seed", "SEED", "seed of everything"),
         ("top_k", "K", "depth of the top-k table (>= 5)"),
     ):
-        flag = "--targets" if name == "num_targets" else f"--{name.replace('_', '-')}"
-        sizes.add_argument(flag, dest=name, type=int, default=getattr(defaults, name), metavar=meta,
+        sizes.add_argument(flag(name), dest=name, type=int, default=getattr(defaults, name), metavar=meta,
                            help=f"{text} (default: {getattr(defaults, name)})")
     sizes.add_argument("--learning-rate", type=float, default=defaults.learning_rate, metavar="LR",
                        help=f"Adam's learning rate (default: {defaults.learning_rate})")

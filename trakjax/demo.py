@@ -54,7 +54,7 @@ class DemoSettings(NamedTuple):
     """
 
     out: Path = Path("trakjax-demo")
-    checkpoints: int = 8
+    checkpoints: int = 10
     proj_dim: int = 512
     train_size: int = 1000
     num_targets: int = 100
@@ -75,7 +75,7 @@ def check_settings(settings: DemoSettings) -> None:
                       ("hidden", 1), ("steps", 1), ("batch_size", 1), ("top_k", NUM_SHOWN)):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+            raise ValueError(f"{flag(name)} must be an int >= {low}, got {value!r}")
     if settings.train_size + settings.num_targets > DIGITS:
         raise ValueError(
             f"--train-size + --targets must be at most {DIGITS} (the digits data set), got "
@@ -91,6 +91,11 @@ def check_settings(settings: DemoSettings) -> None:
 
 DIGITS = 1797
 """Examples in sklearn's digits data set."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a :class:`DemoSettings` field."""
+    return "--targets" if name == "num_targets" else f"--{name.replace('_', '-')}"
 
 
 def digits_split(train_size: int, num_targets: int, seed: int):

@@ -12,7 +12,7 @@ module next to the file imports::
 
     proj_dim = 2048                     # k
     seed = 0                            # projection seed
-    lambda = 0.01                       # absolute λ; omit it for λ relative to the spectrum
+    lambda = "auto"                     # or an absolute λ such as 0.01 (default: "auto")
     batch_size = 64                     # examples per featurize step
     projection = "rademacher"           # or "normal"
     top_k = 10                          # depth of topk.csv / topk.json
@@ -188,9 +188,11 @@ def parse(path: str | os.PathLike) -> RunConfig:
     if len(set(checkpoint_paths)) != len(checkpoint_paths):
         raise BadInput(f"{path}: checkpoints lists a directory twice")
     lam = settings["lambda"]
+    if lam == "auto":  # what the library's lambda_reg=None means
+        lam = None
     if lam is not None and (isinstance(lam, bool) or not isinstance(lam, int | float)
                             or not math.isfinite(lam) or lam < 0):
-        raise BadInput(f"{path}: lambda must be a number >= 0 (omit it for λ relative to the spectrum), got {lam!r}")
+        raise BadInput(f"{path}: lambda must be \"auto\" or a number >= 0, got {lam!r}")
     if settings["projection"] not in ("rademacher", "normal"):
         raise BadInput(f"{path}: projection must be \"rademacher\" or \"normal\", got {settings['projection']!r}")
     experiment = settings["experiment"]

@@ -41,7 +41,7 @@ def test_demo_end_to_end_tiny_then_show_redraws_it(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), *TINY_DEMO]) == 0
     captured = capsys.readouterr()
-    for bar in ("train", "featurize", "score", "LDS retrain"):
+    for bar in ("train", "featurize", "finalize", "score", "LDS retrain"):
         assert bar in captured.err, f"no {bar!r} progress bar"
     assert "test accuracy" in captured.out and "LDS" in captured.out and "time per stage" in captured.out
 

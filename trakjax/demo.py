@@ -261,7 +261,11 @@ def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], Non
             bar.update(size)
     bar.close()
     lap("featurize")
-    traker.finalize_features()
+    bar = _bar(len(paths), "finalize", quiet, "checkpoint")
+    for m in range(len(paths)):
+        traker.finalize_features([m])
+        bar.update(1)
+    bar.close()
     lap("finalize")
     bar = _bar(t * len(paths), "score", quiet, "target")
     for m, path in enumerate(paths):

@@ -608,7 +608,11 @@ def run(prepared: Prepared, *, quiet: bool = False) -> dict:
             traker.featurize(_numpy(batch), inds=np.arange(start, start + size))
             bar.update(size)
     bar.close()
-    traker.finalize_features()
+    bar = _bar(len(config.checkpoints), "finalize", quiet, "checkpoint")
+    for m in range(len(config.checkpoints)):
+        traker.finalize_features([m])
+        bar.update(1)
+    bar.close()
     bar = _bar(t * len(config.checkpoints), "score", quiet, "target")
     for m, path in enumerate(config.checkpoints):
         info = store.experiment_info(config.experiment) if store.has_experiment(config.experiment) else None

@@ -251,3 +251,64 @@ def test_python_dash_m_trakjax_exits_2_with_one_line(tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     assert "invalid int value" in one_error_line(result.stderr, "demo")
+
+
+NNX_SOURCE = """
+import jax
+from flax import nnx
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(5, 4, rngs=rngs)
+        self.norm = nnx.BatchNorm(4, momentum=0.0, rngs=rngs)
+        self.out = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jax.nn.tanh(self.norm(self.hidden(x))))
+
+def make(seed=0):
+    return Net(nnx.Rngs(seed))
+"""
+
+
+def test_attribute_with_an_nnx_model_holds_batch_stats_fixed(project, tmp_path, capsys):
+    from flax import nnx
+
+    import trakjax.flax
+
+    (tmp_path / "cli_nnx_model.py").write_text(NNX_SOURCE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cli_nnx_model
+    finally:
+        sys.path.remove(str(tmp_path))
+    models = []
+    with ocp.StandardCheckpointer() as checkpointer:
+        for m in range(2):
+            model = cli_nnx_model.make(seed=10 + m)
+            model.train()  # one step in training mode: batch stats of some data, not the init's
+            model(np.random.default_rng(m).normal(2.0, 3.0, size=(16, 5)).astype(np.float32))
+            model.eval()
+            # one checkpoint as nnx.state (the Flax guide's way), one as its pure dict
+            state = nnx.state(model)
+            checkpointer.save(tmp_path / "nnx" / str(m), state if m == 0 else nnx.to_pure_dict(state))
+            models.append(model)
+    config = write_config(tmp_path, project, model='"cli_nnx_model:make"',
+                          checkpoints=f'["{tmp_path}/nnx/0", "{tmp_path}/nnx/1"]')
+    config.write_text(config.read_text().replace(f'python_path = ["{project}"]', "python_path = []"))
+    assert cli.main(["attribute", "--config", str(config), "--quiet"]) == 0
+    stored = np.load(tmp_path / "out" / "store" / "experiments" / "targets" / "scores.npy")
+    adapted = [trakjax.flax.from_nnx(model) for model in models]
+    task = trakjax.tasks.image_classification(adapted[0].apply_fn)
+    train = (np.load(project / "train_x.npy"), np.load(project / "train_y.npy"))
+    targets = (np.load(project / "test_x.npy"), np.load(project / "test_y.npy"))
+    expected = trakjax.attribute(task, [a.params for a in adapted], train, targets, proj_dim=8,
+                                 batch_size=4, grad_wrt=["params"])
+    assert np.linalg.norm(stored - expected) / np.linalg.norm(expected) < 1e-5
+    assert np.abs(np.asarray(adapted[0].params["state"]["norm"]["mean"])).max() > 0.1
+    # Checkpoints of another architecture (the linen ones) are refused before anything is written.
+    capsys.readouterr()
+    bad = write_config(tmp_path / "out", project, model='"cli_nnx_model:make"')  # linen checkpoints
+    bad.write_text(bad.read_text().replace(f'python_path = ["{project}"]', f'python_path = ["{tmp_path}"]'))
+    assert cli.main(["attribute", "--config", str(bad)]) == 2
+    assert "does not match the NNX module's state" in one_error_line(capsys.readouterr().err, "attribute")

@@ -69,8 +69,6 @@ class DemoSettings(NamedTuple):
 
 def check_settings(settings: DemoSettings) -> None:
     """Raise ``ValueError`` naming the first setting out of range."""
-    import trakjax.report  # noqa: F401  (matplotlib is imported only when drawing)
-
     for name, low in (("checkpoints", 1), ("proj_dim", 1), ("train_size", 2), ("num_targets", NUM_PICTURED),
                       ("hidden", 1), ("steps", 1), ("batch_size", 1), ("top_k", NUM_SHOWN)):
         value = getattr(settings, name)

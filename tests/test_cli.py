@@ -240,7 +240,8 @@ def test_attribute_runs_resumes_and_matches_attribute(project, tmp_path, capsys)
 
 
 def test_python_dash_m_trakjax_exits_2_with_one_line(tmp_path):
-    env = dict(os.environ, TRAKJAX_JAX_CACHE=str(pathlib.Path.home() / ".cache" / "trakjax-test-jax"))
+    cache = os.environ.get("TRAKJAX_TEST_JAX_CACHE", pathlib.Path.home() / ".cache" / "trakjax-test-jax")
+    env = dict(os.environ, TRAKJAX_JAX_CACHE=str(cache))  # the conftest's cache, for the CLI
     result = subprocess.run(
         [sys.executable, "-m", "trakjax", "attribute", "--config", str(tmp_path / "missing.toml")],
         capture_output=True, text=True, env=env, timeout=120,

@@ -6,12 +6,15 @@ The functional core, one module per stage:
 * :mod:`trakjax.featurize`: per-example gradients, projected (:mod:`trakjax.projection`, with R
   from the counter-based contract in :mod:`trakjax.randomness`).
 * :mod:`trakjax.solve`: Gram, regularized inverse with rank detection, features F = Φ A⁻¹.
-* :mod:`trakjax.scores`: the checkpoint ensemble and the out-to-loss weighting.
-* :func:`attribute` composes them.
+* :mod:`trakjax.scores`: the checkpoint ensemble, the out-to-loss weighting, soft-thresholding.
+* :func:`attribute` composes them; :func:`self_influence` gives each training example's score on
+  itself.
+* :mod:`trakjax.evaluation`: retraining-based evaluation (subsets, retrained margins, LDS,
+  brittleness).
 """
 
-from trakjax import data, featurize, projection, randomness, scores, solve, tasks
-from trakjax.attribution import attribute
+from trakjax import data, evaluation, featurize, projection, randomness, scores, solve, tasks
+from trakjax.attribution import attribute, self_influence
 from trakjax.featurize import per_example_grads
 from trakjax.projection import project
 from trakjax.randomness import CONTRACT_VERSION
@@ -23,6 +26,7 @@ __all__ = [
     "CONTRACT_VERSION",
     "attribute",
     "data",
+    "evaluation",
     "featurize",
     "gram",
     "per_example_grads",
@@ -30,6 +34,7 @@ __all__ = [
     "projection",
     "randomness",
     "scores",
+    "self_influence",
     "solve",
     "tasks",
 ]

@@ -133,6 +133,11 @@ def auto_lambda(spec: Spectrum, num_examples: int, fraction: float = AUTO_LAMBDA
     so λ adds a ``fraction`` of an average example in every direction. It is never below
     ten times the rank tolerance of the spectrum, so ΦᵀΦ + λI stays invertible (k ≥ N included).
 
+    Measured on digits MLPs (``benchmarks/README.md``): equal to the best λ of a hand-tuned grid
+    (picked by LDS on held-out targets) at k = 512 … 2048 for trained checkpoints, across N, width
+    and training length; checkpoints stopped early (training 1 − p ≈ 0.08) wanted about 3× more
+    and lost 0.015–0.03 LDS with it.
+
     Args:
       spec: the :class:`Spectrum` of ΦᵀΦ.
       num_examples: N, the number of training rows of Φ.

@@ -3,6 +3,7 @@
 For each checkpoint: featurize the training set (per-example gradients, projection, out-to-loss
 terms), accumulate the Gram, solve, form F = Φ A⁻¹, featurize the targets, and add F Ψᵀ to the
 ensemble; finally weight by the mean out-to-loss term (:mod:`trakjax.scores`).
+:func:`self_influence` shares the per-checkpoint steps and keeps only the diagonal (targets = train).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
 from trakjax import scores as scores_lib
+from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax.tasks import Task
 
@@ -96,6 +98,7 @@ def attribute(
     chunk_rows: int | None = None,
     matrix_cache_bytes: int = featurize_lib.DEFAULT_MATRIX_CACHE_BYTES,
     grad_memory_bytes: int = featurize_lib.DEFAULT_GRAD_MEMORY_BYTES,
+    mesh: jax.sharding.Mesh | None = None,
     progress: bool = False,
     return_details: bool = False,
 ):
@@ -114,16 +117,16 @@ def attribute(
       seed: projection seed.
       lambda_reg: ``None`` or ``"auto"`` (the same) for λ chosen per checkpoint without
         retraining, λ = 0.3·trace(Φ_mᵀΦ_m)/N (:func:`trakjax.solve.auto_lambda`; by LDS on
-        digits the best retraining-free rule measured, within the bootstrap interval of the best
-        hand-tuned λ at every k, see ``benchmarks/README.md``); a float for an absolute λ (the
-        reference's meaning); ``0.0`` is exactly zero and raises if ΦᵀΦ is singular.
+        digits the best retraining-free rule measured, equal to the best hand-tuned λ at every
+        k ≥ 512, see ``benchmarks/README.md``); a float for an absolute λ (the reference's
+        meaning); ``0.0`` is exactly zero and raises if ΦᵀΦ is singular.
       projection: ``"rademacher"``, ``"normal"`` or ``"identity"``.
       batch_size: examples per featurize step.
       grad_wrt: which parameters to differentiate (see
         :func:`trakjax.featurize.select_parameters`).
       reference_compat: rescale each A_m⁻¹ by 1/mean|A_m⁻¹| as the reference library does. Off
-        by default: the paper's plain average measured an LDS at least as high on digits (see
-        ``benchmarks/README.md``).
+        by default: on digits the paper's plain average measured the same LDS (to three
+        decimals, every k), and needs no extra k×k pass (see ``benchmarks/README.md``).
       dtype: storage dtype of features: float32, bfloat16 or float16 (Gram and solve stay
         float32 or better).
       precision: matmul precision policy for the projection (``"highest"`` is full float32).
@@ -131,6 +134,11 @@ def attribute(
       model_ids: ids selecting each checkpoint's projection matrix (default 0 .. M − 1).
       chunk_rows, matrix_cache_bytes, grad_memory_bytes: memory knobs, see
         :class:`~trakjax.featurize.FeaturizeConfig`.
+      mesh: a 1-D mesh with axis ``"data"`` over this process's devices (see
+        :mod:`trakjax.sharding`); ``None`` uses all local devices. Examples are sharded over it.
+        Under ``jax.distributed`` (several processes), each process featurizes its own
+        contiguous slice of ``train`` (which must then be arrays) and every process returns the
+        full score matrix.
       progress: show tqdm progress bars.
       return_details: also return a list of :class:`CheckpointDetails`.
 
@@ -143,23 +151,24 @@ def attribute(
     q_sum = None
     details = []
     for solved in _solved_checkpoints(
-        task, checkpoints, train, proj_dim=proj_dim, seed=seed, lambda_reg=lambda_reg,
-        projection=projection, batch_size=batch_size, grad_wrt=grad_wrt,
-        reference_compat=reference_compat, dtype=dtype, precision=precision, backend=backend,
-        model_ids=model_ids, chunk_rows=chunk_rows, matrix_cache_bytes=matrix_cache_bytes,
-        grad_memory_bytes=grad_memory_bytes, progress=progress,
+        task, checkpoints, train,
+        proj_dim=proj_dim, seed=seed, lambda_reg=lambda_reg, projection=projection,
+        batch_size=batch_size, grad_wrt=grad_wrt, reference_compat=reference_compat, dtype=dtype,
+        precision=precision, backend=backend, model_ids=model_ids, chunk_rows=chunk_rows,
+        matrix_cache_bytes=matrix_cache_bytes, grad_memory_bytes=grad_memory_bytes, mesh=mesh,
+        progress=progress,
     ):
         target_features = featurize_lib.featurize(
             task, solved.checkpoint, targets, batch_size=batch_size, seed=seed,
             split=featurize_lib.TARGET_SPLIT, with_out_to_loss=False,
         )
         psi = round_to(target_features.features, solved.storage)
-        part = scores_lib.checkpoint_scores(solved.features, psi).astype(np.float64)
+        part = scores_lib.checkpoint_scores(solved.features, psi, mesh=solved.mesh).astype(np.float64)
         score_sum = part if score_sum is None else score_sum + part
         q = solved.out_to_loss.astype(np.float64)
         q_sum = q if q_sum is None else q_sum + q
         details.append(solved.details)
-    scores = scores_lib.combine(score_sum, q_sum, len(details))
+    scores = sharding_lib.process_concat(scores_lib.combine(score_sum, q_sum, len(details)))
     return (scores, details) if return_details else scores
 
 
@@ -182,6 +191,7 @@ def self_influence(
     chunk_rows: int | None = None,
     matrix_cache_bytes: int = featurize_lib.DEFAULT_MATRIX_CACHE_BYTES,
     grad_memory_bytes: int = featurize_lib.DEFAULT_GRAD_MEMORY_BYTES,
+    mesh: jax.sharding.Mesh | None = None,
     progress: bool = False,
     return_details: bool = False,
 ):
@@ -194,8 +204,9 @@ def self_influence(
 
     i.e. the mean over checkpoints of the leverage φᵀA⁻¹φ, times the mean out-to-loss term (a
     product of means, as in the ensemble, not a mean of products). Large values flag examples the
-    model could only fit by memorizing them, e.g. mislabeled ones. Only the N diagonal entries
-    are formed, never the (N, N) matrix.
+    model fits only by memorizing them, e.g. mislabeled ones (AUC 0.99 on digits with 8% of the
+    labels flipped, ``benchmarks/README.md``). Only the N diagonal entries are formed, never the
+    (N, N) matrix.
 
     Arguments are those of :func:`attribute` (without ``targets``).
 
@@ -206,36 +217,39 @@ def self_influence(
     q_sum = None
     details = []
     for solved in _solved_checkpoints(
-        task, checkpoints, train, proj_dim=proj_dim, seed=seed, lambda_reg=lambda_reg,
-        projection=projection, batch_size=batch_size, grad_wrt=grad_wrt,
-        reference_compat=reference_compat, dtype=dtype, precision=precision, backend=backend,
-        model_ids=model_ids, chunk_rows=chunk_rows, matrix_cache_bytes=matrix_cache_bytes,
-        grad_memory_bytes=grad_memory_bytes, progress=progress,
+        task, checkpoints, train,
+        proj_dim=proj_dim, seed=seed, lambda_reg=lambda_reg, projection=projection,
+        batch_size=batch_size, grad_wrt=grad_wrt, reference_compat=reference_compat, dtype=dtype,
+        precision=precision, backend=backend, model_ids=model_ids, chunk_rows=chunk_rows,
+        matrix_cache_bytes=matrix_cache_bytes, grad_memory_bytes=grad_memory_bytes, mesh=mesh,
+        progress=progress,
     ):
         leverage = scores_lib.row_dots(solved.features, solved.phi)
         leverage_sum = leverage if leverage_sum is None else leverage_sum + leverage
         q = solved.out_to_loss.astype(np.float64)
         q_sum = q if q_sum is None else q_sum + q
         details.append(solved.details)
-    values = scores_lib.combine(leverage_sum[:, None], q_sum, len(details))[:, 0]
+    local = scores_lib.combine(leverage_sum[:, None], q_sum, len(details))
+    values = sharding_lib.process_concat(local)[:, 0]
     return (values, details) if return_details else values
 
 
 class _Solved(NamedTuple):
-    """One checkpoint after featurizing the training set and solving: what scoring needs."""
+    """One checkpoint after featurizing (this process's slice of) train and solving."""
 
     checkpoint: featurize_lib.Checkpoint
     storage: np.dtype
-    phi: np.ndarray  # (N, k) Φ as stored
-    features: np.ndarray  # (N, k) F = Φ A⁻¹ as stored
-    out_to_loss: np.ndarray  # (N,) q
+    mesh: Any
+    phi: np.ndarray  # (N_local, k) Φ as stored
+    features: np.ndarray  # (N_local, k) F = Φ A⁻¹ as stored
+    out_to_loss: np.ndarray  # (N_local,) q
     details: CheckpointDetails
 
 
 def _solved_checkpoints(
     task, checkpoints, train, *, proj_dim, seed, lambda_reg, projection, batch_size, grad_wrt,
     reference_compat, dtype, precision, backend, model_ids, chunk_rows, matrix_cache_bytes,
-    grad_memory_bytes, progress,
+    grad_memory_bytes, mesh, progress,
 ):
     """Yield a :class:`_Solved` per checkpoint: featurize train, Gram, solve, F = Φ A⁻¹."""
     if not isinstance(task, Task):
@@ -249,8 +263,21 @@ def _solved_checkpoints(
         raise ValueError(
             f"model_ids must hold {len(checkpoints)} distinct ints, one per checkpoint; got {model_ids}"
         )
+    mesh = sharding_lib.check_mesh(mesh)
+    local_train, num_train = train, None
     if not callable(train):
-        data_lib.num_examples(train, "train")
+        num_train = data_lib.num_examples(train, "train")
+    if jax.process_count() > 1:
+        if callable(train):
+            raise ValueError(
+                "under jax.distributed each process featurizes its own slice of train, so train "
+                "must be a pytree of arrays, not a callable; for streamed data use the TRAKer "
+                "session with per-process indices"
+            )
+        start, stop = sharding_lib.process_slice(num_train)
+        local_train = data_lib.take(train, start, stop) if stop > start else None
+    else:
+        start = 0
     if projection == "identity":
         k = proj_dim
     else:
@@ -258,25 +285,33 @@ def _solved_checkpoints(
     config = featurize_lib.FeaturizeConfig(
         projection=projection, proj_dim=k, seed=seed, grad_wrt=grad_wrt, batch_size=batch_size,
         precision=precision, chunk_rows=chunk_rows, matrix_cache_bytes=matrix_cache_bytes,
-        grad_memory_bytes=grad_memory_bytes, backend=backend,
+        grad_memory_bytes=grad_memory_bytes, backend=backend, mesh=mesh,
     )
     bar = _progress_bar(progress, len(checkpoints))
     for params, model_id in zip(checkpoints, model_ids, strict=True):
         checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)
-        train_features = featurize_lib.featurize(
-            task, checkpoint, train, batch_size=batch_size, seed=seed,
-            split=featurize_lib.TRAIN_SPLIT,
-        )
+        if local_train is None:  # more processes than examples: this one has none
+            k_eff = checkpoint.proj_dim
+            train_features = featurize_lib.Features(
+                np.zeros((0, k_eff), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+            )
+        else:
+            train_features = featurize_lib.featurize(
+                task, checkpoint, local_train, batch_size=batch_size, seed=seed,
+                split=featurize_lib.TRAIN_SPLIT, index_offset=start,
+            )
         phi = round_to(train_features.features, storage)
+        local_gram = solve_lib.gram(phi, mesh=mesh) if phi.shape[0] else np.zeros((checkpoint.proj_dim,) * 2)
+        total_examples = num_train if num_train is not None else phi.shape[0]
         kernel = solve_lib.solve(
-            solve_lib.gram(phi), lambda_reg, reference_compat=reference_compat,
-            num_examples=phi.shape[0], num_params=checkpoint.layout.total,
+            sharding_lib.process_sum(local_gram), lambda_reg, reference_compat=reference_compat,
+            num_examples=total_examples, num_params=checkpoint.layout.total,
             storage_dtype=storage,
         )
-        features = round_to(solve_lib.apply_inverse(phi, kernel), storage)
+        features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=mesh), storage)
         details = CheckpointDetails(model_id, kernel.lambda_reg, kernel.rank, kernel.condition,
                                     checkpoint.layout.total, checkpoint.proj_dim)
-        yield _Solved(checkpoint, storage, phi, features, train_features.out_to_loss, details)
+        yield _Solved(checkpoint, storage, mesh, phi, features, train_features.out_to_loss, details)
         bar.update(1)
     bar.close()
 

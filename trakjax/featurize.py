@@ -28,7 +28,8 @@ import numpy as np
 from trakjax import data as data_lib
 from trakjax import projection as projection_lib
 from trakjax import randomness
-from trakjax.tasks import Task, TaskState
+from trakjax import sharding as sharding_lib
+from trakjax.tasks import Task, TaskState, describe_shapes
 
 logger = logging.getLogger("trakjax")
 
@@ -179,10 +180,23 @@ def per_example_grads(
     return jax.tree_util.tree_unflatten(treedef, full), outputs
 
 
+def check_scalar_output(task: Task, value, example) -> None:
+    """Raise ``ValueError`` (at trace time) unless ``task.output`` gave one scalar for one example."""
+    shape = jnp.shape(value)
+    if shape != ():
+        raise ValueError(
+            f"task {task.name!r}: output(params, example, state) must return one scalar per "
+            f"example; got shape {tuple(shape)} for an example of shape {describe_shapes(example)}"
+            " (reduce it, e.g. sum a sequence's per-token terms, or pick one output)"
+        )
+
+
 def _value_and_grads(task, treedef, mask, diff, fixed, batch, state):
     def output(diff_leaves, example, key):
         params = merge_parameters(treedef, mask, diff_leaves, fixed)
-        return task.output(params, example, TaskState(state.aux, key))
+        value = task.output(params, example, TaskState(state.aux, key))
+        check_scalar_output(task, value, example)
+        return value
 
     key_axis = None if state.key is None else 0
     return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)
@@ -205,6 +219,9 @@ class FeaturizeConfig(NamedTuple):
       matrix_cache_bytes: hold R materialized for a checkpoint when P·k·4 fits this budget.
       grad_memory_bytes: budget for one micro-batch of per-example gradients.
       backend: projection backend (``"xla"``, ``"pallas"`` or ``"auto"``).
+      mesh: a 1-D ``jax.sharding.Mesh`` with axis ``"data"`` (see :mod:`trakjax.sharding`) to
+        shard each step's examples over; ``None`` runs on the default device. The memory budgets
+        are per device (shared by the devices of one CPU process).
     """
 
     projection: str = "rademacher"
@@ -217,6 +234,7 @@ class FeaturizeConfig(NamedTuple):
     matrix_cache_bytes: int = DEFAULT_MATRIX_CACHE_BYTES
     grad_memory_bytes: int = DEFAULT_GRAD_MEMORY_BYTES
     backend: str = "auto"
+    mesh: Any = None
 
 
 class Checkpoint(NamedTuple):
@@ -232,7 +250,8 @@ class Checkpoint(NamedTuple):
       proj_key: uint32 key of R (None for identity).
       blocks: R materialized per leaf, or None to generate it chunk by chunk.
       aux: the task's auxiliary state for this checkpoint.
-      micro_batch: examples per jitted step.
+      micro_batch: examples per jitted step (a multiple of the mesh size).
+      devices: number of devices the steps shard examples over.
       train_step: the jitted step ``(diff, fixed, batch, aux, indices, split_key, proj_key,
         blocks) -> (features, outputs, out_to_loss)``.
       target_step: the same without the out-to-loss term (its q is zeros).
@@ -249,6 +268,7 @@ class Checkpoint(NamedTuple):
     blocks: list | None
     aux: Any
     micro_batch: int
+    devices: int
     train_step: Callable
     target_step: Callable
 
@@ -274,8 +294,13 @@ def task_key(seed: int, model_id: int, split: int) -> jax.Array:
 
 @functools.lru_cache(maxsize=64)
 def _make_step(task: Task, treedef, mask: tuple[bool, ...], kind: str, proj_dim: int,
-               chunk_rows: int | None, precision: str, backend: str, with_out_to_loss: bool):
-    """A jitted featurize step for one static configuration (shared across checkpoints)."""
+               chunk_rows: int | None, precision: str, backend: str, mesh,
+               with_out_to_loss: bool):
+    """A jitted featurize step for one static configuration (shared across checkpoints).
+
+    With a mesh of several devices the step is ``shard_map``-ped: the batch and its indices are
+    sharded over the ``"data"`` axis, parameters, task state and projection inputs replicated.
+    """
     from trakjax import backends
 
     def step(diff, fixed, batch, aux, indices, split_key, proj_key, blocks):
@@ -293,9 +318,23 @@ def _make_step(task: Task, treedef, mask: tuple[bool, ...], kind: str, proj_dim:
             q = task.out_to_loss(params, batch, state).astype(jnp.float32)
         else:
             q = jnp.zeros(outputs.shape, jnp.float32)
+        if outputs.shape != (features.shape[0],) or q.shape != (features.shape[0],):
+            raise ValueError(
+                f"task {task.name!r}: output must return a scalar per example and out_to_loss a "
+                f"(B,) array; got per-example output shape {outputs.shape[1:]} and out_to_loss "
+                f"shape {q.shape} for a batch of {features.shape[0]}"
+            )
         return features, outputs.astype(jnp.float32), q
 
-    return jax.jit(step)
+    if sharding_lib.mesh_size(mesh) == 1:
+        return jax.jit(step)
+    rows, same = jax.sharding.PartitionSpec(sharding_lib.DATA_AXIS), jax.sharding.PartitionSpec()
+    return jax.jit(
+        jax.shard_map(
+            step, mesh=mesh, in_specs=(same, same, rows, same, rows, same, same, same),
+            out_specs=(rows, rows, rows), check_vma=False,
+        )
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -332,11 +371,15 @@ def prepare_checkpoint(
     layout = projection_lib.parameter_layout(diff)
     proj_dim = projection_lib.check_kind_and_dim(config.projection, config.proj_dim, layout.total)
     backend = resolve_backend(config.backend)
+    mesh = config.mesh
+    devices = sharding_lib.mesh_size(mesh)
+    # Simulated CPU devices of one process share host memory: split the budgets between them.
+    share = devices if sharding_lib.cpu_devices_share_memory(mesh) else 1
     proj_key = None
     blocks = None
     if config.projection != "identity":
         proj_key = jnp.uint32(randomness.stream_key(config.seed, model_id, config.projection))
-        fits = layout.total * proj_dim * 4 <= config.matrix_cache_bytes
+        fits = layout.total * proj_dim * 4 * share <= config.matrix_cache_bytes
         if backend == "xla" and fits:
             blocks = _make_blocks_fn(layout, config.projection, proj_dim)(proj_key)
     aux = None
@@ -350,13 +393,18 @@ def prepare_checkpoint(
     grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in diff)
     if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int | np.integer) or config.batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {config.batch_size!r}")
-    micro_batch = int(min(config.batch_size, max(1, config.grad_memory_bytes // max(grad_bytes, 1))))
+    per_device = max(1, config.grad_memory_bytes // share // max(grad_bytes, 1))
+    micro_batch = int(min(sharding_lib.round_up(config.batch_size, devices), per_device * devices))
+    micro_batch = sharding_lib.round_up(micro_batch, devices)
+    if devices > 1:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        diff, fixed, blocks, aux = jax.device_put((diff, fixed, blocks, aux), replicated)
     static = (task, treedef, mask, config.projection, proj_dim, config.chunk_rows,
-              config.precision, backend)
+              config.precision, backend, mesh if devices > 1 else None)
     return Checkpoint(
         model_id=int(model_id), params=params, mask=mask, diff=diff, fixed=fixed, layout=layout,
         proj_dim=proj_dim, proj_key=proj_key, blocks=blocks, aux=aux, micro_batch=micro_batch,
-        train_step=_make_step(*static, True), target_step=_make_step(*static, False),
+        devices=devices, train_step=_make_step(*static, True), target_step=_make_step(*static, False),
     )
 
 
@@ -368,11 +416,13 @@ class BatchFeatures(NamedTuple):
     out_to_loss: np.ndarray
 
 
-def _padded_size(n: int, micro_batch: int) -> int:
+def _padded_size(n: int, micro_batch: int, devices: int) -> int:
+    """Step size for ``n`` examples: a power of two (few compiled shapes), a multiple of the
+    device count, at most ``micro_batch``."""
     size = 1
     while size < n:
         size *= 2
-    return min(size, micro_batch)
+    return sharding_lib.round_up(min(size, micro_batch), devices)
 
 
 def featurize_batch(
@@ -417,7 +467,7 @@ def featurize_batch(
     for start in range(0, n, micro):
         stop = min(start + micro, n)
         part = data_lib.take(batch, start, stop)
-        size = _padded_size(stop - start, micro)
+        size = _padded_size(stop - start, micro, checkpoint.devices)
         part = data_lib.pad_batch(part, size)
         part_indices = np.concatenate(
             [indices[start:stop], np.repeat(indices[stop - 1 : stop], size - (stop - start))]
@@ -459,6 +509,7 @@ def featurize(
     seed: int = 0,
     split: int = TRAIN_SPLIT,
     with_out_to_loss: bool = True,
+    index_offset: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> Features:
     """Featurize a whole data set at one prepared checkpoint.
@@ -470,6 +521,8 @@ def featurize(
         returning an iterator of such batches.
       batch_size: examples per batch when ``data`` is arrays.
       seed, split, with_out_to_loss: as in :func:`featurize_batch`.
+      index_offset: global index of ``data``'s first example (when ``data`` is one slice of a
+        larger set, e.g. one process's share); it keys the task's sampling.
       progress: called with the number of examples after each batch (for progress bars).
 
     Returns:
@@ -480,7 +533,8 @@ def featurize(
         n = data_lib.num_examples(batch, "batch")
         parts.append(
             featurize_batch(
-                task, checkpoint, batch, np.arange(start, start + n), seed=seed, split=split,
+                task, checkpoint, batch, np.arange(index_offset + start, index_offset + start + n),
+                seed=seed, split=split,
                 with_out_to_loss=with_out_to_loss,
             )
         )

@@ -7,20 +7,27 @@ q^m (N,) (Park et al., 2023, eq. 17 and Algorithm 1)::
 
 S[i, j] is the attribution of train example i to target j: positive for proponents (training
 on i raised the target's output), negative for opponents.
+
+For score matrices larger than memory, :func:`score_blocks` yields S block by block of train rows
+(bit for bit the rows of :func:`ensemble_scores`), and :func:`top_k` keeps the top proponents and
+opponents of each target from such a stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax import sharding as sharding_lib
+
 SCORE_BLOCK_ROWS = 8192
 
 
-@jax.jit
 def _block_scores(train_block, target_features):
     return jnp.matmul(
         train_block.astype(jnp.float32), target_features.astype(jnp.float32).T,
@@ -28,23 +35,48 @@ def _block_scores(train_block, target_features):
     )
 
 
-def checkpoint_scores(train_features, target_features, *, block_rows: int = SCORE_BLOCK_ROWS) -> np.ndarray:
-    """F Ψᵀ for one checkpoint: (N, k) × (T, k) -> (N, T) float32, block by block over N."""
-    n = train_features.shape[0]
+@functools.cache
+def _scores_fn(mesh):
+    return sharding_lib.shard_map_rows(_block_scores, mesh, 1, 1)
+
+
+def checkpoint_scores(train_features, target_features, *, block_rows: int = SCORE_BLOCK_ROWS,
+                      mesh=None) -> np.ndarray:
+    """F Ψᵀ for one checkpoint: (N, k) × (T, k) -> (N, T) float32, by blocks of train rows
+    (split over ``mesh``'s devices when given)."""
     if train_features.shape[1] != target_features.shape[1]:
         raise ValueError(
             f"train features have k={train_features.shape[1]} but target features have "
             f"k={target_features.shape[1]}"
         )
     target = jnp.asarray(np.asarray(target_features, np.float32))
+    n = train_features.shape[0]
     out = np.empty((n, target.shape[0]), np.float32)
-    for start in range(0, n, block_rows):
-        block = np.asarray(train_features[start : start + block_rows], np.float32)
-        rows = block.shape[0]
-        if rows < block_rows and n > block_rows:
-            block = np.concatenate([block, np.zeros((block_rows - rows, block.shape[1]), np.float32)])
-        out[start : start + rows] = np.asarray(_block_scores(block, target))[:rows]
+    step = sharding_lib.round_up(block_rows, sharding_lib.mesh_size(mesh))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        out[start:stop] = _score_rows(train_features, target, start, stop, block_rows, mesh)
     return out
+
+
+def _score_rows(train_features, target, start: int, stop: int, block_rows: int, mesh=None) -> np.ndarray:
+    """Rows [start, stop) of F Ψᵀ, one block (stop − start ≤ block_rows rounded up to the
+    mesh size), on a device target.
+
+    The block is padded to that size whenever N exceeds it (and to a multiple of the device
+    count otherwise), so every block of a matrix has one compiled shape and a row's scores never
+    depend on which block computed them.
+    """
+    devices = sharding_lib.mesh_size(mesh)
+    full = sharding_lib.round_up(block_rows, devices)
+    n = train_features.shape[0]
+    block = np.asarray(train_features[start:stop], np.float32)
+    rows = block.shape[0]
+    target_rows = full if n > full else sharding_lib.round_up(rows, devices)
+    if rows < target_rows:
+        block = np.concatenate([block, np.zeros((target_rows - rows, block.shape[1]), np.float32)])
+    fn = _scores_fn(mesh if devices > 1 else None)
+    return np.asarray(fn(block, target))[:rows]
 
 
 def combine(score_sum: np.ndarray, out_to_loss_sum: np.ndarray, num_checkpoints: int) -> np.ndarray:
@@ -78,6 +110,155 @@ def ensemble_scores(
         q64 = np.asarray(q, np.float64)
         q_total = q64 if q_total is None else q_total + q64
     return combine(total, q_total, len(train_features))
+
+
+def num_score_blocks(num_train: int, block_rows: int = SCORE_BLOCK_ROWS) -> int:
+    """Number of row blocks :func:`score_blocks` splits N train rows into."""
+    return -(-int(num_train) // int(block_rows))
+
+
+def score_blocks(
+    train_features: Sequence,
+    target_features: Sequence,
+    out_to_loss: Sequence,
+    *,
+    block_rows: int = SCORE_BLOCK_ROWS,
+    blocks: Iterable[int] | None = None,
+    mesh=None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """S block by block over train rows, never the whole (N, T) matrix: bounded memory.
+
+    Block b holds rows [b·block_rows, min((b + 1)·block_rows, N)) of
+    ``S = ((1/M) Σ_m F_m Ψ_mᵀ) ⊙ q̄[:, None]``; each block's values are bit for bit those of
+    :func:`ensemble_scores` (the same compiled block shapes, the same float64 sums in checkpoint
+    order). Memory is about ``block_rows · T · 24`` bytes plus the M target matrices.
+
+    Args:
+      train_features: M arrays F_m (N, k), any float dtype; memory maps are read block by block.
+      target_features: M arrays Ψ_m (T, k).
+      out_to_loss: M arrays q^m (N,).
+      block_rows: rows per block.
+      blocks: which block numbers to compute (default: all, in order).
+      mesh: split each block's rows over this mesh's devices (``block_rows`` should then be a
+        multiple of the device count).
+
+    Yields:
+      ``(first_row, block)`` with ``block`` (rows, T) float32.
+    """
+    if not (len(train_features) == len(target_features) == len(out_to_loss)) or not train_features:
+        raise ValueError(
+            "train_features, target_features and out_to_loss need one entry per checkpoint "
+            f"(at least one); got {len(train_features)}, {len(target_features)}, {len(out_to_loss)}"
+        )
+    n = train_features[0].shape[0]
+    for m, (f, psi, q) in enumerate(zip(train_features, target_features, out_to_loss, strict=True)):
+        if f.shape[0] != n or np.shape(q) != (n,) or f.shape[1] != psi.shape[1]:
+            raise ValueError(
+                f"checkpoint {m}: train features {tuple(f.shape)}, target features "
+                f"{tuple(psi.shape)} and out_to_loss {np.shape(q)} do not fit N={n}"
+            )
+    targets = [jnp.asarray(np.asarray(psi, np.float32)) for psi in target_features]
+    count = len(train_features)
+    for b in range(num_score_blocks(n, block_rows)) if blocks is None else blocks:
+        start = int(b) * block_rows
+        stop = min(start + block_rows, n)
+        if not 0 <= start < n:
+            raise ValueError(f"block {b} is out of range: N={n} rows make {num_score_blocks(n, block_rows)} blocks")
+        total = None
+        q_total = None
+        for f, target, q in zip(train_features, targets, out_to_loss, strict=True):
+            part = _score_rows(f, target, start, stop, block_rows, mesh).astype(np.float64)
+            total = part if total is None else total + part
+            q64 = np.asarray(q[start:stop], np.float64)
+            q_total = q64 if q_total is None else q_total + q64
+        yield start, combine(total, q_total, count)
+
+
+class TopK(NamedTuple):
+    """The k highest and k lowest scores of each target.
+
+    Attributes:
+      proponents: (k, T) int64 train indices, highest score first.
+      proponent_scores: (k, T) float32, descending.
+      opponents: (k, T) int64 train indices, lowest (most negative) score first.
+      opponent_scores: (k, T) float32, ascending.
+    """
+
+    proponents: np.ndarray
+    proponent_scores: np.ndarray
+    opponents: np.ndarray
+    opponent_scores: np.ndarray
+
+
+def _keep_top(best_idx, best_val, start, block, k):
+    """Merge a (rows, T) block whose first row is ``start`` into the running top-k (largest).
+
+    Returns ``(indices, values)``, each (min(k, rows seen), T). Once k rows are held, only block
+    entries above a column's current k-th value are candidates, so a block costs one comparison
+    pass plus a sort of its few candidates.
+    """
+    num_targets = block.shape[1]
+    if best_val is not None and best_val.shape[0] == k:
+        threshold = best_val.min(axis=0)
+        rows, cols = np.nonzero(block > threshold[None, :])
+        if rows.size == 0:
+            return best_idx, best_val
+        values = np.concatenate([best_val.ravel(), block[rows, cols]])
+        columns = np.concatenate([np.tile(np.arange(num_targets), k), cols])
+        indices = np.concatenate([best_idx.ravel(), start + rows.astype(np.int64)])
+        order = np.lexsort((indices, -values, columns))
+        firsts = np.searchsorted(columns[order], np.arange(num_targets))
+        pick = order[firsts[None, :] + np.arange(k)[:, None]]
+        return indices[pick], values[pick]
+    if best_val is None:
+        candidates = block
+        candidate_idx = np.broadcast_to(start + np.arange(block.shape[0])[:, None], block.shape)
+    else:
+        candidates = np.concatenate([best_val, block])
+        candidate_idx = np.concatenate(
+            [best_idx, np.broadcast_to(start + np.arange(block.shape[0])[:, None], block.shape)]
+        )
+    order = np.lexsort((candidate_idx, -candidates), axis=0)[:k]
+    return np.take_along_axis(candidate_idx, order, axis=0), np.take_along_axis(candidates, order, axis=0)
+
+
+def _sorted(indices, values):
+    """Order each column by value descending, ties by index ascending."""
+    order = np.lexsort((indices, -values), axis=0)
+    return np.take_along_axis(indices, order, axis=0), np.take_along_axis(values, order, axis=0)
+
+
+def top_k(blocks: Iterable[tuple[int, np.ndarray]], k: int) -> TopK:
+    """Top-k proponents and opponents of every target from a stream of score blocks.
+
+    Only the running (k, T) winners and one block are held: the (N, T) matrix never is.
+    Ties are broken towards the lower train index when blocks come in ascending row order (as
+    :func:`score_blocks` yields them); out of order, any of the rows tied at the k-th place may
+    be kept.
+
+    Args:
+      blocks: ``(first_row, block (rows, T))`` pairs, e.g. from :func:`score_blocks` or slices
+        of a stored score matrix; rows may come in any order but must not repeat.
+      k: how many of each to keep (fewer if the stream has fewer rows).
+
+    Returns:
+      :class:`TopK`.
+    """
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    top_idx = top_val = low_idx = low_val = None
+    for start, block in blocks:
+        block = np.asarray(block, np.float32)
+        if block.ndim != 2:
+            raise ValueError(f"score blocks must be (rows, T), got shape {block.shape}")
+        top_idx, top_val = _keep_top(top_idx, top_val, int(start), block, int(k))
+        low_idx, neg_val = _keep_top(low_idx, None if low_val is None else -low_val, int(start), -block, int(k))
+        low_val = -neg_val
+    if top_val is None:
+        raise ValueError("top_k got no score blocks")
+    top_idx, top_val = _sorted(top_idx, top_val)
+    low_idx, neg = _sorted(low_idx, -low_val)
+    return TopK(top_idx, top_val, low_idx, -neg)
 
 
 @jax.jit

@@ -27,11 +27,14 @@ freedom targets, GCV/leave-one-out on the kernel regression) is in ``benchmarks/
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from trakjax import sharding as sharding_lib
 
 DEFAULT_RELATIVE_LAMBDA = 1e-2
 """The former default (before ``"auto"``): λ = DEFAULT_RELATIVE_LAMBDA · trace(ΦᵀΦ) / k
@@ -46,26 +49,47 @@ GRAM_BLOCK_ROWS = 4096
 _EPS32 = float(np.finfo(np.float32).eps)
 
 
-@jax.jit
 def _block_gram(block: jax.Array) -> jax.Array:
     block = block.astype(jnp.float32)
     return jnp.matmul(block.T, block, precision=jax.lax.Precision.HIGHEST)
 
 
-def gram(features, *, block_rows: int = GRAM_BLOCK_ROWS) -> np.ndarray:
+@functools.cache
+def _gram_fn(mesh):
+    return sharding_lib.shard_map_rows(_block_gram, mesh, 1, 0, reduce=True)
+
+
+def row_blocks(array, block_rows: int, devices: int = 1):
+    """Yield ``(start, rows, block)``: float32 blocks of ``block_rows`` rows of ``array``.
+
+    A block shorter than ``block_rows`` is zero-padded to ``block_rows`` (one compiled shape for
+    every block) when ``array`` has more rows than that, and to a multiple of ``devices``
+    otherwise; ``rows`` is the number of real rows.
+    """
+    n = array.shape[0]
+    full = sharding_lib.round_up(block_rows, devices)
+    for start in range(0, n, full):
+        block = np.asarray(array[start : start + full], dtype=np.float32)
+        rows = block.shape[0]
+        target = full if n > full else sharding_lib.round_up(rows, devices)
+        if rows < target:
+            block = np.concatenate([block, np.zeros((target - rows, *block.shape[1:]), np.float32)])
+        yield start, rows, block
+
+
+def gram(features, *, block_rows: int = GRAM_BLOCK_ROWS, mesh=None) -> np.ndarray:
     """ΦᵀΦ of (N, k) features (any float dtype, numpy, memmap or jax): (k, k) float64.
 
-    Each block of ``block_rows`` rows is multiplied in float32 at full precision; blocks are
-    summed in float64. Blocks are padded to ``block_rows`` with zero rows, so one compiled shape
-    serves every block.
+    Each block of ``block_rows`` rows is multiplied in float32 at full precision (split over the
+    mesh's devices and reduced with ``psum`` when ``mesh`` has several); blocks are summed in
+    float64 on the host. Zero padding rows add nothing. Across processes, combine the per-process
+    Grams with :func:`trakjax.sharding.process_sum`.
     """
-    n, k = features.shape
+    _, k = features.shape
+    fn = _gram_fn(mesh if sharding_lib.mesh_size(mesh) > 1 else None)
     total = np.zeros((k, k), np.float64)
-    for start in range(0, n, block_rows):
-        block = np.asarray(features[start : start + block_rows], dtype=np.float32)
-        if block.shape[0] < block_rows and n > block_rows:
-            block = np.concatenate([block, np.zeros((block_rows - block.shape[0], k), np.float32)])
-        total += np.asarray(_block_gram(block), np.float64)
+    for _, _, block in row_blocks(features, block_rows, sharding_lib.mesh_size(mesh)):
+        total += np.asarray(fn(block), np.float64)
     return total
 
 
@@ -249,22 +273,45 @@ def solve(
     return KernelSolve(inverse, lam, spec.rank, condition, scale, spec)
 
 
-@jax.jit
 def _times(block, matrix):
     return jnp.matmul(block.astype(jnp.float32), matrix, precision=jax.lax.Precision.HIGHEST)
 
 
-def apply_inverse(features, kernel: KernelSolve | np.ndarray, *, block_rows: int = GRAM_BLOCK_ROWS) -> np.ndarray:
-    """F = Φ A⁻¹: (N, k) float32, computed block by block at full float32 precision."""
+@functools.cache
+def _times_fn(mesh):
+    return sharding_lib.shard_map_rows(_times, mesh, 1, 1)
+
+
+def apply_inverse(
+    features,
+    kernel: KernelSolve | np.ndarray,
+    *,
+    block_rows: int = GRAM_BLOCK_ROWS,
+    out: np.ndarray | None = None,
+    mesh=None,
+) -> np.ndarray:
+    """F = Φ A⁻¹: (N, k) float32, computed block by block at full float32 precision.
+
+    Args:
+      features: Φ (N, k), any float dtype (numpy, memory map or jax).
+      kernel: a :class:`KernelSolve` or the (k, k) inverse itself.
+      block_rows: rows per block (a fixed compiled shape).
+      out: optional (N, k) array to write F into block by block, e.g. a memory map, so that F
+        is never held in memory whole; each block is cast to ``out``'s dtype on assignment.
+      mesh: split each block's rows over this mesh's devices.
+
+    Returns:
+      ``out``, or a new (N, k) float32 array.
+    """
     inverse = kernel.inverse if isinstance(kernel, KernelSolve) else np.asarray(kernel)
     matrix = jnp.asarray(inverse, jnp.float32)
     n, _ = features.shape
-    out = np.empty((n, matrix.shape[1]), np.float32)
-    for start in range(0, n, block_rows):
-        block = np.asarray(features[start : start + block_rows], np.float32)
-        rows = block.shape[0]
-        if rows < block_rows and n > block_rows:
-            block = np.concatenate([block, np.zeros((block_rows - rows, block.shape[1]), np.float32)])
-        out[start : start + rows] = np.asarray(_times(block, matrix))[:rows]
+    if out is None:
+        out = np.empty((n, matrix.shape[1]), np.float32)
+    elif tuple(out.shape) != (n, matrix.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, matrix.shape[1])}")
+    fn = _times_fn(mesh if sharding_lib.mesh_size(mesh) > 1 else None)
+    for start, rows, block in row_blocks(features, block_rows, sharding_lib.mesh_size(mesh)):
+        out[start : start + rows] = np.asarray(fn(block, matrix))[:rows]
     return out
 

@@ -6,8 +6,11 @@ The functional core, one module per stage:
 * :mod:`trakjax.featurize`: per-example gradients, projected (:mod:`trakjax.projection`, with R
   from the counter-based contract in :mod:`trakjax.randomness`).
 * :mod:`trakjax.solve`: Gram, regularized inverse with rank detection, features F = Φ A⁻¹.
-* :mod:`trakjax.scores`: the checkpoint ensemble and the out-to-loss weighting.
-* :func:`attribute` composes them.
+* :mod:`trakjax.scores`: the checkpoint ensemble, the out-to-loss weighting, soft-thresholding.
+* :func:`attribute` composes them; :func:`self_influence` gives each training example's score on
+  itself.
+* :mod:`trakjax.evaluation`: retraining-based evaluation (subsets, retrained margins, LDS,
+  brittleness).
 * :mod:`trakjax.scoring_fn`: :func:`train_features` and :func:`scorer`, scores as a pure function
   of (params, batch) that runs inside a user's ``jax.jit``.
 * :mod:`trakjax.sharding`: data parallelism over devices (a ``"data"`` mesh) and processes.
@@ -19,6 +22,7 @@ library's method names, over an on-disk :mod:`trakjax.store`.
 
 from trakjax import (
     data,
+    evaluation,
     featurize,
     projection,
     randomness,
@@ -29,7 +33,7 @@ from trakjax import (
     store,
     tasks,
 )
-from trakjax.attribution import attribute
+from trakjax.attribution import attribute, self_influence
 from trakjax.featurize import per_example_grads
 from trakjax.projection import project
 from trakjax.randomness import CONTRACT_VERSION
@@ -45,6 +49,7 @@ __all__ = [
     "TrainFeatures",
     "attribute",
     "data",
+    "evaluation",
     "featurize",
     "gram",
     "per_example_grads",
@@ -54,6 +59,7 @@ __all__ = [
     "scorer",
     "scores",
     "scoring_fn",
+    "self_influence",
     "sharding",
     "solve",
     "store",

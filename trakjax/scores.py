@@ -259,3 +259,73 @@ def top_k(blocks: Iterable[tuple[int, np.ndarray]], k: int) -> TopK:
     top_idx, top_val = _sorted(top_idx, top_val)
     low_idx, neg = _sorted(low_idx, -low_val)
     return TopK(top_idx, top_val, low_idx, -neg)
+
+
+@jax.jit
+def _block_row_dots(a, b):
+    return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=1)
+
+
+def row_dots(a, b, *, block_rows: int = SCORE_BLOCK_ROWS) -> np.ndarray:
+    """Σ_c a[i, c] · b[i, c] for every row i: (N, k) × (N, k) -> (N,) float64.
+
+    With a = F_m = Φ_m A_m⁻¹ and b = Φ_m this is the leverage φ_iᵀ A_m⁻¹ φ_i of each training
+    example (the diagonal of F_m Φ_mᵀ, without forming the (N, N) matrix).
+    """
+    if a.shape != b.shape or len(a.shape) != 2:
+        raise ValueError(f"row_dots needs two (N, k) arrays of one shape, got {a.shape} and {b.shape}")
+    n = a.shape[0]
+    out = np.empty(n, np.float64)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        out[start:stop] = np.asarray(
+            _block_row_dots(np.asarray(a[start:stop], np.float32), np.asarray(b[start:stop], np.float32))
+        )
+    return out
+
+
+def soft_threshold(scores, threshold) -> np.ndarray:
+    """The soft-thresholding operator of the TRAK paper (Park et al., 2023, Algorithm 1, optional):
+
+        S'[i, j] = sign(S[i, j]) · max(|S[i, j]| − τ_j, 0)
+
+    It shrinks every score towards zero by τ_j and zeroes those smaller than τ_j in magnitude
+    (the paper assumes sparse ground-truth attributions; it chooses τ by cross-validation).
+
+    Args:
+      scores: (N, T) scores.
+      threshold: τ: a float ≥ 0 for every target, or a (T,) array of per-target thresholds (see
+        :func:`sparsity_threshold`).
+
+    Returns:
+      (N, T) float32.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
+    tau = np.asarray(threshold, np.float64)
+    if tau.ndim == 0:
+        tau = np.full(scores.shape[1], float(tau))
+    if tau.shape != (scores.shape[1],):
+        raise ValueError(
+            f"threshold must be a float or a ({scores.shape[1]},) array, got shape {tau.shape}"
+        )
+    if not np.isfinite(tau).all() or (tau < 0).any():
+        raise ValueError("threshold must be finite and >= 0")
+    s64 = scores.astype(np.float64)
+    return (np.sign(s64) * np.maximum(np.abs(s64) - tau[None, :], 0.0)).astype(np.float32)
+
+
+def sparsity_threshold(scores, keep_fraction: float) -> np.ndarray:
+    """Per-target τ_j that keeps about ``keep_fraction`` of the scores non-zero: (T,) float64.
+
+    τ_j is the (1 − keep_fraction) quantile of |S[:, j]|, for :func:`soft_threshold`.
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
+    if not (isinstance(keep_fraction, int | float | np.floating) and 0.0 < keep_fraction <= 1.0):
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+    if keep_fraction == 1.0:
+        return np.zeros(scores.shape[1])
+    return np.quantile(np.abs(scores), 1.0 - keep_fraction, axis=0)

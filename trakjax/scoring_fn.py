@@ -112,7 +112,7 @@ def train_features(
     *,
     proj_dim: int | None = None,
     seed: int = 0,
-    lambda_reg: float | None = None,
+    lambda_reg: float | str | None = None,
     projection: str = "rademacher",
     batch_size: int = 64,
     grad_wrt: featurize_lib.GradWrt = None,

@@ -22,9 +22,9 @@ Migrating from the reference (``trak.TRAKer``): the method names and their order
             traker.score(batch, num_samples=len(batch[0]))
     scores = traker.finalize_scores("test")                 # (N, T) float32, a memory map
 
-Differences from the reference, on purpose: ``lambda_reg=None`` (the default) is λ relative to
-the spectrum; features are float32 unless ``dtype`` says otherwise; reloading a registered
-model_id resumes it (its weights must match); an already featurized example is skipped, and a
+Differences from the reference, on purpose: ``lambda_reg=None`` (the default) is λ chosen from
+the spectrum (``"auto"``); features are float32 unless ``dtype`` says otherwise; reloading a
+registered model_id resumes it (its weights must match); an already featurized example is skipped, and a
 partly featurized batch computes only its missing rows; errors are exceptions, not log lines.
 
 Resume: every featurized row is written, flushed and only then marked done, so a process killed
@@ -113,8 +113,9 @@ class TRAKer:
       proj_dim: k (``None`` for the identity projection).
       seed: projection seed (also seeds task PRNG keys).
       projection: ``"rademacher"``, ``"normal"`` or ``"identity"``.
-      lambda_reg: ``None`` for λ relative to the spectrum, or an absolute float (the
-        reference's meaning); see :func:`trakjax.solve.solve`.
+      lambda_reg: ``None`` or ``"auto"`` (the same) for λ chosen per checkpoint without
+        retraining (:func:`trakjax.solve.auto_lambda`), or an absolute float (the reference's
+        meaning); see :func:`trakjax.solve.solve`.
       grad_wrt: which parameters to differentiate (:func:`trakjax.featurize.select_parameters`).
       batch_size: examples per featurize step; each call's rows are padded to the checkpoint's
         micro-batch (at most ``batch_size``).
@@ -149,7 +150,7 @@ class TRAKer:
         proj_dim: int | None = 2048,
         seed: int = 0,
         projection: str = "rademacher",
-        lambda_reg: float | None = None,
+        lambda_reg: float | str | None = None,
         grad_wrt: featurize_lib.GradWrt = None,
         batch_size: int = 64,
         dtype: Any = "float32",
@@ -174,11 +175,13 @@ class TRAKer:
             projection_lib.check_kind_and_dim(projection, proj_dim, proj_dim or 1)
         else:
             projection_lib.check_kind_and_dim(projection, proj_dim, 1)
+        if isinstance(lambda_reg, str) and lambda_reg == solve_lib.AUTO:
+            lambda_reg = None
         if lambda_reg is not None and (
             isinstance(lambda_reg, bool) or not isinstance(lambda_reg, int | float | np.floating | np.integer)
             or not np.isfinite(lambda_reg) or lambda_reg < 0
         ):
-            raise ValueError(f"lambda_reg must be None or a finite float >= 0, got {lambda_reg!r}")
+            raise ValueError(f"lambda_reg must be 'auto', None or a finite float >= 0, got {lambda_reg!r}")
         randomness.check_seed_and_model_id(seed, 0)
         self.task = task
         self.train_set_size = int(train_set_size)

@@ -17,7 +17,9 @@ The functional core, one module per stage:
 * :mod:`trakjax.flax`: adapters from Flax NNX modules and linen ``apply`` (imported on first use).
 
 The shell: :class:`TRAKer` (:mod:`trakjax.session`), a resumable session with the reference
-library's method names, over an on-disk :mod:`trakjax.store`.
+library's method names, over an on-disk :mod:`trakjax.store`; the ``trakjax`` command line
+(:mod:`trakjax.cli`: the digits :mod:`trakjax.demo`, runs from a TOML
+:mod:`trakjax.run_config`, pictures and top-k tables from :mod:`trakjax.report`).
 """
 
 from trakjax import (

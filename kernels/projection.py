@@ -492,48 +492,11 @@ def project_pytree(
     def pad(piece, width):
         return jnp.pad(piece, ((0, batch_padded - batch), (0, width - piece.shape[1])))
 
-    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
-    num_chunks = -(-total // chunk_rows)
-    blocks_per_chunk = chunk_rows // ROWS_PER_BLOCK
-    out = jnp.zeros((batch_padded, proj_dim_padded), jnp.float32)
-    chunk = 0
-    leaf = 0
-    while chunk < num_chunks:
-        start = chunk * chunk_rows
-        stop = min(start + chunk_rows, total)
-        while offsets[leaf + 1] <= start:
-            leaf += 1
-        leaf_start, leaf_stop = offsets[leaf], offsets[leaf + 1]
-        if stop - start == chunk_rows and stop <= leaf_stop:
-            # A run of whole chunks inside this leaf: slice them out in a fori_loop.
-            count = (leaf_stop - start) // chunk_rows
-            x = flat[leaf]
-            base_hi, base_lo = randomness.split_u64(start // ROWS_PER_BLOCK)
-            first_local = start - leaf_start
+    def apply_chunk(acc, piece, block_hi, block_lo):
+        return acc + call(pad(piece, _round_up(piece.shape[1], ROWS_PER_BLOCK)), key, block_hi, block_lo)
 
-            def body(i, acc, x=x, base_hi=base_hi, base_lo=base_lo, first_local=first_local):
-                piece = lax.dynamic_slice_in_dim(x, first_local + i * chunk_rows, chunk_rows, axis=1)
-                lo = jnp.uint32(base_lo) + (i * blocks_per_chunk).astype(jnp.uint32)
-                hi = jnp.uint32(base_hi) + (lo < jnp.uint32(base_lo)).astype(jnp.uint32)
-                return acc + call(pad(piece, chunk_rows), key, hi, lo)
-
-            out = body(jnp.int32(0), out) if count == 1 else lax.fori_loop(0, count, body, out)
-            chunk += count
-            continue
-        # A chunk straddling leaves, or the ragged last chunk: assemble it from slices.
-        pieces = []
-        j = leaf
-        while j < len(flat) and offsets[j] < stop:
-            lo_idx = max(start, offsets[j]) - offsets[j]
-            hi_idx = min(stop, offsets[j + 1]) - offsets[j]
-            if hi_idx > lo_idx:
-                pieces.append(flat[j][:, lo_idx:hi_idx])
-            j += 1
-        dtype = jnp.result_type(*[p.dtype for p in pieces])
-        piece = jnp.concatenate([p.astype(dtype) for p in pieces], axis=1)
-        block_hi, block_lo = randomness.split_u64(start // ROWS_PER_BLOCK)
-        out = out + call(pad(piece, _round_up(stop - start, ROWS_PER_BLOCK)), key, block_hi, block_lo)
-        chunk += 1
+    init = jnp.zeros((batch_padded, proj_dim_padded), jnp.float32)
+    out = projection_lib.accumulate_chunks(flat, chunk_rows, init, apply_chunk)
     return out[:batch, :proj_dim] * jnp.float32(1.0 / math.sqrt(total))
 
 

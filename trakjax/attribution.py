@@ -150,7 +150,7 @@ def attribute(
     score_sum = None
     q_sum = None
     details = []
-    for solved in _solved_checkpoints(
+    for solved in solved_checkpoints(
         task, checkpoints, train,
         proj_dim=proj_dim, seed=seed, lambda_reg=lambda_reg, projection=projection,
         batch_size=batch_size, grad_wrt=grad_wrt, reference_compat=reference_compat, dtype=dtype,
@@ -216,7 +216,7 @@ def self_influence(
     leverage_sum = None
     q_sum = None
     details = []
-    for solved in _solved_checkpoints(
+    for solved in solved_checkpoints(
         task, checkpoints, train,
         proj_dim=proj_dim, seed=seed, lambda_reg=lambda_reg, projection=projection,
         batch_size=batch_size, grad_wrt=grad_wrt, reference_compat=reference_compat, dtype=dtype,
@@ -234,7 +234,7 @@ def self_influence(
     return (values, details) if return_details else values
 
 
-class _Solved(NamedTuple):
+class Solved(NamedTuple):
     """One checkpoint after featurizing (this process's slice of) train and solving."""
 
     checkpoint: featurize_lib.Checkpoint
@@ -246,12 +246,18 @@ class _Solved(NamedTuple):
     details: CheckpointDetails
 
 
-def _solved_checkpoints(
+def solved_checkpoints(
     task, checkpoints, train, *, proj_dim, seed, lambda_reg, projection, batch_size, grad_wrt,
     reference_compat, dtype, precision, backend, model_ids, chunk_rows, matrix_cache_bytes,
     grad_memory_bytes, mesh, progress,
 ):
-    """Yield a :class:`_Solved` per checkpoint: featurize train, Gram, solve, F = Φ A⁻¹."""
+    """Yield a :class:`Solved` per checkpoint: featurize train, Gram, solve, F = Φ A⁻¹.
+
+    The per-checkpoint loop shared by :func:`attribute`, :func:`self_influence` and
+    :func:`trakjax.scoring_fn.train_features`; the arguments mean what they mean in
+    :func:`attribute`. Under ``jax.distributed`` each process featurizes its own slice of
+    ``train`` and the Gram is summed across processes.
+    """
     if not isinstance(task, Task):
         raise TypeError(f"task must be a trakjax.tasks.Task, got {type(task).__name__}")
     check_checkpoints(checkpoints)
@@ -311,7 +317,7 @@ def _solved_checkpoints(
         features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=mesh), storage)
         details = CheckpointDetails(model_id, kernel.lambda_reg, kernel.rank, kernel.condition,
                                     checkpoint.layout.total, checkpoint.proj_dim)
-        yield _Solved(checkpoint, storage, mesh, phi, features, train_features.out_to_loss, details)
+        yield Solved(checkpoint, storage, mesh, phi, features, train_features.out_to_loss, details)
         bar.update(1)
     bar.close()
 

@@ -195,68 +195,109 @@ def project(
     return _project_chunked(flat, kind, proj_dim, key, chunk_rows, prec) * scale
 
 
-def _project_chunked(flat, kind, proj_dim, key, chunk_rows, prec):
-    """Σ over aligned chunks c of G[:, c] @ R[c]; see the module docstring."""
-    batch = flat[0].shape[0]
-    sizes = [x.shape[1] for x in flat]
-    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+class LeafRun(NamedTuple):
+    """``count`` whole chunks inside leaf ``leaf``; the first starts at global row ``start``,
+    which is column ``local_start`` of the leaf."""
+
+    leaf: int
+    start: int
+    local_start: int
+    count: int
+
+
+class MixedChunk(NamedTuple):
+    """The chunk of rows [start, stop): it straddles leaves or is the ragged last chunk, and is
+    assembled from ``(leaf, first column, end column)`` slices."""
+
+    start: int
+    stop: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+
+def chunk_plan(sizes, chunk_rows: int) -> list[LeafRun | MixedChunk]:
+    """How the flattened parameter axis (leaves of ``sizes``) splits into aligned chunks.
+
+    Chunk c is rows [c·chunk_rows, (c + 1)·chunk_rows) of R. Consecutive chunks that lie inside
+    one leaf form a :class:`LeafRun` (read in place, in a loop); any other chunk is a
+    :class:`MixedChunk`. There are at most ``len(sizes) + 1`` mixed chunks.
+    """
+    offsets = np.concatenate([[0], np.cumsum(list(sizes), dtype=np.int64)]).tolist()
     total = offsets[-1]
     num_chunks = -(-total // chunk_rows)
-    blocks_per_chunk = chunk_rows // randomness.ROWS_PER_BLOCK
-    key = jnp.asarray(key, jnp.uint32)
-    out = jnp.zeros((batch, proj_dim), jnp.float32)
-
-    def apply(acc, g_chunk, r_chunk):
-        return acc + jnp.matmul(
-            g_chunk.astype(jnp.float32), r_chunk, precision=prec, preferred_element_type=jnp.float32
-        )
-
-    chunk = 0
-    leaf = 0
+    plan: list[LeafRun | MixedChunk] = []
+    chunk = leaf = 0
     while chunk < num_chunks:
         start = chunk * chunk_rows
         stop = min(start + chunk_rows, total)
         while offsets[leaf + 1] <= start:
             leaf += 1
         leaf_start, leaf_stop = offsets[leaf], offsets[leaf + 1]
-        if leaf_start <= start and stop <= leaf_stop and stop - start == chunk_rows:
-            # A run of whole chunks inside this leaf: read them in place in a fori_loop.
-            last = (leaf_stop - leaf_start - (start - leaf_start)) // chunk_rows + chunk
-            x = flat[leaf]
-            base_block = start // randomness.ROWS_PER_BLOCK
-            base_hi, base_lo = randomness.split_u64(base_block)
-            first_local = start - leaf_start
-
-            def body(i, acc, x=x, base_hi=base_hi, base_lo=base_lo, first_local=first_local):
-                local = first_local + i * chunk_rows
-                g_chunk = lax.dynamic_slice_in_dim(x, local, chunk_rows, axis=1)
-                lo = jnp.uint32(base_lo) + (i * blocks_per_chunk).astype(jnp.uint32)
-                hi = jnp.uint32(base_hi) + (lo < jnp.uint32(base_lo)).astype(jnp.uint32)
-                r_chunk = randomness.aligned_rows(
-                    kind, key, hi, lo, blocks_per_chunk, proj_dim
-                )
-                return apply(acc, g_chunk, r_chunk)
-
-            count = last - chunk
-            if count == 1:
-                out = body(jnp.int32(0), out)
-            else:
-                out = lax.fori_loop(0, count, body, out)
-            chunk = last
+        if stop - start == chunk_rows and stop <= leaf_stop:
+            count = (leaf_stop - start) // chunk_rows
+            plan.append(LeafRun(leaf, start, start - leaf_start, count))
+            chunk += count
             continue
-        # A chunk straddling leaves, or the ragged last chunk: assemble it from slices.
         pieces = []
         j = leaf
-        while j < len(flat) and offsets[j] < stop:
-            lo_idx = max(start, offsets[j]) - offsets[j]
-            hi_idx = min(stop, offsets[j + 1]) - offsets[j]
-            if hi_idx > lo_idx:
-                pieces.append(flat[j][:, lo_idx:hi_idx])
+        while j < len(sizes) and offsets[j] < stop:
+            first = max(start, offsets[j]) - offsets[j]
+            end = min(stop, offsets[j + 1]) - offsets[j]
+            if end > first:
+                pieces.append((j, first, end))
             j += 1
-        g_chunk = pieces[0] if len(pieces) == 1 else jnp.concatenate(
-            [p.astype(jnp.float32) for p in pieces], axis=1
-        )
-        r_chunk = _rows(kind, key, start, stop - start, proj_dim)
-        out = apply(out, g_chunk, r_chunk)
+        plan.append(MixedChunk(start, stop, tuple(pieces)))
         chunk += 1
-    return out
+    return plan
+
+
+def accumulate_chunks(flat, chunk_rows: int, init, apply_chunk):
+    """Fold ``apply_chunk(acc, g_chunk, block_hi, block_lo)`` over the chunks of :func:`chunk_plan`.
+
+    Args:
+      flat: per-example gradient leaves, each (B, n_i).
+      chunk_rows: rows per chunk, a multiple of 2048.
+      init: the initial accumulator.
+      apply_chunk: ``(acc, g_chunk (B, width), block_hi, block_lo) -> acc``, where the chunk's
+        rows of R start at block (block_hi, block_lo) (uint32 scalars, traced inside loops) and
+        ``width`` is ``chunk_rows`` except for the ragged last chunk.
+
+    Chunks inside one leaf are sliced out of it in place within a ``lax.fori_loop``; chunks that
+    straddle leaves are assembled from slices (at most ``chunk_rows`` columns at a time).
+    """
+    blocks_per_chunk = chunk_rows // randomness.ROWS_PER_BLOCK
+    acc = init
+    for item in chunk_plan([x.shape[1] for x in flat], chunk_rows):
+        if isinstance(item, LeafRun):
+            x = flat[item.leaf]
+            base_hi, base_lo = randomness.split_u64(item.start // randomness.ROWS_PER_BLOCK)
+
+            def body(i, acc, x=x, base_hi=base_hi, base_lo=base_lo, local=item.local_start):
+                g_chunk = lax.dynamic_slice_in_dim(x, local + i * chunk_rows, chunk_rows, axis=1)
+                lo = jnp.uint32(base_lo) + (i * blocks_per_chunk).astype(jnp.uint32)
+                hi = jnp.uint32(base_hi) + (lo < jnp.uint32(base_lo)).astype(jnp.uint32)
+                return apply_chunk(acc, g_chunk, hi, lo)
+
+            acc = body(jnp.int32(0), acc) if item.count == 1 else lax.fori_loop(0, item.count, body, acc)
+            continue
+        pieces = [flat[leaf][:, first:end] for leaf, first, end in item.pieces]
+        dtype = jnp.result_type(*[p.dtype for p in pieces])
+        g_chunk = pieces[0] if len(pieces) == 1 else jnp.concatenate([p.astype(dtype) for p in pieces], axis=1)
+        hi, lo = randomness.split_u64(item.start // randomness.ROWS_PER_BLOCK)
+        acc = apply_chunk(acc, g_chunk, jnp.uint32(hi), jnp.uint32(lo))
+    return acc
+
+
+def _project_chunked(flat, kind, proj_dim, key, chunk_rows, prec):
+    """Σ over aligned chunks c of G[:, c] @ R[c]; see the module docstring."""
+    key = jnp.asarray(key, jnp.uint32)
+
+    def apply_chunk(acc, g_chunk, hi, lo):
+        width = g_chunk.shape[1]
+        num_blocks = -(-width // randomness.ROWS_PER_BLOCK)
+        r_chunk = randomness.aligned_rows(kind, key, hi, lo, num_blocks, proj_dim)[:width]
+        return acc + jnp.matmul(
+            g_chunk.astype(jnp.float32), r_chunk, precision=prec, preferred_element_type=jnp.float32
+        )
+
+    init = jnp.zeros((flat[0].shape[0], proj_dim), jnp.float32)
+    return accumulate_chunks(flat, chunk_rows, init, apply_chunk)

@@ -34,8 +34,6 @@ from trakjax import backends as backends_lib
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
 from trakjax import projection as projection_lib
-from trakjax import sharding as sharding_lib
-from trakjax import solve as solve_lib
 from trakjax.tasks import Task, TaskState
 
 
@@ -139,50 +137,26 @@ def train_features(
     Returns:
       :class:`TrainFeatures`, its arrays on the default device.
     """
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a trakjax.tasks.Task, got {type(task).__name__}")
-    attribution.check_checkpoints(checkpoints)
-    storage = attribution.feature_dtype(dtype)
-    if model_ids is None:
-        model_ids = list(range(len(checkpoints)))
-    model_ids = [int(m) for m in model_ids]
-    if len(model_ids) != len(checkpoints) or len(set(model_ids)) != len(model_ids):
-        raise ValueError(
-            f"model_ids must hold {len(checkpoints)} distinct ints, one per checkpoint; got {model_ids}"
-        )
     if jax.process_count() > 1:
         raise ValueError(
             f"train_features holds every training example's features in one process, but "
             f"jax.distributed runs {jax.process_count()} processes; use trakjax.attribute there"
         )
-    mesh = sharding_lib.check_mesh(mesh)
-    if not callable(train):
-        data_lib.num_examples(train, "train")
-    k = proj_dim if projection == "identity" else (2048 if proj_dim is None else proj_dim)
-    config = featurize_lib.FeaturizeConfig(
-        projection=projection, proj_dim=k, seed=seed, grad_wrt=grad_wrt, batch_size=batch_size,
-        precision=precision, chunk_rows=chunk_rows, matrix_cache_bytes=matrix_cache_bytes,
-        grad_memory_bytes=grad_memory_bytes, backend=backend, mesh=mesh,
-    )
     features, out_to_loss, auxes, lambdas = [], [], [], []
-    checkpoint = None
-    for params, model_id in zip(checkpoints, model_ids, strict=True):
-        checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)
-        train_side = featurize_lib.featurize(
-            task, checkpoint, train, batch_size=batch_size, seed=seed,
-            split=featurize_lib.TRAIN_SPLIT,
-        )
-        phi = attribution.round_to(train_side.features, storage)
-        kernel = solve_lib.solve(
-            solve_lib.gram(phi, mesh=mesh), lambda_reg, reference_compat=reference_compat,
-            num_examples=phi.shape[0], num_params=checkpoint.layout.total, storage_dtype=storage,
-        )
-        features.append(
-            attribution.round_to(solve_lib.apply_inverse(phi, kernel, mesh=mesh), storage)
-        )
-        out_to_loss.append(np.asarray(train_side.out_to_loss, np.float32))
-        auxes.append(checkpoint.aux)
-        lambdas.append(kernel.lambda_reg)
+    solved = None
+    for solved in attribution.solved_checkpoints(
+        task, checkpoints, train, proj_dim=proj_dim, seed=seed, lambda_reg=lambda_reg,
+        projection=projection, batch_size=batch_size, grad_wrt=grad_wrt,
+        reference_compat=reference_compat, dtype=dtype, precision=precision, backend=backend,
+        model_ids=model_ids, chunk_rows=chunk_rows, matrix_cache_bytes=matrix_cache_bytes,
+        grad_memory_bytes=grad_memory_bytes, mesh=mesh, progress=False,
+    ):
+        features.append(solved.features)
+        out_to_loss.append(np.asarray(solved.out_to_loss, np.float32))
+        auxes.append(solved.checkpoint.aux)
+        lambdas.append(solved.details.lambda_reg)
+    checkpoint, storage = solved.checkpoint, solved.storage
+    model_ids = list(range(len(checkpoints))) if model_ids is None else [int(m) for m in model_ids]
     params = checkpoints[0]
     contract = FeatureContract(
         contract_version=randomness.CONTRACT_VERSION,

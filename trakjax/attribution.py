@@ -159,7 +159,7 @@ def attribute(
         progress=progress,
     ):
         target_features = featurize_lib.featurize(
-            task, solved.checkpoint, targets, batch_size=batch_size, seed=seed,
+            task, solved.checkpoint, targets, batch_size=batch_size,
             split=featurize_lib.TARGET_SPLIT, with_out_to_loss=False,
         )
         psi = round_to(target_features.features, solved.storage)
@@ -303,7 +303,7 @@ def solved_checkpoints(
             )
         else:
             train_features = featurize_lib.featurize(
-                task, checkpoint, local_train, batch_size=batch_size, seed=seed,
+                task, checkpoint, local_train, batch_size=batch_size,
                 split=featurize_lib.TRAIN_SPLIT, index_offset=start,
             )
         phi = round_to(train_features.features, storage)

@@ -7,7 +7,7 @@ iterator of such batches (re-read for every checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -85,7 +85,3 @@ def iterate_batches(data: Any, batch_size: int, name: str = "data") -> Iterator[
     for start in range(0, total, batch_size):
         yield start, take(data, start, min(start + batch_size, total))
 
-
-def as_iterator_factory(data: Any) -> Callable[[], Iterator[Any]] | None:
-    """``data`` itself if it is a callable data set, else ``None``."""
-    return data if callable(data) else None

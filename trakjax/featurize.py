@@ -242,6 +242,7 @@ class Checkpoint(NamedTuple):
 
     Attributes:
       model_id: the checkpoint's id (selects its projection matrix).
+      seed: the run's seed (the projection's, and the task's PRNG keys).
       params: the full parameter pytree.
       mask: per-leaf differentiation flags.
       diff, fixed: the differentiated and fixed leaves.
@@ -258,6 +259,7 @@ class Checkpoint(NamedTuple):
     """
 
     model_id: int
+    seed: int
     params: Any
     mask: tuple[bool, ...]
     diff: list
@@ -318,11 +320,10 @@ def _make_step(task: Task, treedef, mask: tuple[bool, ...], kind: str, proj_dim:
             q = task.out_to_loss(params, batch, state).astype(jnp.float32)
         else:
             q = jnp.zeros(outputs.shape, jnp.float32)
-        if outputs.shape != (features.shape[0],) or q.shape != (features.shape[0],):
+        if q.shape != (features.shape[0],):
             raise ValueError(
-                f"task {task.name!r}: output must return a scalar per example and out_to_loss a "
-                f"(B,) array; got per-example output shape {outputs.shape[1:]} and out_to_loss "
-                f"shape {q.shape} for a batch of {features.shape[0]}"
+                f"task {task.name!r}: out_to_loss must return a (B,) array; got out_to_loss shape "
+                f"{q.shape} for a batch of {features.shape[0]}"
             )
         return features, outputs.astype(jnp.float32), q
 
@@ -402,7 +403,8 @@ def prepare_checkpoint(
     static = (task, treedef, mask, config.projection, proj_dim, config.chunk_rows,
               config.precision, backend, mesh if devices > 1 else None)
     return Checkpoint(
-        model_id=int(model_id), params=params, mask=mask, diff=diff, fixed=fixed, layout=layout,
+        model_id=int(model_id), seed=int(config.seed), params=params, mask=mask, diff=diff,
+        fixed=fixed, layout=layout,
         proj_dim=proj_dim, proj_key=proj_key, blocks=blocks, aux=aux, micro_batch=micro_batch,
         devices=devices, train_step=_make_step(*static, True), target_step=_make_step(*static, False),
     )
@@ -431,7 +433,6 @@ def featurize_batch(
     batch,
     indices=None,
     *,
-    seed: int = 0,
     split: int = TRAIN_SPLIT,
     with_out_to_loss: bool = True,
 ) -> BatchFeatures:
@@ -443,7 +444,6 @@ def featurize_batch(
       batch: pytree of arrays with a leading example axis B.
       indices: (B,) global example indices (for task PRNG keys and error messages); default
         ``0 .. B − 1``.
-      seed: the run's seed (task PRNG keys).
       split: :data:`TRAIN_SPLIT` or :data:`TARGET_SPLIT` (targets get other PRNG keys).
       with_out_to_loss: compute q (train examples); targets skip it.
 
@@ -461,7 +461,7 @@ def featurize_batch(
     if task.validate is not None:
         task.validate(checkpoint.params, batch)
     step = checkpoint.train_step if with_out_to_loss else checkpoint.target_step
-    split_key = task_key(seed, checkpoint.model_id, split)
+    split_key = task_key(checkpoint.seed, checkpoint.model_id, split)
     parts = []
     micro = checkpoint.micro_batch
     for start in range(0, n, micro):
@@ -506,7 +506,6 @@ def featurize(
     data,
     *,
     batch_size: int = 64,
-    seed: int = 0,
     split: int = TRAIN_SPLIT,
     with_out_to_loss: bool = True,
     index_offset: int = 0,
@@ -520,7 +519,7 @@ def featurize(
       data: a pytree of arrays with a leading example axis, or a zero-argument callable
         returning an iterator of such batches.
       batch_size: examples per batch when ``data`` is arrays.
-      seed, split, with_out_to_loss: as in :func:`featurize_batch`.
+      split, with_out_to_loss: as in :func:`featurize_batch`.
       index_offset: global index of ``data``'s first example (when ``data`` is one slice of a
         larger set, e.g. one process's share); it keys the task's sampling.
       progress: called with the number of examples after each batch (for progress bars).
@@ -534,7 +533,7 @@ def featurize(
         parts.append(
             featurize_batch(
                 task, checkpoint, batch, np.arange(index_offset + start, index_offset + start + n),
-                seed=seed, split=split,
+                split=split,
                 with_out_to_loss=with_out_to_loss,
             )
         )

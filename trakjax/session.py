@@ -307,7 +307,7 @@ class TRAKer:
         wanted = indices[rows]
         padded_indices = np.concatenate([wanted, np.repeat(wanted[-1:], padded - rows.size)])
         out = featurize_lib.featurize_batch(
-            self.task, checkpoint, batch, padded_indices, seed=self.seed, split=split,
+            self.task, checkpoint, batch, padded_indices, split=split,
             with_out_to_loss=split == featurize_lib.TRAIN_SPLIT,
         )
         return featurize_lib.BatchFeatures(*(x[: rows.size] for x in out))

@@ -137,17 +137,6 @@ def process_concat(local_rows: np.ndarray) -> np.ndarray:
     return np.concatenate([gathered[i, : counts[i]] for i in range(len(counts))])
 
 
-def process_counts(local_count: int) -> np.ndarray:
-    """Every process's ``local_count``, in process order."""
-    if jax.process_count() == 1:
-        return np.array([local_count])
-    from jax.experimental import multihost_utils
-
-    return np.asarray(
-        multihost_utils.process_allgather(np.array([local_count], np.int32), tiled=False)
-    ).reshape(-1)
-
-
 @functools.cache
 def cpu_devices_share_memory(mesh: Mesh | None) -> bool:
     """Whether the mesh's devices are CPU devices of one process (which share host memory)."""

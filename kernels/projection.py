@@ -81,6 +81,7 @@ from jax.experimental import pallas as pl
 
 from trakjax import projection as projection_lib
 from trakjax import randomness
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
 
 ROWS_PER_BLOCK = randomness.ROWS_PER_BLOCK
 LANES = randomness.LANES
@@ -227,10 +228,10 @@ def _default_interpret() -> bool:
 
 def _check_block(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int (a power of two >= {MIN_BLOCK}), got {value!r}")
+        raise ArgumentTypeError(f"{name} must be an int (a power of two >= {MIN_BLOCK}), got {value!r}")
     value = int(value)
     if value < MIN_BLOCK or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {value}")
+        raise InvalidArgumentError(f"{name} must be a power of two >= {MIN_BLOCK}, got {value}")
     return value
 
 
@@ -253,7 +254,7 @@ def _kernel_dtype(dtype) -> jnp.dtype:
         return dtype
     if jnp.issubdtype(dtype, jnp.floating):
         return jnp.dtype(jnp.float32)
-    raise TypeError(f"gradients must be floating point (float32, bfloat16 or float16), got {dtype}")
+    raise ArgumentTypeError(f"gradients must be floating point (float32, bfloat16 or float16), got {dtype}")
 
 
 def _project_blocks(g, key, block_hi, block_lo, *, kind, proj_dim_padded, block_b, block_k,
@@ -297,7 +298,7 @@ def _project_blocks(g, key, block_hi, block_lo, *, kind, proj_dim_padded, block_
 
 def _check_kind(kind: str) -> None:
     if kind not in ("rademacher", "normal"):
-        raise ValueError(f"kind must be 'rademacher' or 'normal' for the Pallas kernel, got {kind!r}")
+        raise InvalidArgumentError(f"kind must be 'rademacher' or 'normal' for the Pallas kernel, got {kind!r}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -340,19 +341,19 @@ def project(
     _check_kind(kind)
     proj_dim = projection_lib.check_kind_and_dim(kind, proj_dim, 0)
     if key is None:
-        raise ValueError("project needs key= (the uint32 key of R, trakjax.randomness.stream_key)")
+        raise InvalidArgumentError("project needs key= (the uint32 key of R, trakjax.randomness.stream_key)")
     if g.ndim != 2:
-        raise ValueError(f"g must be a (B, n) array, got shape {g.shape}")
+        raise InvalidArgumentError(f"g must be a (B, n) array, got shape {g.shape}")
     batch, num_rows = g.shape
     if isinstance(row_start, bool) or not isinstance(row_start, int | np.integer):
-        raise TypeError(f"row_start must be a Python int (it may exceed 2**32), got {row_start!r}")
+        raise ArgumentTypeError(f"row_start must be a Python int (it may exceed 2**32), got {row_start!r}")
     row_start = int(row_start)
     if row_start < 0 or row_start + num_rows > 2**64:
-        raise ValueError(f"rows [row_start, row_start + n) must lie in [0, 2**64), got row_start={row_start}, n={num_rows}")
+        raise InvalidArgumentError(f"rows [row_start, row_start + n) must lie in [0, 2**64), got row_start={row_start}, n={num_rows}")
     if chunk_columns is None:
         chunk_columns = MAX_CHUNK_COLUMNS
     if chunk_columns < ROWS_PER_BLOCK or chunk_columns % ROWS_PER_BLOCK or chunk_columns > MAX_CHUNK_COLUMNS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"chunk_columns must be a multiple of {ROWS_PER_BLOCK} in [{ROWS_PER_BLOCK}, "
             f"{MAX_CHUNK_COLUMNS}], got {chunk_columns}"
         )
@@ -455,17 +456,17 @@ def project_pytree(
     """
     leaves = jax.tree_util.tree_leaves(grads)
     if not leaves:
-        raise ValueError("grads has no leaves: nothing to project (check grad_wrt)")
+        raise InvalidArgumentError("grads has no leaves: nothing to project (check grad_wrt)")
     if kind == "identity":
         return projection_lib.project(grads, kind=kind, proj_dim=proj_dim, precision=precision)
     _check_kind(kind)
     if key is None:
-        raise ValueError("project_pytree needs key= (the uint32 key of R) for a random projection")
+        raise InvalidArgumentError("project_pytree needs key= (the uint32 key of R) for a random projection")
     batch = leaves[0].shape[0]
     flat = []
     for leaf in leaves:
         if leaf.ndim == 0 or leaf.shape[0] != batch:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"every gradient leaf must have the batch size {batch} as its leading axis, got "
                 f"shape {leaf.shape}"
             )
@@ -474,7 +475,7 @@ def project_pytree(
     total = sum(sizes)
     proj_dim = projection_lib.check_kind_and_dim(kind, proj_dim, total)
     if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        raise InvalidArgumentError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if interpret is None:
         interpret = _default_interpret()
     block_b, block_k = tile_sizes(batch, proj_dim, block_b, block_k)

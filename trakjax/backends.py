@@ -13,6 +13,7 @@ import logging
 import jax
 
 from trakjax import projection as projection_lib
+from trakjax.errors import InvalidArgumentError
 
 logger = logging.getLogger("trakjax")
 
@@ -41,7 +42,7 @@ def resolve(backend: str) -> str:
       ValueError: for an unknown backend name.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     available, reason = pallas_available()

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from trakjax.errors import InvalidArgumentError
+
 
 def _leaf_desc(path, leaf) -> str:
     return f"{jax.tree_util.keystr(path) or '<root>'} {tuple(np.shape(leaf))}"
@@ -27,22 +29,22 @@ def num_examples(data: Any, name: str = "data") -> int:
     """
     leaves = jax.tree_util.tree_leaves_with_path(data)
     if not leaves:
-        raise ValueError(f"{name} has no arrays: expected a pytree of arrays with a leading example axis")
+        raise InvalidArgumentError(f"{name} has no arrays: expected a pytree of arrays with a leading example axis")
     lengths = set()
     for path, leaf in leaves:
         if np.ndim(leaf) == 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name} leaf {_leaf_desc(path, leaf)} is a scalar; every leaf needs a leading example axis"
             )
         lengths.add(np.shape(leaf)[0])
     if len(lengths) > 1:
         desc = ", ".join(_leaf_desc(p, x) for p, x in leaves)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name} has mismatched leading axes: {desc}; every leaf must have the same number of examples"
         )
     n = lengths.pop()
     if n == 0:
-        raise ValueError(f"{name} is empty (0 examples); at least one example is needed")
+        raise InvalidArgumentError(f"{name} is empty (0 examples); at least one example is needed")
     return int(n)
 
 
@@ -69,7 +71,7 @@ def iterate_batches(data: Any, batch_size: int, name: str = "data") -> Iterator[
     callable returning an iterator of batches (taken as they come, validated one by one).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if callable(data):
         start = 0
         seen = False
@@ -79,7 +81,7 @@ def iterate_batches(data: Any, batch_size: int, name: str = "data") -> Iterator[
             start += n
             seen = True
         if not seen:
-            raise ValueError(f"{name}() returned an empty iterator; at least one batch is needed")
+            raise InvalidArgumentError(f"{name}() returned an empty iterator; at least one batch is needed")
         return
     total = num_examples(data, name)
     for start in range(0, total, batch_size):

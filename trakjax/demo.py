@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from trakjax.errors import InvalidArgumentError
+
 EXPERIMENT = "digits_test"
 """The scoring experiment's name in the demo's store."""
 NUM_PICTURED = 8
@@ -73,18 +75,18 @@ def check_settings(settings: DemoSettings) -> None:
                       ("hidden", 1), ("steps", 1), ("batch_size", 1), ("top_k", NUM_SHOWN)):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{flag(name)} must be an int >= {low}, got {value!r}")
+            raise InvalidArgumentError(f"{flag(name)} must be an int >= {low}, got {value!r}")
     if settings.train_size + settings.num_targets > DIGITS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"--train-size + --targets must be at most {DIGITS} (the digits data set), got "
             f"{settings.train_size} + {settings.num_targets}"
         )
     if settings.top_k > settings.train_size:
-        raise ValueError(f"--top-k must be at most --train-size={settings.train_size}, got {settings.top_k}")
+        raise InvalidArgumentError(f"--top-k must be at most --train-size={settings.train_size}, got {settings.top_k}")
     if settings.lds_subsets != 0 and settings.lds_subsets < 3:
-        raise ValueError(f"--lds-subsets must be 0 (skip the LDS) or at least 3, got {settings.lds_subsets}")
+        raise InvalidArgumentError(f"--lds-subsets must be 0 (skip the LDS) or at least 3, got {settings.lds_subsets}")
     if not settings.learning_rate > 0:
-        raise ValueError(f"--learning-rate must be > 0, got {settings.learning_rate}")
+        raise InvalidArgumentError(f"--learning-rate must be > 0, got {settings.learning_rate}")
 
 
 DIGITS = 1797
@@ -162,11 +164,11 @@ def prepare_out_dir(out: Path) -> None:
     from trakjax import report
 
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise InvalidArgumentError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         record = report.read_run_record(out, missing_ok=True)
         if record is None or record.get("kind") != "demo":
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"--out {out} is not empty and holds no earlier trakjax demo ({report.RUN_FILE}); "
                 "choose a new or empty directory"
             )

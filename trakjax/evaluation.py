@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from trakjax import data as data_lib
+from trakjax.errors import InvalidArgumentError
 from trakjax.tasks import classification_margin
 
 # --------------------------------------------------------------------------- subsets
@@ -42,12 +43,12 @@ def subset_masks(n_train: int, n_subsets: int, fraction: float = 0.5, seed: int 
     """
     for name, value in (("n_train", n_train), ("n_subsets", n_subsets)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
     if not (isinstance(fraction, int | float | np.floating) and 0.0 < fraction < 1.0):
-        raise ValueError(f"fraction must be a float in (0, 1), got {fraction!r}")
+        raise InvalidArgumentError(f"fraction must be a float in (0, 1), got {fraction!r}")
     size = int(round(fraction * n_train))
     if not 1 <= size < n_train:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"fraction={fraction} of n_train={n_train} gives subsets of {size} examples; "
             f"need between 1 and {n_train - 1}"
         )
@@ -88,13 +89,13 @@ def classification_margins(apply_fn: Callable) -> Callable:
 def _check_masks(masks, n_train: int, name: str = "masks") -> np.ndarray:
     masks = np.asarray(masks)
     if masks.ndim != 2 or masks.shape[1] != n_train:
-        raise ValueError(f"{name} must be (n_subsets, n_train={n_train}), got shape {masks.shape}")
+        raise InvalidArgumentError(f"{name} must be (n_subsets, n_train={n_train}), got shape {masks.shape}")
     weights = masks.astype(np.float32)
     if not np.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError(f"{name} must hold booleans or non-negative finite weights")
+        raise InvalidArgumentError(f"{name} must hold booleans or non-negative finite weights")
     empty = np.flatnonzero(weights.sum(axis=1) <= 0)
     if empty.size:
-        raise ValueError(f"{name} rows {empty[:10].tolist()} select no training example")
+        raise InvalidArgumentError(f"{name} rows {empty[:10].tolist()} select no training example")
     return weights
 
 
@@ -153,16 +154,16 @@ def retrain_margins(
     data_lib.num_examples(targets, "targets")
     weights = _check_masks(masks, n)
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        raise InvalidArgumentError(f"steps must be an int >= 1, got {steps!r}")
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1
     ):
-        raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
     n_subsets = weights.shape[0]
     if chunk_size is None:
         chunk_size = n_subsets
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        raise InvalidArgumentError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     chunk_size = int(min(chunk_size, n_subsets))
     loss_fn = per_example_loss if per_example_loss is not None else softmax_cross_entropy(apply_fn)
     output_fn = target_output if target_output is not None else classification_margins(apply_fn)
@@ -306,29 +307,29 @@ def lds(
     masks = np.asarray(masks)
     margins = np.asarray(margins, np.float64)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
+        raise InvalidArgumentError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
     n_train, n_targets = scores.shape
     if masks.ndim != 2 or masks.shape[1] != n_train:
-        raise ValueError(f"masks must be (n_subsets, n_train={n_train}), got shape {masks.shape}")
+        raise InvalidArgumentError(f"masks must be (n_subsets, n_train={n_train}), got shape {masks.shape}")
     if margins.shape != (masks.shape[0], n_targets):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"margins must be (n_subsets, n_targets) = ({masks.shape[0]}, {n_targets}), "
             f"got shape {margins.shape}"
         )
     if masks.shape[0] < 3:
-        raise ValueError(f"need at least 3 subsets for a rank correlation, got {masks.shape[0]}")
+        raise InvalidArgumentError(f"need at least 3 subsets for a rank correlation, got {masks.shape[0]}")
     for name, array in (("scores", scores), ("margins", margins)):
         if not np.isfinite(array).all():
-            raise ValueError(f"{name} has NaN or Inf entries")
+            raise InvalidArgumentError(f"{name} has NaN or Inf entries")
     if not (0.0 < confidence < 1.0):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence}")
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int | np.integer) or n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be an int >= 1, got {n_bootstrap!r}")
+        raise InvalidArgumentError(f"n_bootstrap must be an int >= 1, got {n_bootstrap!r}")
     predicted = masks.astype(np.float64) @ scores
     per_target = spearman_columns(predicted, margins)
     undefined = np.flatnonzero(np.isnan(per_target))
     if undefined.size:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"targets {undefined[:10].tolist()} have constant margins or constant predicted "
             "outputs across subsets; their rank correlation is undefined"
         )
@@ -401,10 +402,10 @@ def brittleness(
     n = data_lib.num_examples(data, "data")
     t = data_lib.num_examples(targets, "targets")
     if scores.shape != (n, t):
-        raise ValueError(f"scores must be (n_train, n_targets) = ({n}, {t}), got shape {scores.shape}")
+        raise InvalidArgumentError(f"scores must be (n_train, n_targets) = ({n}, {t}), got shape {scores.shape}")
     k_values = np.asarray([int(k) for k in k_values])
     if k_values.size == 0 or (k_values < 1).any() or (k_values >= n).any():
-        raise ValueError(f"k_values must be ints in [1, {n}), got {k_values.tolist()}")
+        raise InvalidArgumentError(f"k_values must be ints in [1, {n}), got {k_values.tolist()}")
     retrain_kwargs = dict(retrain_kwargs, same_init=True)
     common = (init_fn, apply_fn, optimizer, steps, data, targets)
     base = retrain_margins(*common, np.ones((1, n), bool), seed, **retrain_kwargs)[0]
@@ -423,7 +424,7 @@ def brittleness(
     random_margins = np.stack(random_margins)
     evaluated = np.flatnonzero(base > 0)
     if evaluated.size == 0:
-        raise ValueError("the full-data model predicts no target correctly (no positive margin)")
+        raise InvalidArgumentError("the full-data model predicts no target correctly (no positive margin)")
     top_rate = (top_margins[:, evaluated] < 0).mean(axis=1)
     random_rate = (random_margins[:, evaluated] < 0).mean(axis=1)
     return BrittlenessResult(k_values, top_rate, random_rate, evaluated, top_margins,

@@ -7,6 +7,9 @@ with f(z_i; θ_m) and, for training examples, the output-to-loss term ``q_i = �
   selected leaves are differentiated: the rest are closed over as constants, so XLA never
   computes their gradients.
 * :func:`per_example_grads` is ``jax.vmap(jax.value_and_grad(output))`` over a batch.
+* :func:`per_example_features` is the one per-example step, pure and jit-compatible: gradients
+  then projection, for a :class:`FeatureSpec`. Featurization and the jitted scorer
+  (:mod:`trakjax.scoring_fn`) both run it.
 * :func:`prepare_checkpoint` does the per-checkpoint work once (parameter split, the task's
   auxiliary state, the projection key, R materialized when it fits the budget);
   :func:`featurize_batch` then featurizes batches of examples with one jitted step, micro-batched
@@ -25,47 +28,61 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax import backends, randomness
 from trakjax import data as data_lib
 from trakjax import projection as projection_lib
-from trakjax import randomness
 from trakjax import sharding as sharding_lib
+from trakjax.config import DEFAULT_GRAD_MEMORY_BYTES, DEFAULT_MATRIX_CACHE_BYTES, Config, GradWrt
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError, NumericalError
 from trakjax.tasks import Task, TaskState, describe_shapes
+from trakjax.trees import leaf_paths
 
 logger = logging.getLogger("trakjax")
 
 TRAIN_SPLIT = 0
 TARGET_SPLIT = 1
 
-DEFAULT_GRAD_MEMORY_BYTES = 4 * 2**30
-"""Default budget for one micro-batch of per-example gradients."""
-DEFAULT_MATRIX_CACHE_BYTES = 4 * 2**30
-"""Default budget for holding R materialized for a checkpoint (0 disables it)."""
+__all__ = [
+    "DEFAULT_GRAD_MEMORY_BYTES", "DEFAULT_MATRIX_CACHE_BYTES", "TARGET_SPLIT", "TRAIN_SPLIT",
+    "BatchFeatures", "Checkpoint", "FeatureSpec", "Features", "FeaturizeConfig", "GradWrt",
+    "featurize", "featurize_batch", "merge_parameters", "parameter_paths", "per_example_features",
+    "per_example_grads", "prepare_checkpoint", "select_parameters", "split_parameters", "task_key",
+]
 
-GradWrt = None | Sequence[str] | Callable[[str, Any], bool] | Any
+parameter_paths = leaf_paths
+"""The '/'-joined path of every leaf of a params pytree (:func:`trakjax.trees.leaf_paths`)."""
 
 
 # --------------------------------------------------------------------------- parameter selection
 
 
-def _path_string(path) -> str:
-    parts = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.DictKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            parts.append(str(entry.name))
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            parts.append(str(entry.idx))
-        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(entry.key))
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
-def parameter_paths(params) -> list[str]:
-    """The '/'-joined path of every leaf of ``params``, in flattening order."""
-    return [_path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+def _mask_from_grad_wrt(grad_wrt, paths, leaves, params) -> list[bool]:
+    if grad_wrt is None:
+        return [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+    if isinstance(grad_wrt, str):
+        raise ArgumentTypeError(
+            f"grad_wrt must be a sequence of path prefixes, not a single string; use [{grad_wrt!r}]"
+        )
+    if callable(grad_wrt):
+        return [bool(grad_wrt(p, x)) for p, x in zip(paths, leaves, strict=True)]
+    if isinstance(grad_wrt, list | tuple) and all(isinstance(s, str) for s in grad_wrt):
+        mask = [False] * len(paths)
+        for prefix in grad_wrt:
+            hits = [i for i, p in enumerate(paths) if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
+            if not hits:
+                raise InvalidArgumentError(
+                    f"grad_wrt entry {prefix!r} matches no parameter; valid paths are {paths}"
+                )
+            for i in hits:
+                mask[i] = True
+        return mask
+    try:
+        return jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda m, _: bool(m), grad_wrt, params))
+    except (ValueError, TypeError) as err:
+        raise InvalidArgumentError(
+            "grad_wrt must be None, a sequence of path prefixes, a callable (path, leaf) -> bool "
+            f"or a pytree of bools shaped like params; got {type(grad_wrt).__name__}: {err}"
+        ) from err
 
 
 def select_parameters(params, grad_wrt: GradWrt = None) -> list[bool]:
@@ -81,48 +98,20 @@ def select_parameters(params, grad_wrt: GradWrt = None) -> list[bool]:
       One bool per leaf of ``params``.
 
     Raises:
-      ValueError: if a path prefix matches no leaf (listing the valid paths), if the selection
-        is empty, or if a selected leaf is not floating point.
+      InvalidArgumentError: if a path prefix matches no leaf (listing the valid paths), if the
+        selection is empty, or if a selected leaf is not floating point.
     """
     with_path = jax.tree_util.tree_leaves_with_path(params)
-    paths = [_path_string(p) for p, _ in with_path]
+    paths = leaf_paths(params)
     leaves = [x for _, x in with_path]
     if not leaves:
-        raise ValueError("params has no leaves")
-    if grad_wrt is None:
-        mask = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-    elif isinstance(grad_wrt, str):
-        raise TypeError(
-            f"grad_wrt must be a sequence of path prefixes, not a single string; use [{grad_wrt!r}]"
-        )
-    elif callable(grad_wrt):
-        mask = [bool(grad_wrt(p, x)) for p, x in zip(paths, leaves, strict=True)]
-    elif isinstance(grad_wrt, list | tuple) and all(isinstance(s, str) for s in grad_wrt):
-        mask = [False] * len(paths)
-        for prefix in grad_wrt:
-            hits = [i for i, p in enumerate(paths) if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
-            if not hits:
-                raise ValueError(
-                    f"grad_wrt entry {prefix!r} matches no parameter; valid paths are {paths}"
-                )
-            for i in hits:
-                mask[i] = True
-    else:
-        try:
-            flags = jax.tree_util.tree_leaves(
-                jax.tree_util.tree_map(lambda m, _: bool(m), grad_wrt, params)
-            )
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                "grad_wrt must be None, a sequence of path prefixes, a callable (path, leaf) -> bool "
-                f"or a pytree of bools shaped like params; got {type(grad_wrt).__name__}: {err}"
-            ) from err
-        mask = flags
+        raise InvalidArgumentError("params has no leaves")
+    mask = _mask_from_grad_wrt(grad_wrt, paths, leaves, params)
     if not any(mask):
-        raise ValueError(f"grad_wrt={grad_wrt!r} selects no parameter; valid paths are {paths}")
+        raise InvalidArgumentError(f"grad_wrt={grad_wrt!r} selects no parameter; valid paths are {paths}")
     for flag, path, leaf in zip(mask, paths, leaves, strict=True):
         if flag and not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"grad_wrt selects {path!r} of dtype {jnp.result_type(leaf)}; only floating-point "
                 "parameters can be differentiated"
             )
@@ -145,6 +134,34 @@ def merge_parameters(treedef, mask: Sequence[bool], diff: Sequence, fixed: Seque
 
 
 # --------------------------------------------------------------------------- per-example gradients
+
+
+def check_scalar_output(task: Task, value, example) -> None:
+    """Raise (at trace time) unless ``task.output`` gave one scalar for one example."""
+    shape = jnp.shape(value)
+    if shape != ():
+        raise InvalidArgumentError(
+            f"task {task.name!r}: output(params, example, state) must return one scalar per "
+            f"example; got shape {tuple(shape)} for an example of shape {describe_shapes(example)}"
+            " (reduce it, e.g. sum a sequence's per-token terms, or pick one output)"
+        )
+
+
+def value_and_grads(task: Task, treedef, mask, diff, fixed, batch, state: TaskState):
+    """``(outputs (B,), gradient leaves (B, *leaf_shape))`` of the differentiated leaves ``diff``.
+
+    ``jax.vmap(jax.value_and_grad(output))`` over the batch, the fixed leaves closed over as
+    constants; ``state.key``, if given, is a (B,) batch of keys.
+    """
+
+    def output(diff_leaves, example, key):
+        params = merge_parameters(treedef, mask, diff_leaves, fixed)
+        value = task.output(params, example, TaskState(state.aux, key))
+        check_scalar_output(task, value, example)
+        return value
+
+    key_axis = None if state.key is None else 0
+    return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)
 
 
 def per_example_grads(
@@ -174,67 +191,56 @@ def per_example_grads(
     mask = select_parameters(params, grad_wrt)
     treedef = jax.tree_util.tree_structure(params)
     diff, fixed = split_parameters(params, mask)
-    outputs, grads = _value_and_grads(task, treedef, tuple(mask), diff, fixed, batch, state)
+    outputs, grads = value_and_grads(task, treedef, tuple(mask), diff, fixed, batch, state)
     leaves = iter(grads)
     full = [next(leaves) if m else None for m in mask]
     return jax.tree_util.tree_unflatten(treedef, full), outputs
 
 
-def check_scalar_output(task: Task, value, example) -> None:
-    """Raise ``ValueError`` (at trace time) unless ``task.output`` gave one scalar for one example."""
-    shape = jnp.shape(value)
-    if shape != ():
-        raise ValueError(
-            f"task {task.name!r}: output(params, example, state) must return one scalar per "
-            f"example; got shape {tuple(shape)} for an example of shape {describe_shapes(example)}"
-            " (reduce it, e.g. sum a sequence's per-token terms, or pick one output)"
-        )
+class FeatureSpec(NamedTuple):
+    """The static description of how examples become features (hashable; shared by checkpoints).
+
+    Attributes:
+      treedef: pytree structure of the parameters.
+      mask: which leaves are differentiated.
+      kind: ``"rademacher"``, ``"normal"`` or ``"identity"``.
+      proj_dim: effective k.
+      chunk_rows: rows of R per generated chunk (``None``: the default).
+      precision: matmul precision policy of the projection.
+      backend: ``"xla"`` or ``"pallas"``.
+    """
+
+    treedef: Any
+    mask: tuple[bool, ...]
+    kind: str
+    proj_dim: int
+    chunk_rows: int | None
+    precision: str
+    backend: str
 
 
-def _value_and_grads(task, treedef, mask, diff, fixed, batch, state):
-    def output(diff_leaves, example, key):
-        params = merge_parameters(treedef, mask, diff_leaves, fixed)
-        value = task.output(params, example, TaskState(state.aux, key))
-        check_scalar_output(task, value, example)
-        return value
+def per_example_features(task: Task, spec: FeatureSpec, diff, fixed, batch, state: TaskState,
+                         proj_key=None, blocks=None):
+    """The per-example step: ``(φ (B, k) float32, outputs (B,))``; pure and jit-compatible.
 
-    key_axis = None if state.key is None else 0
-    return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)
+    φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P for the differentiated leaves ``diff`` (the fixed ones closed
+    over), with R_m the contract's matrix of ``proj_key`` (or ``blocks``, R materialized), on
+    ``spec.backend``.
+    """
+    outputs, grads = value_and_grads(task, spec.treedef, spec.mask, diff, fixed, batch, state)
+    features = backends.project(
+        grads, kind=spec.kind, proj_dim=spec.proj_dim, key=proj_key, blocks=blocks,
+        chunk_rows=spec.chunk_rows, precision=spec.precision, backend=spec.backend,
+    )
+    return features, outputs
 
 
 # --------------------------------------------------------------------------- per-checkpoint featurizer
 
 
-class FeaturizeConfig(NamedTuple):
-    """Static settings of featurization; shared by every checkpoint of a run.
-
-    Attributes:
-      projection: ``"rademacher"``, ``"normal"`` or ``"identity"``.
-      proj_dim: k (``None`` for identity).
-      seed: projection seed (also seeds task PRNG keys).
-      grad_wrt: see :func:`select_parameters`.
-      batch_size: examples per step; capped by ``grad_memory_bytes``.
-      precision: matmul precision policy (``"highest"``, ``"high"``, ``"default"``).
-      chunk_rows: rows of R per generated chunk (``None``: about 64 MiB of R).
-      matrix_cache_bytes: hold R materialized for a checkpoint when P·k·4 fits this budget.
-      grad_memory_bytes: budget for one micro-batch of per-example gradients.
-      backend: projection backend (``"xla"``, ``"pallas"`` or ``"auto"``).
-      mesh: a 1-D ``jax.sharding.Mesh`` with axis ``"data"`` (see :mod:`trakjax.sharding`) to
-        shard each step's examples over; ``None`` runs on the default device. The memory budgets
-        are per device (shared by the devices of one CPU process).
-    """
-
-    projection: str = "rademacher"
-    proj_dim: int | None = 2048
-    seed: int = 0
-    grad_wrt: GradWrt = None
-    batch_size: int = 64
-    precision: str = "highest"
-    chunk_rows: int | None = None
-    matrix_cache_bytes: int = DEFAULT_MATRIX_CACHE_BYTES
-    grad_memory_bytes: int = DEFAULT_GRAD_MEMORY_BYTES
-    backend: str = "auto"
-    mesh: Any = None
+def FeaturizeConfig(**settings) -> Config:  # noqa: N802  (kept for trakjax 0.1 callers)
+    """A :class:`trakjax.Config` from keyword settings; the name trakjax 0.1 used."""
+    return Config.create(**settings)
 
 
 class Checkpoint(NamedTuple):
@@ -253,6 +259,7 @@ class Checkpoint(NamedTuple):
       aux: the task's auxiliary state for this checkpoint.
       micro_batch: examples per jitted step (a multiple of the mesh size).
       devices: number of devices the steps shard examples over.
+      spec: the :class:`FeatureSpec`.
       train_step: the jitted step ``(diff, fixed, batch, aux, indices, split_key, proj_key,
         blocks) -> (features, outputs, out_to_loss)``.
       target_step: the same without the out-to-loss term (its q is zeros).
@@ -271,15 +278,9 @@ class Checkpoint(NamedTuple):
     aux: Any
     micro_batch: int
     devices: int
+    spec: FeatureSpec
     train_step: Callable
     target_step: Callable
-
-
-def resolve_backend(backend: str) -> str:
-    """``"xla"`` or ``"pallas"`` for a requested backend; ``"auto"`` picks Pallas on GPU."""
-    from trakjax import backends
-
-    return backends.resolve(backend)
 
 
 def task_key(seed: int, model_id: int, split: int) -> jax.Array:
@@ -294,34 +295,31 @@ def task_key(seed: int, model_id: int, split: int) -> jax.Array:
     return jax.random.fold_in(key, int(split))
 
 
+def example_keys(task: Task, split_key, indices):
+    """(B,) per-example PRNG keys ``fold_in(split_key, i)``, or ``None`` if the task samples nothing."""
+    if not task.uses_key:
+        return None
+    return jax.vmap(lambda i: jax.random.fold_in(split_key, i))(indices)
+
+
 @functools.lru_cache(maxsize=64)
-def _make_step(task: Task, treedef, mask: tuple[bool, ...], kind: str, proj_dim: int,
-               chunk_rows: int | None, precision: str, backend: str, mesh,
-               with_out_to_loss: bool):
+def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
     """A jitted featurize step for one static configuration (shared across checkpoints).
 
     With a mesh of several devices the step is ``shard_map``-ped: the batch and its indices are
     sharded over the ``"data"`` axis, parameters, task state and projection inputs replicated.
     """
-    from trakjax import backends
 
     def step(diff, fixed, batch, aux, indices, split_key, proj_key, blocks):
-        params = merge_parameters(treedef, mask, diff, fixed)
-        keys = None
-        if task.uses_key:
-            keys = jax.vmap(lambda i: jax.random.fold_in(split_key, i))(indices)
-        state = TaskState(aux, keys)
-        outputs, grads = _value_and_grads(task, treedef, mask, diff, fixed, batch, state)
-        features = backends.project(
-            grads, kind=kind, proj_dim=proj_dim, key=proj_key, blocks=blocks,
-            chunk_rows=chunk_rows, precision=precision, backend=backend,
-        )
+        state = TaskState(aux, example_keys(task, split_key, indices))
+        features, outputs = per_example_features(task, spec, diff, fixed, batch, state, proj_key, blocks)
         if with_out_to_loss:
+            params = merge_parameters(spec.treedef, spec.mask, diff, fixed)
             q = task.out_to_loss(params, batch, state).astype(jnp.float32)
         else:
             q = jnp.zeros(outputs.shape, jnp.float32)
         if q.shape != (features.shape[0],):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"task {task.name!r}: out_to_loss must return a (B,) array; got out_to_loss shape "
                 f"{q.shape} for a batch of {features.shape[0]}"
             )
@@ -343,10 +341,31 @@ def _make_blocks_fn(layout: projection_lib.ParameterLayout, kind: str, proj_dim:
     return jax.jit(lambda key: projection_lib.projection_blocks(layout, kind, proj_dim, key))
 
 
+def _task_state(task: Task, params, init_data):
+    """The task's per-checkpoint auxiliary state (``task.init(params, train)``), or None."""
+    if task.init is None:
+        return None
+    if init_data is None:
+        raise InvalidArgumentError(
+            f"task {task.name!r} has an init function (per-checkpoint state) and needs "
+            "init_data: the training data"
+        )
+    return task.init(params, init_data)
+
+
+def _micro_batch(config: Config, diff, devices: int, share: int) -> int:
+    """Examples per jitted step: the batch size, capped so that a micro-batch of per-example
+    gradients fits the (per-device) budget, and a multiple of the device count."""
+    grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in diff)
+    per_device = max(1, config.run.grad_memory_bytes // share // max(grad_bytes, 1))
+    micro = int(min(sharding_lib.round_up(config.run.batch_size, devices), per_device * devices))
+    return sharding_lib.round_up(micro, devices)
+
+
 def prepare_checkpoint(
     task: Task,
     params,
-    config: FeaturizeConfig,
+    config: Config,
     model_id: int = 0,
     init_data: Any = None,
 ) -> Checkpoint:
@@ -355,7 +374,7 @@ def prepare_checkpoint(
     Args:
       task: the :class:`~trakjax.tasks.Task`.
       params: the checkpoint's parameter pytree.
-      config: :class:`FeaturizeConfig`.
+      config: the run's :class:`~trakjax.Config`.
       model_id: the checkpoint's id in [0, 2³²); it selects the projection matrix.
       init_data: the training data (pytree with a leading example axis) handed to
         ``task.init`` when the task has one.
@@ -363,50 +382,38 @@ def prepare_checkpoint(
     Returns:
       A :class:`Checkpoint` for :func:`featurize_batch`.
     """
-    randomness.check_seed_and_model_id(config.seed, model_id)
-    mask = tuple(select_parameters(params, config.grad_wrt))
-    treedef = jax.tree_util.tree_structure(params)
+    result, run = config.result, config.run
+    randomness.check_seed_and_model_id(result.seed, model_id)
+    mask = tuple(select_parameters(params, result.grad_wrt))
     diff, fixed = split_parameters(params, mask)
     diff = [jnp.asarray(x) for x in diff]
     fixed = [jnp.asarray(x) if hasattr(x, "shape") else x for x in fixed]
     layout = projection_lib.parameter_layout(diff)
-    proj_dim = projection_lib.check_kind_and_dim(config.projection, config.proj_dim, layout.total)
-    backend = resolve_backend(config.backend)
-    mesh = config.mesh
+    proj_dim = result.projection_dim(layout.total)
+    backend = backends.resolve(run.backend)
+    mesh = run.mesh
     devices = sharding_lib.mesh_size(mesh)
     # Simulated CPU devices of one process share host memory: split the budgets between them.
     share = devices if sharding_lib.cpu_devices_share_memory(mesh) else 1
-    proj_key = None
-    blocks = None
-    if config.projection != "identity":
-        proj_key = jnp.uint32(randomness.stream_key(config.seed, model_id, config.projection))
-        fits = layout.total * proj_dim * 4 * share <= config.matrix_cache_bytes
-        if backend == "xla" and fits:
-            blocks = _make_blocks_fn(layout, config.projection, proj_dim)(proj_key)
-    aux = None
-    if task.init is not None:
-        if init_data is None:
-            raise ValueError(
-                f"task {task.name!r} has an init function (per-checkpoint state) and needs "
-                "init_data: the training data"
-            )
-        aux = task.init(params, init_data)
-    grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in diff)
-    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int | np.integer) or config.batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {config.batch_size!r}")
-    per_device = max(1, config.grad_memory_bytes // share // max(grad_bytes, 1))
-    micro_batch = int(min(sharding_lib.round_up(config.batch_size, devices), per_device * devices))
-    micro_batch = sharding_lib.round_up(micro_batch, devices)
+    proj_key = blocks = None
+    if result.projection != "identity":
+        proj_key = jnp.uint32(randomness.stream_key(result.seed, model_id, result.projection))
+        if backend == "xla" and layout.total * proj_dim * 4 * share <= run.matrix_cache_bytes:
+            blocks = _make_blocks_fn(layout, result.projection, proj_dim)(proj_key)
+    aux = _task_state(task, params, init_data)
+    micro_batch = _micro_batch(config, diff, devices, share)
     if devices > 1:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         diff, fixed, blocks, aux = jax.device_put((diff, fixed, blocks, aux), replicated)
-    static = (task, treedef, mask, config.projection, proj_dim, config.chunk_rows,
-              config.precision, backend, mesh if devices > 1 else None)
+    spec = FeatureSpec(jax.tree_util.tree_structure(params), mask, result.projection, proj_dim,
+                       run.chunk_rows, result.precision, backend)
+    step_mesh = mesh if devices > 1 else None
     return Checkpoint(
-        model_id=int(model_id), seed=int(config.seed), params=params, mask=mask, diff=diff,
-        fixed=fixed, layout=layout,
-        proj_dim=proj_dim, proj_key=proj_key, blocks=blocks, aux=aux, micro_batch=micro_batch,
-        devices=devices, train_step=_make_step(*static, True), target_step=_make_step(*static, False),
+        model_id=int(model_id), seed=result.seed, params=params, mask=mask, diff=diff, fixed=fixed,
+        layout=layout, proj_dim=proj_dim, proj_key=proj_key, blocks=blocks, aux=aux,
+        micro_batch=micro_batch, devices=devices, spec=spec,
+        train_step=_make_step(task, spec, step_mesh, True),
+        target_step=_make_step(task, spec, step_mesh, False),
     )
 
 
@@ -425,6 +432,20 @@ def _padded_size(n: int, micro_batch: int, devices: int) -> int:
     while size < n:
         size *= 2
     return sharding_lib.round_up(min(size, micro_batch), devices)
+
+
+def check_finite(features, outputs, q, indices, model_id: int, with_out_to_loss: bool) -> None:
+    """Raise :class:`~trakjax.errors.NumericalError` naming the examples whose φ, f or q is NaN/Inf."""
+    bad = ~np.isfinite(features).all(axis=1) | ~np.isfinite(outputs)
+    if with_out_to_loss:
+        bad |= ~np.isfinite(q)
+    if bad.any():
+        where = indices[bad]
+        raise NumericalError(
+            f"non-finite (NaN or Inf) per-example gradient, output or out-to-loss term for "
+            f"{where.size} example(s) at checkpoint model_id={model_id}, "
+            f"example indices {where[:10].tolist()}{' ...' if where.size > 10 else ''}"
+        )
 
 
 def featurize_batch(
@@ -451,13 +472,13 @@ def featurize_batch(
       :class:`BatchFeatures` as float32 numpy arrays.
 
     Raises:
-      ValueError: if any per-example gradient, output or q is NaN or Inf, naming the example
+      NumericalError: if any per-example gradient, output or q is NaN or Inf, naming the example
         indices and the checkpoint.
     """
     n = data_lib.num_examples(batch, "batch")
     indices = np.arange(n) if indices is None else np.asarray(indices).reshape(-1)
     if indices.shape[0] != n:
-        raise ValueError(f"indices has {indices.shape[0]} entries but the batch has {n} examples")
+        raise InvalidArgumentError(f"indices has {indices.shape[0]} entries but the batch has {n} examples")
     if task.validate is not None:
         task.validate(checkpoint.params, batch)
     step = checkpoint.train_step if with_out_to_loss else checkpoint.target_step
@@ -466,9 +487,8 @@ def featurize_batch(
     micro = checkpoint.micro_batch
     for start in range(0, n, micro):
         stop = min(start + micro, n)
-        part = data_lib.take(batch, start, stop)
         size = _padded_size(stop - start, micro, checkpoint.devices)
-        part = data_lib.pad_batch(part, size)
+        part = data_lib.pad_batch(data_lib.take(batch, start, stop), size)
         part_indices = np.concatenate(
             [indices[start:stop], np.repeat(indices[stop - 1 : stop], size - (stop - start))]
         ).astype(np.int32)
@@ -478,18 +498,8 @@ def featurize_batch(
         )
         parts.append(tuple(np.asarray(x)[: stop - start] for x in out))
     features, outputs, q = (np.concatenate(p) for p in zip(*parts, strict=True))
-    bad = ~np.isfinite(features).all(axis=1) | ~np.isfinite(outputs)
-    if with_out_to_loss:
-        bad |= ~np.isfinite(q)
-    if bad.any():
-        where = indices[bad]
-        raise ValueError(
-            f"non-finite (NaN or Inf) per-example gradient, output or out-to-loss term for "
-            f"{where.size} example(s) at checkpoint model_id={checkpoint.model_id}, "
-            f"example indices {where[:10].tolist()}{' ...' if where.size > 10 else ''}"
-        )
+    check_finite(features, outputs, q, indices, checkpoint.model_id, with_out_to_loss)
     return BatchFeatures(features, outputs, q)
-
 
 
 class Features(NamedTuple):
@@ -533,8 +543,7 @@ def featurize(
         parts.append(
             featurize_batch(
                 task, checkpoint, batch, np.arange(index_offset + start, index_offset + start + n),
-                split=split,
-                with_out_to_loss=with_out_to_loss,
+                split=split, with_out_to_loss=with_out_to_loss,
             )
         )
         if progress is not None:

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
+
 PARAMS = "params"
 """Key of the differentiated variables in :func:`from_nnx`'s ``params`` (and linen's collection)."""
 STATE = "state"
@@ -82,13 +84,13 @@ def from_nnx(
       them all.
     """
     if not isinstance(module, nnx.Module):
-        raise TypeError(f"from_nnx: module must be a flax.nnx.Module, got {type(module).__name__}")
+        raise ArgumentTypeError(f"from_nnx: module must be a flax.nnx.Module, got {type(module).__name__}")
     if eval_mode:
         module = nnx.clone(module)
         module.eval()
     graphdef, diff, rest = nnx.split(module, wrt, ...)
     if not nnx.to_flat_state(diff):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"from_nnx: the filter wrt={wrt!r} matches no variable of {type(module).__name__}"
         )
     call = _method_caller(method, type(module).__name__)
@@ -107,13 +109,13 @@ def _method_caller(method, owner: str) -> Callable[..., Any]:
     if isinstance(method, str):
         def call(module, *inputs, **kwargs):
             if not hasattr(module, method):
-                raise ValueError(f"method={method!r}: {owner} has no such attribute")
+                raise InvalidArgumentError(f"method={method!r}: {owner} has no such attribute")
             return getattr(module, method)(*inputs, **kwargs)
 
         return call
     if callable(method):
         return method
-    raise TypeError(f"method must be None, a method name or a callable, got {method!r}")
+    raise ArgumentTypeError(f"method must be None, a method name or a callable, got {method!r}")
 
 
 def from_linen(
@@ -141,15 +143,15 @@ def from_linen(
       ``grad_wrt = list(differentiate)``.
     """
     if not isinstance(variables, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"from_linen: variables must be a dict of collections (e.g. {{'params': ..., "
             f"'batch_stats': ...}}), got {type(variables).__name__}"
         )
     if isinstance(differentiate, str):
-        raise TypeError(f"differentiate must be a sequence of collection names, e.g. [{differentiate!r}]")
+        raise ArgumentTypeError(f"differentiate must be a sequence of collection names, e.g. [{differentiate!r}]")
     missing = [name for name in differentiate if name not in variables]
     if missing or not differentiate:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"from_linen: differentiate={list(differentiate)} names collections not in variables "
             f"(which has {sorted(variables)})"
         )

@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from trakjax import randomness
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
 
 _PRECISIONS = {
     "highest": lax.Precision.HIGHEST,
@@ -46,7 +47,7 @@ def matmul_precision(precision: str) -> lax.Precision:
     allow bf16x3 / TF32 / bf16 passes on accelerators, which are faster and less exact.
     """
     if precision not in _PRECISIONS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}"
         )
     return _PRECISIONS[precision]
@@ -77,22 +78,22 @@ def parameter_layout(tree) -> ParameterLayout:
 def check_kind_and_dim(kind: str, proj_dim: int | None, num_params: int) -> int:
     """Validate ``kind``/``proj_dim`` and return the effective k (``num_params`` for identity)."""
     if kind not in randomness.PROJECTION_KINDS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"projection must be one of {randomness.PROJECTION_KINDS}, got {kind!r}"
         )
     if kind == "identity":
         if proj_dim is not None and proj_dim != num_params:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"projection='identity' keeps all {num_params} differentiated parameters, so "
                 f"proj_dim must be None or {num_params}, got {proj_dim}"
             )
         return num_params
     if proj_dim is None:
-        raise ValueError("proj_dim must be an int >= 1 for a random projection, got None")
+        raise InvalidArgumentError("proj_dim must be an int >= 1 for a random projection, got None")
     if isinstance(proj_dim, bool) or not isinstance(proj_dim, int | np.integer):
-        raise TypeError(f"proj_dim must be an int >= 1, got {proj_dim!r}")
+        raise ArgumentTypeError(f"proj_dim must be an int >= 1, got {proj_dim!r}")
     if proj_dim < 1:
-        raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
+        raise InvalidArgumentError(f"proj_dim must be >= 1, got {proj_dim}")
     return int(proj_dim)
 
 
@@ -161,7 +162,7 @@ def project(
     """
     leaves = jax.tree_util.tree_leaves(grads)
     if not leaves:
-        raise ValueError("grads has no leaves: nothing to project (check grad_wrt)")
+        raise InvalidArgumentError("grads has no leaves: nothing to project (check grad_wrt)")
     batch = leaves[0].shape[0]
     flat = [leaf.reshape(batch, -1) for leaf in leaves]
     num_params = sum(x.shape[1] for x in flat)
@@ -174,7 +175,7 @@ def project(
 
     if blocks is not None:
         if len(blocks) != len(flat):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"blocks has {len(blocks)} entries but grads has {len(flat)} leaves"
             )
         out = jnp.zeros((batch, proj_dim), jnp.float32)
@@ -185,11 +186,11 @@ def project(
         return out * scale
 
     if key is None:
-        raise ValueError("project needs key= (or blocks=) for a random projection")
+        raise InvalidArgumentError("project needs key= (or blocks=) for a random projection")
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(proj_dim)
     if chunk_rows < 1 or chunk_rows % randomness.ROWS_PER_BLOCK:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"chunk_rows must be a positive multiple of {randomness.ROWS_PER_BLOCK}, got {chunk_rows}"
         )
     return _project_chunked(flat, kind, proj_dim, key, chunk_rows, prec) * scale

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
+
 CONTRACT_VERSION = 1
 """Version of the randomness contract; recorded in every store."""
 
@@ -89,13 +91,13 @@ def _mix_int(x: int) -> int:
 def check_seed_and_model_id(seed: int, model_id: int) -> None:
     """Raise ``ValueError`` unless ``seed`` and ``model_id`` fit the contract's word sizes."""
     if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        raise ArgumentTypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        raise InvalidArgumentError(f"seed must be in [0, 2**64), got {seed}")
     if not isinstance(model_id, int | np.integer) or isinstance(model_id, bool):
-        raise TypeError(f"model_id must be an int in [0, 2**32), got {model_id!r}")
+        raise ArgumentTypeError(f"model_id must be an int in [0, 2**32), got {model_id!r}")
     if not 0 <= int(model_id) < 2**32:
-        raise ValueError(f"model_id must be in [0, 2**32), got {model_id}")
+        raise InvalidArgumentError(f"model_id must be in [0, 2**32), got {model_id}")
 
 
 def stream_key(seed: int, model_id: int, kind: str) -> int:
@@ -108,7 +110,7 @@ def stream_key(seed: int, model_id: int, kind: str) -> int:
     """
     check_seed_and_model_id(seed, model_id)
     if kind not in _KIND_TAGS:
-        raise ValueError(f"kind must be 'rademacher' or 'normal' to have a key, got {kind!r}")
+        raise InvalidArgumentError(f"kind must be 'rademacher' or 'normal' to have a key, got {kind!r}")
     seed = int(seed)
     key = _mix_int((seed & _MASK32) ^ GOLDEN)
     key = _mix_int(key ^ (seed >> 32))
@@ -162,7 +164,7 @@ def normal_from_words(word, bit):
 def split_u64(value: int) -> tuple[int, int]:
     """(hi, lo) 32-bit words of a non-negative Python int below 2⁶⁴."""
     if not 0 <= value < 2**64:
-        raise ValueError(f"row index must be in [0, 2**64), got {value}")
+        raise InvalidArgumentError(f"row index must be in [0, 2**64), got {value}")
     return value >> 32, value & _MASK32
 
 
@@ -180,7 +182,7 @@ def aligned_rows(kind: str, key, block_hi, block_lo, num_blocks: int, proj_dim: 
     elif kind == "normal":
         entries = normal_from_words(word, bit)
     else:
-        raise ValueError(f"kind must be 'rademacher' or 'normal', got {kind!r}")
+        raise InvalidArgumentError(f"kind must be 'rademacher' or 'normal', got {kind!r}")
     return entries.reshape(num_blocks * ROWS_PER_BLOCK, proj_dim)
 
 
@@ -201,13 +203,13 @@ def projection_matrix(
       proj_dim: k, the number of columns.
     """
     if kind not in _KIND_TAGS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"projection kind must be one of ('rademacher', 'normal') to have a random matrix, got {kind!r}"
         )
     if proj_dim < 1:
-        raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
+        raise InvalidArgumentError(f"proj_dim must be >= 1, got {proj_dim}")
     if num_rows < 0 or row_start < 0:
-        raise ValueError(f"row_start and num_rows must be >= 0, got {row_start}, {num_rows}")
+        raise InvalidArgumentError(f"row_start and num_rows must be >= 0, got {row_start}, {num_rows}")
     key = stream_key(seed, model_id, kind)
     first_block = row_start // ROWS_PER_BLOCK
     last_block = (row_start + num_rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK

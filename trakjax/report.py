@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from trakjax.errors import InvalidArgumentError
+
 PICTURE_FILE = "attributions.png"
 TOP_K_CSV = "topk.csv"
 TOP_K_JSON = "topk.json"
@@ -132,10 +134,10 @@ def attribution_figure(
 
     k = np.shape(top.proponents)[0]
     if not 1 <= num_shown <= k:
-        raise ValueError(f"num_shown must be in [1, k={k}] (the top-k depth), got {num_shown}")
+        raise InvalidArgumentError(f"num_shown must be in [1, k={k}] (the top-k depth), got {num_shown}")
     columns = list(range(np.shape(top.proponents)[1])) if columns is None else [int(c) for c in columns]
     if not columns:
-        raise ValueError("columns is empty; at least one target is needed for the picture")
+        raise InvalidArgumentError("columns is empty; at least one target is needed for the picture")
     height, width = figure_pixels(len(columns), num_shown)
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
@@ -313,16 +315,16 @@ def read_run_record(out_dir: str | os.PathLike, *, missing_ok: bool = False) -> 
     if not path.is_file():
         if missing_ok:
             return None
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{out_dir} holds no {RUN_FILE}: it is not the output directory of `trakjax demo` or "
             "`trakjax attribute`"
         )
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
+        raise InvalidArgumentError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(record, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise InvalidArgumentError(f"{path} does not hold a JSON object")
     return record
 
 
@@ -338,14 +340,14 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what} {path} is not writable: {existing} is not a directory")
+        raise InvalidArgumentError(f"{what} {path} is not writable: {existing} is not a directory")
     try:
         import tempfile
 
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".trakjax-probe-"):
             pass
     except OSError as err:
-        raise ValueError(f"{what} {path} is not writable: cannot create a file in {existing} ({err.strerror})") from err
+        raise InvalidArgumentError(f"{what} {path} is not writable: cannot create a file in {existing} ({err.strerror})") from err
 
 
 def _resolve(out_dir: Path, name: str | None) -> Path | None:
@@ -360,7 +362,7 @@ def _load(out_dir: Path, data: dict, name: str):
     if path is None:
         return None
     if not path.is_file():
-        raise ValueError(f"{RUN_FILE} of {out_dir} names {name} = {path}, which does not exist")
+        raise InvalidArgumentError(f"{RUN_FILE} of {out_dir} names {name} = {path}, which does not exist")
     return np.load(path, mmap_mode="r")
 
 
@@ -409,10 +411,10 @@ def open_store(path: str | os.PathLike):
     path = Path(path)
     metadata_path = path / store_lib.METADATA_FILE
     if not metadata_path.is_file():
-        raise ValueError(f"{path} is not a trakjax store (no {store_lib.METADATA_FILE})")
+        raise InvalidArgumentError(f"{path} is not a trakjax store (no {store_lib.METADATA_FILE})")
     config = store_lib.read_json(metadata_path).get("config")
     if not isinstance(config, dict):
-        raise ValueError(f"{metadata_path} records no configuration")
+        raise InvalidArgumentError(f"{metadata_path} records no configuration")
     return store_lib.Store.open(path, config)
 
 
@@ -437,17 +439,17 @@ def show(out_dir: str | os.PathLike) -> dict:
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise ValueError(f"{out_dir} is not a directory")
+        raise InvalidArgumentError(f"{out_dir} is not a directory")
     record = read_run_record(out_dir)
     if not record.get("complete"):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the run in {out_dir} did not finish (its {RUN_FILE} is not marked complete); "
             "rerun the command that made it"
         )
     store = open_store(_resolve(out_dir, record["store"]))
     experiment = record["experiment"]
     if experiment not in store.experiment_names():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the store at {store.root} has no experiment {experiment!r} (it has "
             f"{store.experiment_names()})"
         )

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trakjax import sharding as sharding_lib
+from trakjax.errors import InvalidArgumentError
 
 SCORE_BLOCK_ROWS = 8192
 
@@ -45,7 +46,7 @@ def checkpoint_scores(train_features, target_features, *, block_rows: int = SCOR
     """F Ψᵀ for one checkpoint: (N, k) × (T, k) -> (N, T) float32, by blocks of train rows
     (split over ``mesh``'s devices when given)."""
     if train_features.shape[1] != target_features.shape[1]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"train features have k={train_features.shape[1]} but target features have "
             f"k={target_features.shape[1]}"
         )
@@ -79,37 +80,61 @@ def _score_rows(train_features, target, start: int, stop: int, block_rows: int, 
     return np.asarray(fn(block, target))[:rows]
 
 
-def combine(score_sum: np.ndarray, out_to_loss_sum: np.ndarray, num_checkpoints: int) -> np.ndarray:
-    """S = (score_sum / M) ⊙ (out_to_loss_sum / M)[:, None]: (N, T) float32.
+def ensemble(per_checkpoint: Iterable[tuple]):
+    """S = ((1/M) Σ_m S_m) ⊙ q̄[:, None] from one ``(S_m, q^m)`` pair per checkpoint.
+
+    ``S_m`` is (N, T) (e.g. F_m Ψ_mᵀ, or a (N, 1) column of leverages) and ``q^m`` (N,). The
+    pairs may come from a generator: they are consumed once, in order, and only the running sums
+    are held. Numpy inputs are summed in float64 and give float32; jax arrays (inside ``jax.jit``)
+    are summed in their own dtype and give that dtype.
+
+    Raises:
+      InvalidArgumentError: if there is no pair.
+    """
+    total = q_total = None
+    count = 0
+    for part, q in per_checkpoint:
+        if not isinstance(part, jax.Array):
+            part, q = np.asarray(part, np.float64), np.asarray(q, np.float64)
+        total = part if total is None else total + part
+        q_total = q if q_total is None else q_total + q
+        count += 1
+    return combine(total, q_total, count)
+
+
+def combine(score_sum, out_to_loss_sum, num_checkpoints: int):
+    """S = (score_sum / M) ⊙ (out_to_loss_sum / M)[:, None]: (N, T).
 
     Args:
-      score_sum: Σ_m F_m Ψ_mᵀ, (N, T).
+      score_sum: Σ_m S_m, (N, T), numpy (float64 sums give float32 scores) or jax.
       out_to_loss_sum: Σ_m q^m, (N,).
       num_checkpoints: M.
     """
     if num_checkpoints < 1:
-        raise ValueError(f"num_checkpoints must be >= 1, got {num_checkpoints}")
+        raise InvalidArgumentError(f"the ensemble needs at least one checkpoint, got {num_checkpoints}")
+    if isinstance(score_sum, jax.Array):
+        return (score_sum / num_checkpoints) * (out_to_loss_sum / num_checkpoints)[:, None]
     q_mean = np.asarray(out_to_loss_sum, np.float64) / num_checkpoints
     return (np.asarray(score_sum, np.float64) / num_checkpoints * q_mean[:, None]).astype(np.float32)
+
+
+def _check_per_checkpoint(train_features, target_features, out_to_loss) -> None:
+    if not (len(train_features) == len(target_features) == len(out_to_loss)) or not train_features:
+        raise InvalidArgumentError(
+            "train_features, target_features and out_to_loss need one entry per checkpoint "
+            f"(at least one); got {len(train_features)}, {len(target_features)}, {len(out_to_loss)}"
+        )
 
 
 def ensemble_scores(
     train_features: Sequence, target_features: Sequence, out_to_loss: Sequence
 ) -> np.ndarray:
     """S for M checkpoints at once, from per-checkpoint F_m (N, k), Ψ_m (T, k) and q^m (N,)."""
-    if not (len(train_features) == len(target_features) == len(out_to_loss)) or not train_features:
-        raise ValueError(
-            "train_features, target_features and out_to_loss need one entry per checkpoint "
-            f"(at least one); got {len(train_features)}, {len(target_features)}, {len(out_to_loss)}"
-        )
-    total = None
-    q_total = None
-    for f, psi, q in zip(train_features, target_features, out_to_loss, strict=True):
-        part = checkpoint_scores(f, psi).astype(np.float64)
-        total = part if total is None else total + part
-        q64 = np.asarray(q, np.float64)
-        q_total = q64 if q_total is None else q_total + q64
-    return combine(total, q_total, len(train_features))
+    _check_per_checkpoint(train_features, target_features, out_to_loss)
+    return ensemble(
+        (checkpoint_scores(f, psi), q)
+        for f, psi, q in zip(train_features, target_features, out_to_loss, strict=True)
+    )
 
 
 def num_score_blocks(num_train: int, block_rows: int = SCORE_BLOCK_ROWS) -> int:
@@ -145,33 +170,26 @@ def score_blocks(
     Yields:
       ``(first_row, block)`` with ``block`` (rows, T) float32.
     """
-    if not (len(train_features) == len(target_features) == len(out_to_loss)) or not train_features:
-        raise ValueError(
-            "train_features, target_features and out_to_loss need one entry per checkpoint "
-            f"(at least one); got {len(train_features)}, {len(target_features)}, {len(out_to_loss)}"
-        )
+    _check_per_checkpoint(train_features, target_features, out_to_loss)
     n = train_features[0].shape[0]
     for m, (f, psi, q) in enumerate(zip(train_features, target_features, out_to_loss, strict=True)):
         if f.shape[0] != n or np.shape(q) != (n,) or f.shape[1] != psi.shape[1]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"checkpoint {m}: train features {tuple(f.shape)}, target features "
                 f"{tuple(psi.shape)} and out_to_loss {np.shape(q)} do not fit N={n}"
             )
     targets = [jnp.asarray(np.asarray(psi, np.float32)) for psi in target_features]
-    count = len(train_features)
     for b in range(num_score_blocks(n, block_rows)) if blocks is None else blocks:
         start = int(b) * block_rows
         stop = min(start + block_rows, n)
         if not 0 <= start < n:
-            raise ValueError(f"block {b} is out of range: N={n} rows make {num_score_blocks(n, block_rows)} blocks")
-        total = None
-        q_total = None
-        for f, target, q in zip(train_features, targets, out_to_loss, strict=True):
-            part = _score_rows(f, target, start, stop, block_rows, mesh).astype(np.float64)
-            total = part if total is None else total + part
-            q64 = np.asarray(q[start:stop], np.float64)
-            q_total = q64 if q_total is None else q_total + q64
-        yield start, combine(total, q_total, count)
+            raise InvalidArgumentError(
+                f"block {b} is out of range: N={n} rows make {num_score_blocks(n, block_rows)} blocks"
+            )
+        yield start, ensemble(
+            (_score_rows(f, target, start, stop, block_rows, mesh), q[start:stop])
+            for f, target, q in zip(train_features, targets, out_to_loss, strict=True)
+        )
 
 
 class TopK(NamedTuple):
@@ -245,17 +263,17 @@ def top_k(blocks: Iterable[tuple[int, np.ndarray]], k: int) -> TopK:
       :class:`TopK`.
     """
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+        raise InvalidArgumentError(f"k must be an int >= 1, got {k!r}")
     top_idx = top_val = low_idx = low_val = None
     for start, block in blocks:
         block = np.asarray(block, np.float32)
         if block.ndim != 2:
-            raise ValueError(f"score blocks must be (rows, T), got shape {block.shape}")
+            raise InvalidArgumentError(f"score blocks must be (rows, T), got shape {block.shape}")
         top_idx, top_val = _keep_top(top_idx, top_val, int(start), block, int(k))
         low_idx, neg_val = _keep_top(low_idx, None if low_val is None else -low_val, int(start), -block, int(k))
         low_val = -neg_val
     if top_val is None:
-        raise ValueError("top_k got no score blocks")
+        raise InvalidArgumentError("top_k got no score blocks")
     top_idx, top_val = _sorted(top_idx, top_val)
     low_idx, neg = _sorted(low_idx, -low_val)
     return TopK(top_idx, top_val, low_idx, -neg)
@@ -273,7 +291,7 @@ def row_dots(a, b, *, block_rows: int = SCORE_BLOCK_ROWS) -> np.ndarray:
     example (the diagonal of F_m Φ_mᵀ, without forming the (N, N) matrix).
     """
     if a.shape != b.shape or len(a.shape) != 2:
-        raise ValueError(f"row_dots needs two (N, k) arrays of one shape, got {a.shape} and {b.shape}")
+        raise InvalidArgumentError(f"row_dots needs two (N, k) arrays of one shape, got {a.shape} and {b.shape}")
     n = a.shape[0]
     out = np.empty(n, np.float64)
     for start in range(0, n, block_rows):
@@ -302,16 +320,16 @@ def soft_threshold(scores, threshold) -> np.ndarray:
     """
     scores = np.asarray(scores)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
+        raise InvalidArgumentError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
     tau = np.asarray(threshold, np.float64)
     if tau.ndim == 0:
         tau = np.full(scores.shape[1], float(tau))
     if tau.shape != (scores.shape[1],):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"threshold must be a float or a ({scores.shape[1]},) array, got shape {tau.shape}"
         )
     if not np.isfinite(tau).all() or (tau < 0).any():
-        raise ValueError("threshold must be finite and >= 0")
+        raise InvalidArgumentError("threshold must be finite and >= 0")
     s64 = scores.astype(np.float64)
     return (np.sign(s64) * np.maximum(np.abs(s64) - tau[None, :], 0.0)).astype(np.float32)
 
@@ -323,9 +341,9 @@ def sparsity_threshold(scores, keep_fraction: float) -> np.ndarray:
     """
     scores = np.asarray(scores, np.float64)
     if scores.ndim != 2:
-        raise ValueError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
+        raise InvalidArgumentError(f"scores must be (n_train, n_targets), got shape {scores.shape}")
     if not (isinstance(keep_fraction, int | float | np.floating) and 0.0 < keep_fraction <= 1.0):
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
+        raise InvalidArgumentError(f"keep_fraction must be in (0, 1], got {keep_fraction!r}")
     if keep_fraction == 1.0:
         return np.zeros(scores.shape[1])
     return np.quantile(np.abs(scores), 1.0 - keep_fraction, axis=0)

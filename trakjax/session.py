@@ -2,8 +2,9 @@
 
 The imperative shell over the functional core. It only sequences calls into
 :mod:`trakjax.featurize` (:func:`~trakjax.featurize.prepare_checkpoint`,
-:func:`~trakjax.featurize.featurize_batch`), :mod:`trakjax.solve` (:func:`~trakjax.solve.gram`,
-:func:`~trakjax.solve.solve`, :func:`~trakjax.solve.apply_inverse`) and :mod:`trakjax.scores`
+:func:`~trakjax.featurize.featurize_batch`), :mod:`trakjax.pipeline`
+(:func:`~trakjax.pipeline.checkpoint_kernel`: Gram, cross-process sum, solve),
+:mod:`trakjax.solve` (:func:`~trakjax.solve.apply_inverse`) and :mod:`trakjax.scores`
 (:func:`~trakjax.scores.score_blocks`, :func:`~trakjax.scores.top_k`), and keeps every result in
 a :class:`trakjax.store.Store` directory, so that work can be stopped, resumed and split between
 processes. Its scores equal :func:`trakjax.attribute` on the same inputs.
@@ -22,9 +23,12 @@ Migrating from the reference (``trak.TRAKer``): the method names and their order
             traker.score(batch, num_samples=len(batch[0]))
     scores = traker.finalize_scores("test")                 # (N, T) float32, a memory map
 
-Differences from the reference, on purpose: ``lambda_reg=None`` (the default) is λ chosen from
-the spectrum (``"auto"``); features are float32 unless ``dtype`` says otherwise; reloading a
-registered model_id resumes it (its weights must match); an already featurized example is skipped, and a
+or all of it in one call, :meth:`TRAKer.run` (what ``trakjax demo`` and ``trakjax attribute``
+use), which also refuses to return a finished result whose inputs changed.
+
+Differences from the reference, on purpose: ``lambda_reg="auto"`` (the default) is λ chosen
+from the spectrum; features are float32 unless ``dtype`` says otherwise; reloading a registered
+model_id resumes it (its weights must match); an already featurized example is skipped, and a
 partly featurized batch computes only its missing rows; errors are exceptions, not log lines.
 
 Resume: every featurized row is written, flushed and only then marked done, so a process killed
@@ -38,20 +42,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from trakjax import attribution as attribution_lib
+from trakjax import checkpoints as checkpoints_lib
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
-from trakjax import projection as projection_lib
-from trakjax import randomness
 from trakjax import scores as scores_lib
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax import store as store_lib
+from trakjax import trees
+from trakjax.config import Config, check_int
+from trakjax.errors import ArgumentTypeError, InputsChangedError, InvalidArgumentError, StoreError
+from trakjax.pipeline import check_model_ids, check_targets_fit, checkpoint_kernel
+from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
 logger = logging.getLogger("trakjax")
@@ -59,18 +67,8 @@ logger = logging.getLogger("trakjax")
 MAX_LISTED = 10
 """How many indices error messages list."""
 
-
-def _describe_grad_wrt(grad_wrt) -> Any:
-    """A JSON-able description of ``grad_wrt`` for the store's configuration."""
-    if grad_wrt is None:
-        return None
-    if isinstance(grad_wrt, list | tuple) and all(isinstance(s, str) for s in grad_wrt):
-        return list(grad_wrt)
-    if callable(grad_wrt):
-        module = getattr(grad_wrt, "__module__", "?")
-        name = getattr(grad_wrt, "__qualname__", type(grad_wrt).__name__)
-        return f"callable {module}.{name}"
-    return "mask pytree"
+restore_orbax = checkpoints_lib.restore
+"""Restore a params pytree from an orbax directory (:func:`trakjax.checkpoints.restore`)."""
 
 
 def _listed(indices: np.ndarray) -> str:
@@ -79,28 +77,43 @@ def _listed(indices: np.ndarray) -> str:
 
 
 def _check_index_array(inds, n: int, limit: int, limit_name: str) -> np.ndarray:
-    """``inds`` as a (n,) int64 array of distinct indices in [0, limit), else ValueError."""
+    """``inds`` as a (n,) int64 array of distinct indices in [0, limit), else an error."""
     try:
         indices = np.asarray(inds)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"inds must be a 1-D array of integers, got {type(inds).__name__}") from err
+        raise InvalidArgumentError(f"inds must be a 1-D array of integers, got {type(inds).__name__}") from err
     if indices.ndim != 1 or not (np.issubdtype(indices.dtype, np.integer) or indices.size == 0):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"inds must be a 1-D array of integers, got shape {indices.shape} dtype {indices.dtype}"
         )
     if indices.shape[0] != n:
-        raise ValueError(f"inds has {indices.shape[0]} entries but the batch has {n} examples")
+        raise InvalidArgumentError(f"inds has {indices.shape[0]} entries but the batch has {n} examples")
     indices = indices.astype(np.int64)
     bad = (indices < 0) | (indices >= limit)
     if bad.any():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"inds must be in [0, {limit}) ({limit_name}={limit}); got {_listed(indices[bad])} "
             f"at batch positions {_listed(np.flatnonzero(bad))}"
         )
     unique, counts = np.unique(indices, return_counts=True)
     if (counts > 1).any():
-        raise ValueError(f"inds must be distinct; repeated: {_listed(unique[counts > 1])}")
+        raise InvalidArgumentError(f"inds must be distinct; repeated: {_listed(unique[counts > 1])}")
     return indices
+
+
+def _check_model_id(model_id) -> int:
+    return check_int("model_id", model_id, 0, 2**32)
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process of a jax.distributed job reaches the barrier ``name``."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree)
 
 
 class TRAKer:
@@ -109,30 +122,23 @@ class TRAKer:
     Args:
       task: a :class:`~trakjax.tasks.Task`.
       train_set_size: N, the number of training examples.
-      save_dir: the store directory (created if absent; reopened and checked if present).
-      proj_dim: k (``None`` for the identity projection).
-      seed: projection seed (also seeds task PRNG keys).
-      projection: ``"rademacher"``, ``"normal"`` or ``"identity"``.
-      lambda_reg: ``None`` or ``"auto"`` (the same) for λ chosen per checkpoint without
-        retraining (:func:`trakjax.solve.auto_lambda`), or an absolute float (the reference's
-        meaning); see :func:`trakjax.solve.solve`.
-      grad_wrt: which parameters to differentiate (:func:`trakjax.featurize.select_parameters`).
-      batch_size: examples per featurize step; each call's rows are padded to the checkpoint's
-        micro-batch (at most ``batch_size``).
-      dtype: storage dtype of features (float32, bfloat16 or float16).
-      reference_compat: rescale each A⁻¹ by 1/mean|A⁻¹| as the reference does.
-      backend: projection backend (``"xla"``, ``"pallas"`` or ``"auto"``).
-      precision: matmul precision of the projection.
+      save_dir: the store directory (``~`` expanded). An existing store is reopened and checked
+        at once; a new one is created when the first checkpoint has been checked, so that a bad
+        setting or checkpoint leaves nothing behind.
+      config: a :class:`trakjax.Config` (default: all defaults).
       init_data: the training data, for tasks with an ``init`` (per-checkpoint state).
       params_template: a pytree with the checkpoints' structure (arrays or
-        ``jax.ShapeDtypeStruct``), used to restore orbax checkpoints into that structure; without
-        it, the first params pytree given to this session serves, else orbax's own structure.
+        ``jax.ShapeDtypeStruct``), used to restore orbax checkpoints into that structure and to
+        check ``grad_wrt`` before anything is written; without it, the first params pytree given
+        to this session serves, else orbax's own structure.
       score_block_rows: train rows per block of the score matrix (memory about
         ``score_block_rows · T · 24`` bytes).
-      chunk_rows, matrix_cache_bytes, grad_memory_bytes: memory knobs of
-        :class:`~trakjax.featurize.FeaturizeConfig`.
-      mesh: a 1-D mesh with axis ``"data"`` over this process's devices; featurize steps, the
-        Gram, F and score blocks are sharded over it (default: all local devices).
+      **settings: settings overriding ``config``'s (:meth:`trakjax.Config.create`): ``proj_dim``,
+        ``seed``, ``projection``, ``lambda_reg``, ``grad_wrt``, ``dtype``, ``reference_compat``,
+        ``precision`` (recorded in the store) and ``batch_size`` (each call's rows are padded to
+        the checkpoint's micro-batch, at most ``batch_size``), ``backend``, memory budgets,
+        ``mesh`` (featurize steps, the Gram, F and score blocks are sharded over it; default all
+        local devices) and ``progress`` (for :meth:`run`).
 
     Several processes under ``jax.distributed`` share one store (a filesystem every host sees):
     each featurizes and scores its own indices (e.g. ``trakjax.sharding.process_slice(N)``),
@@ -146,75 +152,33 @@ class TRAKer:
         task: Task,
         train_set_size: int,
         save_dir: str | os.PathLike = "./trakjax_results",
+        config: Config | None = None,
         *,
-        proj_dim: int | None = 2048,
-        seed: int = 0,
-        projection: str = "rademacher",
-        lambda_reg: float | str | None = None,
-        grad_wrt: featurize_lib.GradWrt = None,
-        batch_size: int = 64,
-        dtype: Any = "float32",
-        reference_compat: bool = False,
-        backend: str = "auto",
-        precision: str = "highest",
         init_data: Any = None,
         params_template: Any = None,
         score_block_rows: int = scores_lib.SCORE_BLOCK_ROWS,
-        chunk_rows: int | None = None,
-        matrix_cache_bytes: int = featurize_lib.DEFAULT_MATRIX_CACHE_BYTES,
-        grad_memory_bytes: int = featurize_lib.DEFAULT_GRAD_MEMORY_BYTES,
-        mesh: jax.sharding.Mesh | None = None,
+        **settings,
     ):
         if not isinstance(task, Task):
-            raise TypeError(f"task must be a trakjax.tasks.Task, got {type(task).__name__}")
-        for name, value in (("train_set_size", train_set_size), ("batch_size", batch_size),
-                            ("score_block_rows", score_block_rows)):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if projection == "identity":
-            projection_lib.check_kind_and_dim(projection, proj_dim, proj_dim or 1)
-        else:
-            projection_lib.check_kind_and_dim(projection, proj_dim, 1)
-        if isinstance(lambda_reg, str) and lambda_reg == solve_lib.AUTO:
-            lambda_reg = None
-        if lambda_reg is not None and (
-            isinstance(lambda_reg, bool) or not isinstance(lambda_reg, int | float | np.floating | np.integer)
-            or not np.isfinite(lambda_reg) or lambda_reg < 0
-        ):
-            raise ValueError(f"lambda_reg must be 'auto', None or a finite float >= 0, got {lambda_reg!r}")
-        randomness.check_seed_and_model_id(seed, 0)
+            raise ArgumentTypeError(f"task must be a trakjax.tasks.Task, got {type(task).__name__}")
+        self.train_set_size = check_int("train_set_size", train_set_size)
+        self.score_block_rows = check_int("score_block_rows", score_block_rows)
+        self.config = Config.create(config, **settings)
+        self.config = self.config.replace(mesh=sharding_lib.check_mesh(self.config.run.mesh))
+        if not isinstance(save_dir, str | os.PathLike):
+            raise ArgumentTypeError(f"save_dir must be a path, got {type(save_dir).__name__}")
         self.task = task
-        self.train_set_size = int(train_set_size)
-        self.storage = attribution_lib.feature_dtype(dtype)
-        self.lambda_reg = None if lambda_reg is None else float(lambda_reg)
-        self.reference_compat = bool(reference_compat)
-        self.seed = int(seed)
         self.init_data = init_data
-        self.score_block_rows = int(score_block_rows)
-        self.mesh = sharding_lib.check_mesh(mesh)
-        self.config = featurize_lib.FeaturizeConfig(
-            projection=projection, proj_dim=proj_dim, seed=self.seed, grad_wrt=grad_wrt,
-            batch_size=int(batch_size), precision=precision, chunk_rows=chunk_rows,
-            matrix_cache_bytes=matrix_cache_bytes, grad_memory_bytes=grad_memory_bytes,
-            backend=backend, mesh=self.mesh,
-        )
-        featurize_lib.resolve_backend(backend)
-        projection_lib.matmul_precision(precision)
-        self._template = None if params_template is None else self._abstract(params_template)
-        self.store = store_lib.Store.open(save_dir, {
-            "task": task.name,
-            "train_set_size": self.train_set_size,
-            "proj_dim": proj_dim,
-            "seed": self.seed,
-            "projection": projection,
-            "contract_version": randomness.CONTRACT_VERSION,
-            "grad_wrt": _describe_grad_wrt(grad_wrt),
-            "lambda_reg": self.lambda_reg,
-            "reference_compat": self.reference_compat,
-            "dtype": self.storage.name,
-            "precision": precision,
-        })
-        self.save_dir = self.store.root
+        self.mesh = self.config.run.mesh
+        self.seed = self.config.result.seed
+        self.storage = self.config.result.storage_dtype
+        self._template = None if params_template is None else _abstract(params_template)
+        if self._template is not None:
+            featurize_lib.select_parameters(self._template, self.config.result.grad_wrt)
+        self.save_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(save_dir))))
+        self._store = None
+        if (self.save_dir / store_lib.METADATA_FILE).exists():
+            self._store = store_lib.Store.open(self.save_dir, self._store_config())
         self._checkpoint: featurize_lib.Checkpoint | None = None
         self._train_arrays: store_lib.TrainArrays | None = None
         self._target_arrays: store_lib.TargetArrays | None = None
@@ -222,46 +186,50 @@ class TRAKer:
         self._scoring: tuple[str, featurize_lib.Checkpoint] | None = None
         self._last_ind_target = 0
 
-    # ----------------------------------------------------------------- checkpoints
+    def _store_config(self) -> dict:
+        return {"task": self.task.name, "train_set_size": self.train_set_size, **self.config.result.record()}
 
-    @staticmethod
-    def _abstract(tree):
-        return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x)), tree
-        )
+    @property
+    def store(self) -> store_lib.Store:
+        """The :class:`~trakjax.store.Store` (opened, or created on first use)."""
+        if self._store is None:
+            self._store = store_lib.Store.open(self.save_dir, self._store_config())
+        return self._store
+
+    @property
+    def lambda_reg(self) -> float | None:
+        """The absolute λ, or ``None`` for ``"auto"``."""
+        value = self.config.result.lambda_reg
+        return None if isinstance(value, str) else value
+
+    # ----------------------------------------------------------------- checkpoints
 
     def _resolve_checkpoint(self, checkpoint) -> Any:
         """A params pytree from ``checkpoint``: the pytree itself, or an orbax directory restored."""
         if isinstance(checkpoint, str | os.PathLike):
-            params = restore_orbax(checkpoint, self._template)
-        else:
-            params = checkpoint
-            if not jax.tree_util.tree_leaves(params):
-                raise ValueError(
-                    f"checkpoint must be a params pytree or a path to an orbax checkpoint, got "
-                    f"{type(checkpoint).__name__} with no array leaves"
-                )
-        tree = store_lib.tree_record(params)
-        try:
-            self.store.check_parameters(tree)
-        except store_lib.StoreError as err:
-            where = f"the orbax checkpoint at {checkpoint}" if isinstance(checkpoint, str | os.PathLike) else "checkpoint"
-            raise store_lib.StoreError(f"{where} has a different tree structure: {err}") from err
-        if self._template is None:
-            self._template = self._abstract(params)
-        return params
+            return checkpoints_lib.restore(checkpoint, self._template)
+        if not jax.tree_util.tree_leaves(checkpoint):
+            raise InvalidArgumentError(
+                f"checkpoint must be a params pytree or a path to an orbax checkpoint, got "
+                f"{type(checkpoint).__name__} with no array leaves"
+            )
+        return checkpoint
 
-    def _prepare(self, params, model_id: int) -> tuple[featurize_lib.Checkpoint, dict, dict]:
+    def _prepare(self, checkpoint, model_id: int):
+        """Restore and prepare ``checkpoint``, then check its tree against the store's."""
+        params = self._resolve_checkpoint(checkpoint)
         prepared = featurize_lib.prepare_checkpoint(
             self.task, params, self.config, model_id, init_data=self.init_data
         )
-        paths = featurize_lib.parameter_paths(params)
-        differentiated = {
-            "paths": [p for p, m in zip(paths, prepared.mask, strict=True) if m],
-            "num_params": int(prepared.layout.total),
-            "proj_dim": int(prepared.proj_dim),
-        }
-        return prepared, store_lib.tree_record(params), differentiated
+        tree = trees.tree_record(params)
+        try:
+            self.store.check_parameters(tree)
+        except StoreError as err:
+            where = f"the orbax checkpoint at {checkpoint}" if isinstance(checkpoint, str | os.PathLike) else "checkpoint"
+            raise StoreError(f"{where} has a different tree structure: {err}") from err
+        if self._template is None:
+            self._template = _abstract(params)
+        return params, prepared, tree
 
     def load_checkpoint(self, checkpoint, model_id: int) -> None:
         """Load a checkpoint for featurizing, registering ``model_id`` in the store or resuming it.
@@ -273,9 +241,15 @@ class TRAKer:
             registered model_id resumes, and its weights must match the stored fingerprint.
         """
         model_id = _check_model_id(model_id)
-        params = self._resolve_checkpoint(checkpoint)
-        prepared, tree, differentiated = self._prepare(params, model_id)
-        self.store.register_model(model_id, store_lib.fingerprint(params), tree, differentiated)
+        params, prepared, tree = self._prepare(checkpoint, model_id)
+        paths = featurize_lib.parameter_paths(params)
+        differentiated = {
+            "paths": [p for p, m in zip(paths, prepared.mask, strict=True) if m],
+            "num_params": int(prepared.layout.total),
+            "proj_dim": int(prepared.proj_dim),
+        }
+        weights = self.store.fingerprint_of(params, model_id)
+        self.store.register_model(model_id, weights, tree, differentiated)
         self._checkpoint = prepared
         self._train_arrays = self.store.train_arrays(model_id)
         self._last_ind = 0
@@ -285,17 +259,17 @@ class TRAKer:
     def _batch_indices(self, batch, inds, num_samples, next_index: int, limit: int, limit_name: str):
         n = data_lib.num_examples(batch, "batch")
         if (inds is None) == (num_samples is None):
-            raise ValueError("exactly one of inds and num_samples must be given")
-        if num_samples is not None:
-            if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) or num_samples != n:
-                raise ValueError(f"num_samples must be the batch's size {n}, got {num_samples!r}")
-            if next_index + n > limit:
-                raise ValueError(
-                    f"num_samples={n} after {next_index} examples overflows {limit_name}={limit}: "
-                    f"it would write indices {next_index} .. {next_index + n - 1}"
-                )
-            return np.arange(next_index, next_index + n, dtype=np.int64)
-        return _check_index_array(inds, n, limit, limit_name)
+            raise InvalidArgumentError("exactly one of inds and num_samples must be given")
+        if num_samples is None:
+            return _check_index_array(inds, n, limit, limit_name)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) or num_samples != n:
+            raise InvalidArgumentError(f"num_samples must be the batch's size {n}, got {num_samples!r}")
+        if next_index + n > limit:
+            raise InvalidArgumentError(
+                f"num_samples={n} after {next_index} examples overflows {limit_name}={limit}: "
+                f"it would write indices {next_index} .. {next_index + n - 1}"
+            )
+        return np.arange(next_index, next_index + n, dtype=np.int64)
 
     def _featurize_rows(self, checkpoint, batch, indices, rows, split: int) -> featurize_lib.BatchFeatures:
         """Featurize the batch positions ``rows``, padded to whole micro-batches (fixed shapes)."""
@@ -325,14 +299,15 @@ class TRAKer:
         batch computes only its missing rows.
         """
         if self._checkpoint is None:
-            raise ValueError("no checkpoint is loaded; call load_checkpoint(checkpoint, model_id) before featurize")
-        checkpoint = self._checkpoint
+            raise InvalidArgumentError(
+                "no checkpoint is loaded; call load_checkpoint(checkpoint, model_id) before featurize"
+            )
         indices = self._batch_indices(batch, inds, num_samples, self._last_ind,
                                       self.train_set_size, "train_set_size")
         arrays = self._train_arrays
         rows = np.flatnonzero(np.asarray(arrays.done[indices]) == 0)
         if rows.size:
-            out = self._featurize_rows(checkpoint, batch, indices, rows, featurize_lib.TRAIN_SPLIT)
+            out = self._featurize_rows(self._checkpoint, batch, indices, rows, featurize_lib.TRAIN_SPLIT)
             self.store.write_train_rows(arrays, indices[rows], out.features, out.out_to_loss)
         if num_samples is not None:
             self._last_ind += indices.size
@@ -341,18 +316,22 @@ class TRAKer:
         if model_ids is None:
             ids = self.store.model_ids()
             if not ids:
-                raise ValueError(f"the store at {self.store.root} has no checkpoint; call load_checkpoint first")
+                raise InvalidArgumentError(
+                    f"the store at {self.store.root} has no checkpoint; call load_checkpoint first"
+                )
             return ids
         ids = [_check_model_id(m) for m in model_ids]
         if not ids or len(set(ids)) != len(ids):
-            raise ValueError(f"model_ids must be a non-empty list of distinct ids, got {list(model_ids)}")
+            raise InvalidArgumentError(f"model_ids must be a non-empty list of distinct ids, got {list(model_ids)}")
         unknown = [m for m in ids if not self.store.has_model(m)]
         if unknown:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"model_ids {unknown} are not in the store at {self.store.root} (registered: "
                 f"{self.store.model_ids()})"
             )
         return ids
+
+    # ----------------------------------------------------------------- finalizing
 
     def finalize_features(self, model_ids: Sequence[int] | None = None) -> None:
         """Solve each checkpoint's kernel and store its features F = Φ (ΦᵀΦ + λI)⁻¹.
@@ -365,17 +344,16 @@ class TRAKer:
           model_ids: which checkpoints (default: all in the store).
         """
         ids = self._model_ids(model_ids)
-        n = self.train_set_size
         distributed = jax.process_count() > 1
         if distributed:
             _barrier("trakjax finalize_features: every process has featurized")
         for model_id in ids:
             missing = self.store.missing_train(model_id)
             if missing.size:
-                raise ValueError(
-                    f"model_id {model_id} has {missing.size} of {n} training examples not "
-                    f"featurized yet (first indices {_listed(missing)}); featurize them before "
-                    "finalize_features"
+                raise InvalidArgumentError(
+                    f"model_id {model_id} has {missing.size} of {self.train_set_size} training "
+                    f"examples not featurized yet (first indices {_listed(missing)}); featurize "
+                    "them before finalize_features"
                 )
         for model_id in ids:
             if self.store.is_finalized(model_id):
@@ -385,51 +363,42 @@ class TRAKer:
                 self._finalize_distributed(model_id)
                 continue
             with self.store.lock(self.store.root / "models" / str(model_id) / ".lock"):
-                if self.store.is_finalized(model_id):
-                    continue
-                self._finalize_one(model_id)
+                if not self.store.is_finalized(model_id):
+                    self._finalize_one(model_id)
 
-    def _kernel(self, model_id: int, phi) -> solve_lib.KernelSolve:
+    def _kernel(self, phi) -> solve_lib.KernelSolve:
         """Solve a checkpoint's kernel; under jax.distributed each process adds its own rows'
         Gram (its :func:`~trakjax.sharding.process_slice`) to the cross-process sum."""
         start, stop = sharding_lib.process_slice(phi.shape[0])
-        k = phi.shape[1]
-        local = solve_lib.gram(phi[start:stop], mesh=self.mesh) if stop > start else np.zeros((k, k))
-        num_params = int(self.store.parameters()["differentiated"]["num_params"])
-        return solve_lib.solve(
-            sharding_lib.process_sum(local), self.lambda_reg, reference_compat=self.reference_compat,
-            num_examples=phi.shape[0], num_params=num_params, storage_dtype=self.storage,
+        differentiated = self.store.parameters()["differentiated"]
+        return checkpoint_kernel(
+            phi[start:stop], self.config.result, proj_dim=phi.shape[1], num_examples=phi.shape[0],
+            num_params=int(differentiated["num_params"]), mesh=self.mesh,
         )
 
-    def _finalize_one(self, model_id: int) -> None:
-        phi = self.store.train_arrays(model_id, "r").grads
-        kernel = self._kernel(model_id, phi)
-        details = {
-            "lambda_reg": kernel.lambda_reg, "rank": kernel.rank,
-            "condition": kernel.condition, "scale": kernel.scale,
-        }
+    def _write_features(self, model_id: int, phi, kernel: solve_lib.KernelSolve) -> None:
+        details = {"lambda_reg": kernel.lambda_reg, "rank": kernel.rank,
+                   "condition": kernel.condition, "scale": kernel.scale}
         self.store.write_features(
             model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh), details
         )
 
+    def _finalize_one(self, model_id: int) -> None:
+        phi = self.store.train_arrays(model_id, "r").grads
+        self._write_features(model_id, phi, self._kernel(phi))
+
     def _finalize_distributed(self, model_id: int) -> None:
         """Every process reduces the Gram; process 0 writes F; all wait for it."""
         phi = self.store.train_arrays(model_id, "r").grads
-        kernel = self._kernel(model_id, phi)
+        kernel = self._kernel(phi)
         if jax.process_index() == 0:
-            details = {
-                "lambda_reg": kernel.lambda_reg, "rank": kernel.rank,
-                "condition": kernel.condition, "scale": kernel.scale,
-            }
-            self.store.write_features(
-                model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh),
-                details,
-            )
+            self._write_features(model_id, phi, kernel)
         _barrier(f"trakjax finalize_features: model {model_id} written")
 
     # ----------------------------------------------------------------- scoring
 
-    def start_scoring_checkpoint(self, exp_name: str, checkpoint, model_id: int, num_targets: int) -> None:
+    def start_scoring_checkpoint(self, exp_name: str, checkpoint, model_id: int, num_targets: int,
+                                 *, targets_fingerprint: str | None = None) -> None:
         """Load a finalized checkpoint for scoring the targets of experiment ``exp_name``.
 
         Args:
@@ -438,32 +407,32 @@ class TRAKer:
             directory).
           model_id: a finalized checkpoint of the store.
           num_targets: T, the experiment's number of targets.
+          targets_fingerprint: optionally, :func:`trakjax.trees.fingerprint` of the whole target
+            set; recorded with the experiment and checked on later calls.
         """
         store_lib.check_experiment_name(exp_name)
         model_id = _check_model_id(model_id)
-        if isinstance(num_targets, bool) or not isinstance(num_targets, int | np.integer) or num_targets < 1:
-            raise ValueError(f"num_targets must be an int >= 1, got {num_targets!r}")
+        num_targets = check_int("num_targets", num_targets)
         if not self.store.has_model(model_id):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"model_id {model_id} is not in the store at {self.store.root}; load_checkpoint, "
                 "featurize and finalize_features it before scoring"
             )
         if not self.store.is_finalized(model_id):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"model_id {model_id} is not finalized: call finalize_features([{model_id}]) "
                 "before scoring with it"
             )
         if self.store.has_experiment(exp_name):
             stored = int(self.store.experiment_info(exp_name)["num_targets"])
             if stored != num_targets:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"experiment {exp_name!r} has num_targets={stored}, this call has "
                     f"num_targets={num_targets}; use another exp_name for other targets"
                 )
-        params = self._resolve_checkpoint(checkpoint)
-        self.store.check_weights(model_id, store_lib.fingerprint(params))
-        prepared, _, _ = self._prepare(params, model_id)
-        self.store.register_target_model(exp_name, int(num_targets), model_id)
+        params, prepared, _ = self._prepare(checkpoint, model_id)
+        self.store.check_weights(model_id, self.store.fingerprint_of(params, model_id))
+        self.store.register_target_model(exp_name, num_targets, model_id, targets_fingerprint)
         self._scoring = (exp_name, prepared)
         self._target_arrays = self.store.target_arrays(exp_name, model_id)
         self._last_ind_target = 0
@@ -475,10 +444,10 @@ class TRAKer:
         since :meth:`start_scoring_checkpoint`. Done targets are skipped.
         """
         if self._scoring is None:
-            raise ValueError("call start_scoring_checkpoint(exp_name, checkpoint, model_id, num_targets) before score")
+            raise InvalidArgumentError(
+                "call start_scoring_checkpoint(exp_name, checkpoint, model_id, num_targets) before score"
+            )
         exp_name, checkpoint = self._scoring
-        if not self.store.is_finalized(checkpoint.model_id):
-            raise ValueError(f"model_id {checkpoint.model_id} is not finalized; call finalize_features first")
         arrays = self._target_arrays
         indices = self._batch_indices(batch, inds, num_samples, self._last_ind_target,
                                       arrays.done.shape[0], "num_targets")
@@ -502,15 +471,15 @@ class TRAKer:
                     f"model_id {model_id} has no target gradients (call start_scoring_checkpoint"
                     f"({exp_name!r}, checkpoint, {model_id}, {info['num_targets']}) and score)"
                 )
-            else:
-                missing = self.store.missing_targets(exp_name, model_id)
-                if missing.size:
-                    problems.append(
-                        f"model_id {model_id} has {missing.size} of {info['num_targets']} targets "
-                        f"not scored yet (first indices {_listed(missing)})"
-                    )
+            elif (missing := self.store.missing_targets(exp_name, model_id)).size:
+                problems.append(
+                    f"model_id {model_id} has {missing.size} of {info['num_targets']} targets "
+                    f"not scored yet (first indices {_listed(missing)})"
+                )
         if problems:
-            raise ValueError(f"experiment {exp_name!r} is not ready for finalize_scores:\n  " + "\n  ".join(problems))
+            raise InvalidArgumentError(
+                f"experiment {exp_name!r} is not ready for finalize_scores:\n  " + "\n  ".join(problems)
+            )
         features = [self.store.features(m) for m in ids]
         targets = [self.store.target_arrays(exp_name, m, "r").grads for m in ids]
         out_to_loss = [self.store.train_arrays(m, "r").out_to_loss for m in ids]
@@ -520,7 +489,9 @@ class TRAKer:
         """The experiment's scores S (N, T): ``((1/M) Σ_m F_m Ψ_mᵀ) ⊙ q̄``, written to the store.
 
         Computed and written block by block of ``score_block_rows`` train rows (memory bounded
-        independently of N); blocks already written are kept, so a killed call resumes.
+        independently of N) into a partial matrix of these model_ids; blocks already written are
+        kept, so a killed call resumes. The matrix becomes the experiment's ``scores.npy`` only
+        when every block is written.
 
         Args:
           exp_name: the experiment.
@@ -534,11 +505,10 @@ class TRAKer:
         if distributed:
             _barrier(f"trakjax finalize_scores {exp_name}: every process has scored")
         ids, features, targets, out_to_loss = self._score_inputs(exp_name, model_ids)
-        record = self.store.experiment_info(exp_name).get("scores") or {}
-        if (record.get("complete") and record.get("model_ids") == ids
-                and record.get("block_rows") == self.score_block_rows):
-            self._last_ind_target = 0
-            return self.store.scores(exp_name)
+        self._last_ind_target = 0
+        finished = self.store.finished_scores(exp_name, ids, self.score_block_rows)
+        if finished is not None:
+            return finished
         if distributed:
             _barrier(f"trakjax finalize_scores {exp_name}: inputs checked")
         arrays = self.store.score_arrays(exp_name, ids, self.score_block_rows)
@@ -551,14 +521,12 @@ class TRAKer:
         )
         for block, (start, values) in zip(todo, blocks, strict=True):
             self.store.write_score_block(arrays, int(block), start, values)
-        if distributed:
-            _barrier(f"trakjax finalize_scores {exp_name}: blocks written")
-            if jax.process_index() == 0:
-                self.store.complete_scores(exp_name)
-            _barrier(f"trakjax finalize_scores {exp_name}: complete")
-        else:
-            self.store.complete_scores(exp_name)
-        self._last_ind_target = 0
+        if not distributed:
+            return self.store.complete_scores(exp_name, arrays)
+        _barrier(f"trakjax finalize_scores {exp_name}: blocks written")
+        if jax.process_index() == 0:
+            self.store.complete_scores(exp_name, arrays)
+        _barrier(f"trakjax finalize_scores {exp_name}: complete")
         return self.store.scores(exp_name)
 
     def top_k(self, exp_name: str, k: int, model_ids: Sequence[int] | None = None) -> scores_lib.TopK:
@@ -568,71 +536,159 @@ class TRAKer:
         score blocks from the features without writing (or holding) the score matrix.
         """
         store_lib.check_experiment_name(exp_name)
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.train_set_size:
-            raise ValueError(f"k must be an int in [1, train_set_size={self.train_set_size}], got {k!r}")
+        k = check_int("k", k, 1, self.train_set_size + 1)
         ids, features, targets, out_to_loss = self._score_inputs(exp_name, model_ids)
-        record = self.store.experiment_info(exp_name).get("scores") or {}
-        if record.get("complete") and record.get("model_ids") == ids:
-            stored = self.store.scores(exp_name)
+        stored = self.store.finished_scores(exp_name, ids)
+        if stored is not None:
             rows = self.score_block_rows
             blocks = ((s, stored[s : s + rows]) for s in range(0, stored.shape[0], rows))
         else:
             blocks = scores_lib.score_blocks(
                 features, targets, out_to_loss, block_rows=self.score_block_rows, mesh=self.mesh
             )
-        return scores_lib.top_k(blocks, int(k))
+        return scores_lib.top_k(blocks, k)
+
+    # ----------------------------------------------------------------- the whole run
+
+    def run(self, checkpoints: Sequence[Any], train: Any, targets: Any, experiment: str = "targets",
+            *, model_ids: Sequence[int] | None = None, progress: bool | None = None,
+            overwrite: bool = False) -> np.ndarray:
+        """Featurize, finalize and score end to end; the experiment's (N, T) scores.
+
+        The calls of the module docstring's example, in order: every checkpoint's training
+        features (this process's share under ``jax.distributed``), :meth:`finalize_features`, the
+        targets at every checkpoint, :meth:`finalize_scores` for exactly these ``model_ids``.
+        Rerunning resumes: finished checkpoints, rows, targets and score blocks are skipped, and
+        a finished experiment returns at once.
+
+        Before anything is written, the inputs are compared with what the store already holds:
+        the training data's and the targets' content fingerprints, each checkpoint's weights, and
+        the model_ids of the finished scores. If any changed, the call raises
+        :class:`~trakjax.errors.InputsChangedError` saying what changed and leaves the store as it
+        was, unless ``overwrite``, which discards the store's results (keeping its settings) and
+        recomputes them: the result then equals a fresh run's.
+
+        Args:
+          checkpoints: M params pytrees or orbax checkpoint directories.
+          train: the N training examples, a pytree of arrays (``train_set_size`` of them).
+          targets: the T targets, a pytree of arrays.
+          experiment: the scoring experiment's name.
+          model_ids: one id per checkpoint (default ``0 .. M − 1``).
+          progress: progress bars (default: the config's ``progress``).
+          overwrite: recompute when the inputs changed, instead of raising.
+
+        Returns:
+          The (N, T) float32 scores, a read-only memory map of the store's file.
+        """
+        store_lib.check_experiment_name(experiment)
+        if isinstance(checkpoints, str | os.PathLike) or not isinstance(checkpoints, Sequence) or not checkpoints:
+            raise InvalidArgumentError(
+                f"checkpoints must be a non-empty list of params pytrees or orbax paths, got {checkpoints!r}"
+            )
+        ids = check_model_ids(model_ids, len(checkpoints))
+        n = data_lib.num_examples(train, "train")
+        if n != self.train_set_size:
+            raise InvalidArgumentError(f"train has {n} examples but train_set_size is {self.train_set_size}")
+        num_targets = data_lib.num_examples(targets, "targets")
+        progress = self.config.run.progress if progress is None else bool(progress)
+        check_targets_fit(self.task, self._resolve_checkpoint(checkpoints[0]), train, targets)
+        inputs = {"train": trees.fingerprint(train), "targets": trees.fingerprint(targets)}
+        self._refuse_changed_inputs(checkpoints, ids, experiment, num_targets, inputs, overwrite)
+        self.store.check_train_data(inputs["train"])
+        self._featurize_all(checkpoints, ids, train, progress)
+        self.finalize_features(ids)
+        self._score_all(checkpoints, ids, targets, experiment, inputs["targets"], progress)
+        return self.finalize_scores(experiment, ids)
+
+    def _changed_inputs(self, checkpoints, ids, experiment: str, num_targets: int, inputs: dict) -> list[str]:
+        """What differs between this run's inputs and the store's results (empty for a new store)."""
+        if self._store is None:
+            return []
+        store = self.store
+        changes = []
+        stored_train = store.train_fingerprint()
+        if stored_train and stored_train != inputs["train"]:
+            changes.append(f"the training data: fingerprint {stored_train} in the store, {inputs['train']} now")
+        for checkpoint, model_id in zip(checkpoints, ids, strict=True):
+            if store.has_model(model_id):
+                stored = store.model_info(model_id)["fingerprint"]
+                found = store.fingerprint_of(self._resolve_checkpoint(checkpoint), model_id)
+                if stored != found:
+                    where = f" ({checkpoint})" if isinstance(checkpoint, str | os.PathLike) else ""
+                    changes.append(f"checkpoint model_id {model_id}{where}: weights {stored} in the store, {found} now")
+        if store.has_experiment(experiment):
+            info = store.experiment_info(experiment)
+            if info["num_targets"] != num_targets:
+                changes.append(f"experiment {experiment!r}: {info['num_targets']} targets in the store, {num_targets} now")
+            elif info.get("targets_fingerprint") not in (None, inputs["targets"]):
+                changes.append(f"experiment {experiment!r}: targets {info['targets_fingerprint']} in "
+                               f"the store, {inputs['targets']} now")
+            record = info.get("scores")
+            if record and record["complete"] and record["model_ids"] != ids:
+                changes.append(f"experiment {experiment!r}: its finished scores ensemble model_ids "
+                               f"{record['model_ids']}, this run has {ids}")
+        return changes
+
+    def _refuse_changed_inputs(self, checkpoints, ids, experiment, num_targets, inputs, overwrite: bool) -> None:
+        changes = self._changed_inputs(checkpoints, ids, experiment, num_targets, inputs)
+        if not changes:
+            return
+        if not overwrite:
+            raise InputsChangedError(
+                f"the store at {self.save_dir} holds results of other inputs; changed since:\n  "
+                + "\n  ".join(changes)
+                + "\nNothing was changed. Recompute with overwrite=True (trakjax attribute --overwrite), "
+                "or use another save_dir"
+            )
+        logger.warning("inputs changed (%s); discarding the store's results", "; ".join(changes))
+        if jax.process_index() == 0:
+            self.store.clear()
+        if jax.process_count() > 1:
+            _barrier("trakjax run: store cleared")
+
+    def _featurize_all(self, checkpoints, ids, train, progress: bool) -> None:
+        start, stop = sharding_lib.process_slice(self.train_set_size)
+        mine = data_lib.take(train, start, stop)
+        bar = progress_bar((stop - start) * len(ids), "featurize", "example", progress)
+        for checkpoint, model_id in zip(checkpoints, ids, strict=True):
+            if self.store.has_model(model_id) and self.store.is_finalized(model_id):
+                bar.update(stop - start)
+                continue
+            self.load_checkpoint(checkpoint, model_id)
+            if stop > start:
+                for first, batch in data_lib.iterate_batches(mine, self.config.run.batch_size, "train"):
+                    size = data_lib.num_examples(batch)
+                    self.featurize(_host_arrays(batch), inds=np.arange(start + first, start + first + size))
+                    bar.update(size)
+        bar.close()
+
+    def _score_all(self, checkpoints, ids, targets, experiment: str, fingerprint: str, progress: bool) -> None:
+        num_targets = data_lib.num_examples(targets, "targets")
+        start, stop = sharding_lib.process_slice(num_targets)
+        mine = data_lib.take(targets, start, stop)
+        bar = progress_bar((stop - start) * len(ids), "score", "target", progress)
+        for checkpoint, model_id in zip(checkpoints, ids, strict=True):
+            if self._targets_done(experiment, model_id, start, stop):
+                bar.update(stop - start)
+                continue
+            self.start_scoring_checkpoint(experiment, checkpoint, model_id, num_targets,
+                                          targets_fingerprint=fingerprint)
+            if stop > start:
+                for first, batch in data_lib.iterate_batches(mine, self.config.run.batch_size, "targets"):
+                    size = data_lib.num_examples(batch)
+                    self.score(_host_arrays(batch), inds=np.arange(start + first, start + first + size))
+                    bar.update(size)
+        bar.close()
+
+    def _targets_done(self, experiment: str, model_id: int, start: int, stop: int) -> bool:
+        if not self.store.has_experiment(experiment):
+            return False
+        if model_id not in self.store.experiment_info(experiment)["model_ids"]:
+            return False
+        missing = self.store.missing_targets(experiment, model_id)
+        return not ((missing >= start) & (missing < stop)).any()
 
 
-def _barrier(name: str) -> None:
-    """Wait until every process of a jax.distributed job reaches the barrier ``name``."""
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def _check_model_id(model_id) -> int:
-    if isinstance(model_id, bool) or not isinstance(model_id, int | np.integer) or not 0 <= model_id < 2**32:
-        raise ValueError(f"model_id must be an int in [0, 2**32), got {model_id!r}")
-    return int(model_id)
-
-
-def restore_orbax(path, template=None):
-    """Restore a params pytree from an orbax checkpoint directory.
-
-    The checkpoint is restored as orbax wrote it (no casting), then, with a ``template``, its
-    leaves are matched to the template's by '/'-joined path and put into the template's pytree
-    structure (so containers such as tuples or flax structs come back as they were).
-
-    Args:
-      path: a directory written by ``orbax.checkpoint.StandardCheckpointer().save`` (or a
-        ``PyTreeCheckpointer``).
-      template: optional pytree (arrays or ``jax.ShapeDtypeStruct``) whose structure, shapes and
-        dtypes the checkpoint must have.
-
-    Raises:
-      ValueError: naming ``path`` when it does not exist, is not an orbax checkpoint, or holds a
-        tree with other leaves, shapes or dtypes than ``template`` (each difference listed).
-    """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        raise ValueError(f"orbax checkpoint path {path} does not exist or is not a directory")
-    try:
-        restored = ocp.StandardCheckpointer().restore(path)
-    except FileNotFoundError as err:
-        raise ValueError(f"{path} is not an orbax checkpoint directory ({err})") from err
-    if template is None:
-        return restored
-    found = store_lib.tree_record(restored)
-    wanted = store_lib.tree_record(template)
-    lines = store_lib.tree_differences(wanted, found, check_order=False,
-                                       names=("expected tree", "checkpoint"))
-    if lines:
-        raise ValueError(
-            f"the orbax checkpoint at {path} holds a different tree structure than this run's "
-            "checkpoints:\n  " + "\n  ".join(lines)
-        )
-    by_path = dict(zip(found["paths"], jax.tree_util.tree_leaves(restored), strict=True))
-    leaves = [by_path[p] for p in wanted["paths"]]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+def _host_arrays(batch):
+    """A batch's leaves as numpy arrays (memory-mapped inputs are read here)."""
+    return jax.tree_util.tree_map(np.asarray, batch)

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
+
 DATA_AXIS = "data"
 
 
@@ -32,7 +34,7 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``"data"`` over ``devices`` (default: this process's local devices)."""
     devices = list(jax.local_devices() if devices is None else devices)
     if not devices:
-        raise ValueError("devices is empty; a mesh needs at least one device")
+        raise InvalidArgumentError("devices is empty; a mesh needs at least one device")
     return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
@@ -41,15 +43,15 @@ def check_mesh(mesh: Mesh | None) -> Mesh:
     if mesh is None:
         return data_mesh()
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        raise ArgumentTypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if mesh.axis_names != (DATA_AXIS,):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"mesh must have exactly one axis named {DATA_AXIS!r}, got axis names {mesh.axis_names}"
         )
     local = set(jax.local_devices())
     foreign = [d for d in mesh.devices.flat if d not in local]
     if foreign:
-        raise ValueError(
+        raise InvalidArgumentError(
             "mesh must hold only this process's local devices (each process featurizes its own "
             f"slice on its own devices); it holds non-local devices {foreign[:3]}"
         )

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from trakjax import sharding as sharding_lib
+from trakjax.config import AUTO, check_lambda
+from trakjax.errors import InvalidArgumentError
 
 DEFAULT_RELATIVE_LAMBDA = 1e-2
 """The former default (before ``"auto"``): λ = DEFAULT_RELATIVE_LAMBDA · trace(ΦᵀΦ) / k
@@ -43,7 +45,6 @@ DEFAULT_RELATIVE_LAMBDA = 1e-2
 AUTO_LAMBDA_FRACTION = 0.3
 """``lambda_reg="auto"`` (and ``None``) means λ = AUTO_LAMBDA_FRACTION · trace(ΦᵀΦ) / N."""
 
-AUTO = "auto"
 
 GRAM_BLOCK_ROWS = 4096
 _EPS32 = float(np.finfo(np.float32).eps)
@@ -133,9 +134,9 @@ def spectrum(gram_matrix: np.ndarray, noise: float = _EPS32) -> Spectrum:
     """
     gram_matrix = np.asarray(gram_matrix, np.float64)
     if gram_matrix.ndim != 2 or gram_matrix.shape[0] != gram_matrix.shape[1]:
-        raise ValueError(f"gram must be a square (k, k) matrix, got shape {gram_matrix.shape}")
+        raise InvalidArgumentError(f"gram must be a square (k, k) matrix, got shape {gram_matrix.shape}")
     if not np.isfinite(gram_matrix).all():
-        raise ValueError("gram has NaN or Inf entries; the features it came from are not finite")
+        raise InvalidArgumentError("gram has NaN or Inf entries; the features it came from are not finite")
     symmetric = 0.5 * (gram_matrix + gram_matrix.T)
     eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
     top = max(float(eigenvalues[-1]), 0.0)
@@ -168,11 +169,11 @@ def auto_lambda(spec: Spectrum, num_examples: int, fraction: float = AUTO_LAMBDA
       fraction: the multiple of mean_i ‖φ_i‖² (default :data:`AUTO_LAMBDA_FRACTION`).
     """
     if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer) or num_examples < 1:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"lambda_reg='auto' needs num_examples (N, the rows of Φ) as an int >= 1, got {num_examples!r}"
         )
     if not (isinstance(fraction, int | float | np.floating) and np.isfinite(fraction) and fraction > 0):
-        raise ValueError(f"fraction must be a finite float > 0, got {fraction!r}")
+        raise InvalidArgumentError(f"fraction must be a finite float > 0, got {fraction!r}")
     trace = float(np.clip(spec.eigenvalues, 0.0, None).sum())
     return max(fraction * trace / int(num_examples), 10.0 * spec.tolerance)
 
@@ -229,19 +230,13 @@ def solve(
     """
     spec = spectrum(gram_matrix, rounding_noise(storage_dtype))
     k = spec.eigenvalues.shape[0]
-    if isinstance(lambda_reg, str) and lambda_reg != AUTO:
-        raise ValueError(f"lambda_reg must be 'auto', None or a float >= 0, got {lambda_reg!r}")
-    if lambda_reg is not None and not isinstance(lambda_reg, str):
-        if isinstance(lambda_reg, bool) or not isinstance(lambda_reg, int | float | np.floating | np.integer):
-            raise TypeError(f"lambda_reg must be 'auto', None or a float >= 0, got {lambda_reg!r}")
-        if not (np.isfinite(float(lambda_reg)) and float(lambda_reg) >= 0):
-            raise ValueError(f"lambda_reg must be None or a finite float >= 0, got {lambda_reg}")
+    lambda_reg = check_lambda(lambda_reg)
     if spec.eigenvalues[-1] <= 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             "the Gram ΦᵀΦ is zero: every projected gradient is zero (check the task's output "
             "function and grad_wrt)"
         )
-    if lambda_reg is None or isinstance(lambda_reg, str):
+    if lambda_reg == AUTO:
         lam = auto_lambda(spec, num_examples)
     else:
         lam = float(lambda_reg)
@@ -257,7 +252,7 @@ def solve(
             if num_examples is not None
             else f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N"
         )
-        raise ValueError(
+        raise InvalidArgumentError(
             f"lambda_reg={lambda_reg} leaves ΦᵀΦ + λI singular: ΦᵀΦ ({k}×{k}) has numerical rank "
             f"{min(spec.rank, structural)} < k (its rank is at most min({', '.join(bounds)})). "
             f"Use lambda_reg=None or 'auto' ({auto}) or a lambda_reg well above "
@@ -309,7 +304,7 @@ def apply_inverse(
     if out is None:
         out = np.empty((n, matrix.shape[1]), np.float32)
     elif tuple(out.shape) != (n, matrix.shape[1]):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, matrix.shape[1])}")
+        raise InvalidArgumentError(f"out has shape {tuple(out.shape)}, expected {(n, matrix.shape[1])}")
     fn = _times_fn(mesh if sharding_lib.mesh_size(mesh) > 1 else None)
     for start, rows, block in row_blocks(features, block_rows, sharding_lib.mesh_size(mesh)):
         out[start : start + rows] = np.asarray(fn(block, matrix))[:rows]

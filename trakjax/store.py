@@ -1,45 +1,49 @@
 """The attribution store: one directory per attribution run, resumable, shareable between processes.
 
 Layout of a store directory (every array is a ``.npy`` file, opened as a memory map and readable
-by plain ``numpy.load``)::
+by plain ``numpy.load``; docs/design.md, "The store")::
 
-    trakjax_store.json                  run metadata: the configuration, the parameter layout
+    trakjax_store.json                  run metadata: the result settings, the parameter layout,
+                                        the training data's fingerprint
     .lock                               fcntl.flock lock guarding shared metadata
     models/<model_id>/model.json        fingerprint of the weights; solve details once finalized
     models/<model_id>/grads.npy         (N, k) projected train gradients Φ, storage dtype
     models/<model_id>/out_to_loss.npy   (N,) float32 out-to-loss terms q
     models/<model_id>/done.npy          (N,) uint8, 1 where row i of Φ and q is written
     models/<model_id>/features.npy      (N, k) F = Φ (ΦᵀΦ + λI)⁻¹, storage dtype (once finalized)
-    experiments/<name>/experiment.json  number of targets, scored model_ids, score status
+    experiments/<name>/experiment.json  number of targets, their fingerprint, scored model_ids,
+                                        the model_ids of the finished score matrix
     experiments/<name>/targets/<model_id>/grads.npy   (T, k) target gradients Ψ, storage dtype
     experiments/<name>/targets/<model_id>/done.npy    (T,) uint8
-    experiments/<name>/scores.npy       (N, T) float32 scores
-    experiments/<name>/scores_done.npy  (num_blocks,) uint8, 1 where a block of score rows is written
+    experiments/<name>/scores.npy       (N, T) float32 scores, once finished
+    experiments/<name>/partial/<key>/   scores.npy and scores_done.npy ((num_blocks,) uint8) of a
+                                        score matrix being computed for one set of model_ids
 
 Storage dtypes: float32 and float16 files hold those dtypes; bfloat16 files hold the bfloat16 bit
 patterns as uint16 (``np.load(path).view(ml_dtypes.bfloat16)`` reads them).
 
 Guarantees:
 
-* Metadata writes are atomic: a temporary file in the same directory is written, fsynced and
-  renamed over the old one, then the directory is fsynced. A reader sees the old or the new file.
-* Array files are created under a temporary name, their blocks reserved (``posix_fallocate``, after
-  a ``shutil.disk_usage`` check), then renamed: a full disk gives a clear ``OSError`` and no file.
-* Rows are written data first, then flushed, then marked done in the done mask (flushed last), so
-  a process killed at any moment leaves only rows that are either complete and marked or
-  unmarked (recomputed on resume).
-* Reopening a store with a different configuration raises :class:`StoreError`, listing every
-  differing field with both values; different weights under an existing model_id likewise. A
-  different trakjax version only warns.
-* On open every array file the metadata refers to is checked (present, ``.npy`` header, shape,
-  dtype and file size), and a bad file is reported by path.
+* Every file is written atomically through :mod:`trakjax.files` (exclusive temporary name,
+  fsync, rename, directory fsync); no writer follows a link planted in the store.
+* Rows are written data first, then flushed, then marked done, so a process killed at any moment
+  leaves only rows that are complete and marked, or unmarked (recomputed on resume).
+* A score matrix is computed in its own ``partial/<key>`` directory (one per set of model_ids
+  and block size) and moved to ``scores.npy`` under the store lock only when every block is
+  written; the finished record names its model_ids. Two sessions finishing with different
+  model_ids never share a file, and each gets its own matrix.
+* Reopening a store with other result settings raises :class:`StoreError`, listing every
+  differing field with both values; other weights under an existing model_id, or other training
+  data (when its fingerprint was recorded), likewise. A different trakjax version only warns.
+* Every metadata file is checked against its schema when read, and every array file the
+  metadata refers to is checked on open (present, ``.npy`` header, shape, dtype and size): a bad
+  file is reported by path.
 * I/O errors propagate; nothing is swallowed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -47,18 +51,43 @@ import logging
 import os
 import re
 import shutil
-import socket
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import featurize as featurize_lib
+from trakjax import trees
+from trakjax.errors import InputsChangedError, InvalidArgumentError, StoreError
+from trakjax.files import (
+    TMP_MARK,
+    check_array_file,
+    create_array,
+    fsync_directory,
+    open_array,
+    read_json,
+    remove_if_present,
+    remove_stale_temporaries,
+    temporary_path,
+    write_json_atomic,
+    write_rows,
+)
+from trakjax.version import __version__
+
+# Re-exported: the names trakjax 0.1 callers used from this module.
+fingerprint = trees.fingerprint
+tree_record = trees.tree_record
+tree_differences = trees.tree_differences
+_TMP_MARK = TMP_MARK
+__all__ = [
+    "FORMAT_VERSION", "METADATA_FILE", "ScoreArrays", "Store", "StoreError", "TargetArrays",
+    "TrainArrays", "check_array_file", "check_experiment_name", "config_differences", "create_array",
+    "file_dtype", "fingerprint", "open_array", "read_json", "remove_stale_temporaries",
+    "storage_view", "temporary_path", "tree_differences", "tree_record", "write_json_atomic",
+    "write_rows",
+]
 
 logger = logging.getLogger("trakjax")
 
@@ -69,115 +98,16 @@ LOCK_FILE = ".lock"
 DONE_DTYPE = np.dtype(np.uint8)
 OUT_TO_LOSS_DTYPE = np.dtype(np.float32)
 SCORES_DTYPE = np.dtype(np.float32)
-NPY_HEADER_BYTES = 4096
-"""An upper bound on a ``.npy`` header of this store's arrays."""
-DISK_HEADROOM_BYTES = 16 * 2**20
-"""Free space kept beyond an array's own size when creating it."""
-FULL_HASH_BYTES = 2**20
-"""Leaves up to this size are hashed whole by :func:`fingerprint`."""
-FINGERPRINT_WINDOWS = 64
-FINGERPRINT_WINDOW_ELEMENTS = 1024
-_EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_TMP_MARK = ".tmp."
+_EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
-class StoreError(ValueError):
-    """A store that does not match the request, or whose files are damaged."""
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-def _trakjax_version() -> str:
-    from trakjax import __version__
-
-    return __version__
-
-
-def fsync_directory(directory: Path) -> None:
-    """fsync a directory, so that a rename inside it is durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temporary_path(path: Path) -> Path:
-    """A unique sibling of ``path`` for writing before a rename: ``.<name>.tmp.<host>.<pid>.<id>``."""
-    host = socket.gethostname().replace(".", "_")
-    return path.with_name(f".{path.name}{_TMP_MARK}{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-
-
-def _remove_quietly_if_present(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def write_json_atomic(path: Path, content: Any) -> None:
-    """Write ``content`` as JSON to ``path`` atomically: temporary file, fsync, rename, fsync dir."""
-    path = Path(path)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly_if_present(tmp)
-        raise
-    fsync_directory(path.parent)
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON metadata file; a damaged one raises :class:`StoreError` naming it."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise StoreError(f"store metadata file {path} is not valid JSON ({err})") from err
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete temporary files left in ``directory`` by dead processes of this host.
-
-    Temporary names carry ``<host>.<pid>``; a file whose process is gone (a killed writer) is
-    removed. Files of live processes and of other hosts are left alone.
-    """
-    host = socket.gethostname().replace(".", "_")
-    removed = []
-    if not directory.is_dir():
-        return removed
-    for entry in directory.iterdir():
-        name = entry.name
-        if _TMP_MARK not in name or not name.startswith("."):
-            continue
-        parts = name.rsplit(_TMP_MARK, 1)[1].split(".")
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        if _process_alive(int(parts[1])):
-            continue
-        _remove_quietly_if_present(entry)
-        removed.append(entry)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# --------------------------------------------------------------------------- array files
+def check_experiment_name(name: str) -> None:
+    """Raise unless ``name`` is usable as a directory name (1-128 of [A-Za-z0-9_.-], whole)."""
+    if not isinstance(name, str) or not _EXPERIMENT_NAME.fullmatch(name):
+        raise InvalidArgumentError(
+            f"exp_name must be 1-128 characters from [A-Za-z0-9_.-], not starting with '.' or "
+            f"'-', got {name!r}"
+        )
 
 
 def file_dtype(storage: np.dtype) -> np.dtype:
@@ -196,189 +126,6 @@ def storage_view(array: np.ndarray, storage: np.dtype) -> np.ndarray:
     return array.view(storage)
 
 
-def check_free_disk(directory: Path, nbytes: int, what: str) -> None:
-    """Raise ``OSError(ENOSPC)`` unless ``directory``'s file system has room for ``nbytes``."""
-    free = shutil.disk_usage(directory).free
-    if nbytes + DISK_HEADROOM_BYTES > free:
-        raise OSError(
-            errno.ENOSPC,
-            f"not enough free disk to create {what}: it needs {nbytes / 2**30:.3f} GiB "
-            f"(+{DISK_HEADROOM_BYTES / 2**20:.0f} MiB headroom) but {directory} has "
-            f"{free / 2**30:.3f} GiB free; free space or use another save_dir",
-        )
-
-
-def create_array(path: Path, shape: tuple[int, ...], dtype) -> None:
-    """Create a zero-filled ``.npy`` file at ``path`` atomically, with its disk blocks reserved.
-
-    The free space is checked first (``shutil.disk_usage``), the file is written under a temporary
-    name, its blocks reserved with ``posix_fallocate`` (so later writes through a memory map
-    cannot hit a full disk), fsynced and renamed over ``path``.
-
-    Raises:
-      OSError: ``ENOSPC`` with the sizes when the disk is too full; nothing is left behind.
-    """
-    path = Path(path)
-    dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    check_free_disk(path.parent, nbytes + NPY_HEADER_BYTES, str(path))
-    tmp = temporary_path(path)
-    try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        del array
-        size = os.path.getsize(tmp)
-        with open(tmp, "r+b") as f:
-            try:
-                os.posix_fallocate(f.fileno(), 0, size)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise OSError(
-                        err.errno,
-                        f"the disk filled up while reserving {size / 2**30:.3f} GiB for {path}; "
-                        "nothing was written; free space or use another save_dir",
-                    ) from err
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                # The file system cannot reserve blocks: the size check above must do.
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly_if_present(tmp)
-        raise
-    fsync_directory(path.parent)
-
-
-def check_array_file(path: Path, shape: tuple[int, ...], dtype) -> None:
-    """Check that ``path`` is a complete ``.npy`` file of ``shape`` and ``dtype``.
-
-    Raises:
-      StoreError: naming ``path`` when it is missing, not a ``.npy`` file, of another shape or
-        dtype, truncated, or longer than its header says.
-    """
-    path = Path(path)
-    dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in shape)
-    if not path.is_file():
-        raise StoreError(f"store array file {path} is missing (expected shape {shape}, {dtype})")
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                found_shape, fortran, found_dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                found_shape, fortran, found_dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as err:
-            raise StoreError(f"store array file {path} has no valid .npy header ({err})") from err
-        offset = f.tell()
-        size = os.fstat(f.fileno()).st_size
-    if tuple(found_shape) != shape or np.dtype(found_dtype) != dtype or fortran:
-        raise StoreError(
-            f"store array file {path} holds shape {tuple(found_shape)} {np.dtype(found_dtype)}"
-            f"{' (Fortran order)' if fortran else ''}, but this store expects shape {shape} {dtype}"
-        )
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size != expected:
-        state = "truncated" if size < expected else "longer than its header says"
-        raise StoreError(
-            f"store array file {path} is {state}: {size} bytes, expected {expected} for shape "
-            f"{shape} {dtype}"
-        )
-
-
-def open_array(path: Path, shape: tuple[int, ...], dtype, mode: str = "r+") -> np.memmap:
-    """:func:`check_array_file`, then open ``path`` as a memory map."""
-    check_array_file(path, shape, dtype)
-    return np.lib.format.open_memmap(path, mode=mode)
-
-
-def write_rows(
-    data: Sequence[tuple[np.ndarray, np.ndarray]], done: np.memmap, indices: np.ndarray
-) -> None:
-    """Write rows, then mark them done: the ordering that makes a killed writer safe.
-
-    Args:
-      data: ``(memmap, values)`` pairs; ``memmap[indices] = values`` for each (cast on assignment).
-      done: the (N,) uint8 done mask.
-      indices: (B,) row indices.
-
-    Each data array is flushed (``msync``) before the done mask is written, and the done mask is
-    flushed last.
-    """
-    for array, values in data:
-        array[indices] = values
-    for array, _ in data:
-        array.flush()
-    done[indices] = 1
-    done.flush()
-
-
-# --------------------------------------------------------------------------- fingerprints and layouts
-
-
-def _leaf_sample(leaf) -> np.ndarray:
-    size = int(np.prod(np.shape(leaf), dtype=np.int64))
-    itemsize = np.dtype(jnp.result_type(leaf)).itemsize
-    if size * itemsize <= FULL_HASH_BYTES:
-        return np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
-    starts = np.linspace(0, size - FINGERPRINT_WINDOW_ELEMENTS, FINGERPRINT_WINDOWS).astype(np.int64)
-    index = (starts[:, None] + np.arange(FINGERPRINT_WINDOW_ELEMENTS)).reshape(-1)
-    if isinstance(leaf, jax.Array):
-        return np.asarray(jnp.ravel(leaf)[jnp.asarray(index)])
-    return np.asarray(np.ravel(np.asarray(leaf))[index])
-
-
-def fingerprint(params) -> str:
-    """A short hash identifying a checkpoint's weights, computed cheaply.
-
-    blake2b over every leaf's path, shape and dtype and over its bytes: all of them for leaves
-    up to 1 MiB, and 64 evenly spaced windows of 1024 elements (the first and last elements
-    included) for larger leaves, so hashing costs at most about 256 KiB per large leaf, read on
-    the leaf's device. Two trained checkpoints differ in every window; a change confined to the
-    gaps between windows of a large leaf is not seen.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for path, leaf in zip(featurize_lib.parameter_paths(params), jax.tree_util.tree_leaves(params), strict=True):
-        digest.update(f"{path}|{tuple(np.shape(leaf))}|{jnp.result_type(leaf)}\n".encode())
-        digest.update(_leaf_sample(leaf).tobytes())
-    return "blake2b-sampled-1:" + digest.hexdigest()
-
-
-def tree_record(params) -> dict:
-    """The parameter tree's layout: '/'-joined leaf paths, shapes and dtypes, in flattening order."""
-    leaves = jax.tree_util.tree_leaves(params)
-    return {
-        "paths": featurize_lib.parameter_paths(params),
-        "shapes": [list(np.shape(x)) for x in leaves],
-        "dtypes": [str(jnp.result_type(x)) for x in leaves],
-    }
-
-
-def tree_differences(stored: dict, found: dict, *, check_order: bool = True,
-                     names: tuple[str, str] = ("store", "new tree")) -> list[str]:
-    """Human-readable differences between two :func:`tree_record` results (leaves matched by
-    path; with ``check_order``, the flattening order must agree too). ``names`` label the two."""
-    lines = []
-    stored_leaves = dict(zip(stored["paths"], zip(stored["shapes"], stored["dtypes"], strict=True), strict=True))
-    found_leaves = dict(zip(found["paths"], zip(found["shapes"], found["dtypes"], strict=True), strict=True))
-    missing = [p for p in stored["paths"] if p not in found_leaves]
-    extra = [p for p in found["paths"] if p not in stored_leaves]
-    first, second = names
-    if missing:
-        lines.append(f"leaves missing from the {second}: {missing}")
-    if extra:
-        lines.append(f"leaves not in the {first}'s tree: {extra}")
-    for path, (shape, dtype) in stored_leaves.items():
-        if path in found_leaves and found_leaves[path] != (shape, dtype):
-            other = found_leaves[path]
-            lines.append(
-                f"{path}: {first} has shape {tuple(shape)} {dtype}, {second} has {tuple(other[0])} {other[1]}"
-            )
-    if check_order and not lines and stored["paths"] != found["paths"]:
-        lines.append(f"leaf order differs: {first} has {stored['paths']}, {second} has {found['paths']}")
-    return lines
-
-
 def config_differences(stored: dict, requested: dict) -> list[str]:
     """``"field: store has A, this session has B"`` for every field that differs."""
     lines = []
@@ -390,7 +137,72 @@ def config_differences(stored: dict, requested: dict) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------- the store
+# --------------------------------------------------------------------------- metadata schemas
+
+_INT, _STR, _BOOL, _REAL = "int", "str", "bool", "real"
+
+
+def _fits(value, kind) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _REAL:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(kind, list):  # a list of one kind
+        return isinstance(value, list) and all(_fits(v, kind[0]) for v in value)
+    if isinstance(kind, tuple):  # any of these kinds
+        return any(_fits(value, k) for k in kind)
+    if kind is None:
+        return value is None
+    if isinstance(kind, dict):  # an object with these keys ("key?": optional)
+        if not isinstance(value, dict):
+            return False
+        for key, sub in kind.items():
+            name = key.rstrip("?")
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return False
+            if not _fits(value[name], sub):
+                return False
+        return True
+    if kind is dict:
+        return isinstance(value, dict)
+    raise TypeError(f"unknown schema kind {kind!r}")
+
+
+_TREE = {"paths": [_STR], "shapes": [[_INT]], "dtypes": [_STR]}
+_DIFFERENTIATED = {"paths": [_STR], "num_params": _INT, "proj_dim": _INT}
+_STORE_SCHEMA = {
+    "format_version": _INT, "trakjax_version": _STR, "config": dict,
+    "parameters": (None, {"tree": _TREE, "differentiated": _DIFFERENTIATED}),
+    "train_fingerprint?": (None, _STR),
+}
+_FINALIZED = {"lambda_reg": _REAL, "rank": _INT, "condition": (_REAL, _STR), "scale": _REAL}
+_MODEL_SCHEMA = {"model_id": _INT, "fingerprint": _STR, "finalized": (None, _FINALIZED)}
+_SCORES_RECORD = {"model_ids": [_INT], "block_rows": _INT, "complete": _BOOL}
+_EXPERIMENT_SCHEMA = {
+    "name": _STR, "num_targets": _INT, "model_ids": [_INT], "scores": (None, _SCORES_RECORD),
+    "targets_fingerprint?": (None, _STR),
+}
+
+
+def read_record(path: Path, schema: dict, what: str) -> dict:
+    """Read a JSON metadata file and check it against ``schema``; raise StoreError naming it."""
+    record = read_json(path, what)
+    if not _fits(record, schema):
+        expected = ", ".join(f"{k.rstrip('?')}{' (optional)' if k.endswith('?') else ''}" for k in schema)
+        raise StoreError(
+            f"{what} {path} does not have the expected form (a JSON object with {expected}, of "
+            f"the right types); it is damaged: restore it or use a new store"
+        )
+    return record
+
+
+# --------------------------------------------------------------------------- array bundles
 
 
 class TrainArrays(NamedTuple):
@@ -415,11 +227,33 @@ class TargetArrays(NamedTuple):
 
 
 class ScoreArrays(NamedTuple):
-    """The (N, T) float32 score matrix, its per-block done mask and the block size in rows."""
+    """A score matrix being computed: (N, T) float32 scores, its per-block done mask, the block
+    size in rows, the model_ids it ensembles and its directory."""
 
     scores: np.memmap
     done: np.memmap
     block_rows: int
+    model_ids: tuple[int, ...] = ()
+    folder: Path | None = None
+
+
+def _num_blocks(num_rows: int, block_rows: int) -> int:
+    return -(-int(num_rows) // int(block_rows))
+
+
+def _score_key(model_ids: Sequence[int], block_rows: int) -> str:
+    text = json.dumps({"model_ids": [int(m) for m in model_ids], "block_rows": int(block_rows)})
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _config_int(config: dict, key: str, root: Path) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise StoreError(f"the store at {root} records {key}={value!r}; expected an int >= 1")
+    return value
+
+
+# --------------------------------------------------------------------------- the store
 
 
 class Store:
@@ -439,60 +273,25 @@ class Store:
 
     @classmethod
     def open(cls, root, config: dict, *, validate: bool = True) -> Store:
-        """Open the store at ``root``, creating it with ``config`` when it does not exist.
+        """Open the store at ``root`` (``~`` expanded), creating it with ``config`` when absent.
 
         Args:
           root: the store directory.
-          config: JSON-able run configuration (proj_dim, seed, projection, contract version, ...).
+          config: JSON-able run configuration (the result settings, task, N, ...).
           validate: check every array file the metadata refers to.
 
         Raises:
           StoreError: if the store holds another configuration (every differing field listed
             with both values) or a damaged file (named by path).
         """
-        root = Path(root).resolve()
+        root = Path(os.path.expanduser(os.fspath(root))).resolve()
         if root.exists() and not root.is_dir():
             raise StoreError(f"save_dir {root} exists and is not a directory")
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root, {})
         with store.lock():
             path = root / METADATA_FILE
-            if path.exists():
-                metadata = read_json(path)
-                stored = metadata.get("config")
-                if not isinstance(stored, dict) or metadata.get("format_version") != FORMAT_VERSION:
-                    raise StoreError(
-                        f"{path} is not a trakjax store of format version {FORMAT_VERSION} "
-                        f"(found format_version={metadata.get('format_version')!r})"
-                    )
-                differences = config_differences(stored, config)
-                if differences:
-                    raise StoreError(
-                        f"the store at {root} was created with another configuration:\n  "
-                        + "\n  ".join(differences)
-                        + "\nUse another save_dir, or the store's configuration"
-                    )
-                version = _trakjax_version()
-                if metadata.get("trakjax_version") != version:
-                    warnings.warn(
-                        f"the store at {root} was written by trakjax {metadata.get('trakjax_version')}, "
-                        f"this is trakjax {version}; its configuration matches, so it is used",
-                        stacklevel=3,
-                    )
-            else:
-                remove_stale_temporaries(root)  # a creation killed before its first rename
-                if any(p.name != LOCK_FILE and _TMP_MARK not in p.name for p in root.iterdir()):
-                    raise StoreError(
-                        f"save_dir {root} is not empty and holds no {METADATA_FILE}; it is not a "
-                        "trakjax store (use an empty or new directory)"
-                    )
-                metadata = {
-                    "format_version": FORMAT_VERSION,
-                    "trakjax_version": _trakjax_version(),
-                    "config": config,
-                    "parameters": None,
-                }
-                write_json_atomic(path, metadata)
+            metadata = store._existing(path, config) if path.exists() else store._create(path, config)
             store._metadata = metadata
             for folder in store._folders():
                 remove_stale_temporaries(folder)
@@ -500,9 +299,46 @@ class Store:
                 store.validate()
         return store
 
+    def _existing(self, path: Path, config: dict) -> dict:
+        metadata = read_json(path)
+        if not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION:
+            found = metadata.get("format_version") if isinstance(metadata, dict) else None
+            raise StoreError(
+                f"{path} is not a trakjax store of format version {FORMAT_VERSION} "
+                f"(found format_version={found!r})"
+            )
+        metadata = read_record(path, _STORE_SCHEMA, "store metadata file")
+        differences = config_differences(metadata["config"], config)
+        if differences:
+            raise StoreError(
+                f"the store at {self.root} was created with another configuration:\n  "
+                + "\n  ".join(differences) + "\nUse another save_dir, or the store's configuration"
+            )
+        if metadata["trakjax_version"] != __version__:
+            warnings.warn(
+                f"the store at {self.root} was written by trakjax {metadata['trakjax_version']}, "
+                f"this is trakjax {__version__}; its configuration matches, so it is used",
+                stacklevel=4,
+            )
+        return metadata
+
+    def _create(self, path: Path, config: dict) -> dict:
+        remove_stale_temporaries(self.root)  # a creation killed before its first rename
+        if any(p.name != LOCK_FILE and TMP_MARK not in p.name for p in self.root.iterdir()):
+            raise StoreError(
+                f"save_dir {self.root} is not empty and holds no {METADATA_FILE}; it is not a "
+                "trakjax store (use an empty or new directory)"
+            )
+        metadata = {
+            "format_version": FORMAT_VERSION, "trakjax_version": __version__, "config": config,
+            "parameters": None, "train_fingerprint": None,
+        }
+        write_json_atomic(path, metadata)
+        return metadata
+
     def _folders(self) -> list[Path]:
         """Every directory of the store (where temporary files may be left)."""
-        return [self.root] + [p for p in self.root.rglob("*") if p.is_dir()]
+        return [self.root] + [p for p in self.root.rglob("*") if p.is_dir() and not p.is_symlink()]
 
     @contextlib.contextmanager
     def lock(self, path: Path | None = None) -> Iterator[None]:
@@ -514,7 +350,7 @@ class Store:
         if path in self._held:
             yield
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._held.add(path)
@@ -526,7 +362,7 @@ class Store:
             os.close(fd)
 
     def _refresh(self) -> dict:
-        self._metadata = read_json(self.root / METADATA_FILE)
+        self._metadata = read_record(self.root / METADATA_FILE, _STORE_SCHEMA, "store metadata file")
         return self._metadata
 
     @property
@@ -536,11 +372,14 @@ class Store:
 
     @property
     def train_set_size(self) -> int:
-        return int(self._metadata["config"]["train_set_size"])
+        return _config_int(self._metadata["config"], "train_set_size", self.root)
 
     @property
     def storage_dtype(self) -> np.dtype:
-        return np.dtype(jnp.dtype(self._metadata["config"]["dtype"]))
+        name = self._metadata["config"].get("dtype")
+        if name not in ("float32", "bfloat16", "float16"):
+            raise StoreError(f"the store at {self.root} records an unknown feature dtype {name!r}")
+        return np.dtype(jnp.dtype(name))
 
     def parameters(self) -> dict | None:
         """The parameter record (tree layout, differentiated leaves, P, k), once a checkpoint is in."""
@@ -555,7 +394,7 @@ class Store:
     # ----------------------------------------------------------------- validation
 
     def validate(self) -> None:
-        """Check every array file the metadata refers to; raise :class:`StoreError` naming a bad one."""
+        """Check every metadata and array file; raise :class:`StoreError` naming a bad one."""
         record = self._metadata.get("parameters")
         if record is None:
             return
@@ -577,11 +416,43 @@ class Store:
                 folder = self._target_dir(name, model_id)
                 check_array_file(folder / "grads.npy", (t, k), storage)
                 check_array_file(folder / "done.npy", (t,), DONE_DTYPE)
-            scores = info.get("scores")
-            if scores:
-                folder = self._experiment_dir(name)
-                check_array_file(folder / "scores.npy", (n, t), SCORES_DTYPE)
-                check_array_file(folder / "scores_done.npy", (_num_blocks(n, scores["block_rows"]),), DONE_DTYPE)
+            if (info.get("scores") or {}).get("complete"):
+                check_array_file(self._experiment_dir(name) / "scores.npy", (n, t), SCORES_DTYPE)
+
+    # ----------------------------------------------------------------- training data
+
+    def check_train_data(self, data_fingerprint: str) -> None:
+        """Record the training data's fingerprint, or check it against the recorded one.
+
+        Raises:
+          InputsChangedError: the store's features were computed from other training data.
+        """
+        with self.lock():
+            metadata = self._refresh()
+            stored = metadata.get("train_fingerprint")
+            if stored is None:
+                metadata["train_fingerprint"] = data_fingerprint
+                write_json_atomic(self.root / METADATA_FILE, metadata)
+            elif stored != data_fingerprint:
+                raise InputsChangedError(
+                    f"the store at {self.root} holds features of other training data: fingerprint "
+                    f"{stored} in the store, {data_fingerprint} for this run"
+                )
+
+    def train_fingerprint(self) -> str | None:
+        """The recorded fingerprint of the training data, or None."""
+        return self._refresh().get("train_fingerprint")
+
+    def clear(self) -> None:
+        """Delete every checkpoint's and experiment's results, keeping the configuration."""
+        with self.lock():
+            for folder in ("models", "experiments"):
+                if (self.root / folder).exists():
+                    shutil.rmtree(self.root / folder)
+            metadata = self._refresh()
+            metadata["parameters"] = None
+            metadata["train_fingerprint"] = None
+            write_json_atomic(self.root / METADATA_FILE, metadata)
 
     # ----------------------------------------------------------------- models (train side)
 
@@ -603,14 +474,25 @@ class Store:
                 f"model_id {model_id} is not in the store at {self.root} (registered: "
                 f"{self.model_ids()}); load_checkpoint(checkpoint, {model_id}) and featurize first"
             )
-        return read_json(path)
+        return read_record(path, _MODEL_SCHEMA, "model record")
 
     def has_model(self, model_id: int) -> bool:
         return (self._model_dir(model_id) / "model.json").is_file()
 
+    def fingerprint_of(self, params, model_id: int | None = None) -> str:
+        """The fingerprint of ``params`` in the scheme ``model_id`` was registered with (the
+        current scheme for a new model_id), for :meth:`register_model` and :meth:`check_weights`."""
+        scheme = trees.FINGERPRINT_SCHEME
+        if model_id is not None and self.has_model(model_id):
+            stored = self.model_info(model_id)["fingerprint"].split(":", 1)[0]
+            if stored in (trees.FINGERPRINT_SCHEME, trees.SAMPLED_SCHEME):
+                scheme = stored
+        return trees.fingerprint(params, scheme)
+
     def check_parameters(self, tree: dict, differentiated: dict | None = None) -> None:
-        """Raise :class:`StoreError` if ``tree`` (:func:`tree_record`) or ``differentiated`` differ
-        from the store's parameter record (no-op before the first checkpoint)."""
+        """Raise :class:`StoreError` if ``tree`` (:func:`trakjax.trees.tree_record`) or
+        ``differentiated`` differ from the store's parameter record (no-op before the first
+        checkpoint)."""
         record = self.parameters()
         if record is None:
             return
@@ -628,8 +510,8 @@ class Store:
 
         Args:
           model_id: the checkpoint's id.
-          weights: :func:`fingerprint` of its parameters.
-          tree: :func:`tree_record` of its parameters.
+          weights: the fingerprint of its parameters (:meth:`fingerprint_of`).
+          tree: :func:`trakjax.trees.tree_record` of its parameters.
           differentiated: ``{"paths": [...], "num_params": P, "proj_dim": k}``.
 
         Raises:
@@ -640,13 +522,7 @@ class Store:
         with self.lock():
             self.check_parameters(tree, differentiated)
             if self.has_model(model_id):
-                stored = self.model_info(model_id)["fingerprint"]
-                if stored != weights:
-                    raise StoreError(
-                        f"model_id {model_id} in the store at {self.root} holds other weights: "
-                        f"fingerprint {stored} in the store, {weights} for this checkpoint. Use a "
-                        "new model_id for a different checkpoint, or another save_dir"
-                    )
+                self.check_weights(model_id, weights)
                 return
             if self._metadata.get("parameters") is None:
                 self._metadata["parameters"] = {"tree": tree, "differentiated": differentiated}
@@ -659,8 +535,7 @@ class Store:
             create_array(folder / "grads.npy", (n, k), file_dtype(self.storage_dtype))
             create_array(folder / "out_to_loss.npy", (n,), OUT_TO_LOSS_DTYPE)
             write_json_atomic(
-                folder / "model.json",
-                {"model_id": model_id, "fingerprint": weights, "finalized": None},
+                folder / "model.json", {"model_id": model_id, "fingerprint": weights, "finalized": None}
             )
 
     def check_weights(self, model_id: int, weights: str) -> None:
@@ -668,8 +543,9 @@ class Store:
         stored = self.model_info(model_id)["fingerprint"]
         if stored != weights:
             raise StoreError(
-                f"model_id {model_id} in the store at {self.root} was featurized with other "
-                f"weights: fingerprint {stored} in the store, {weights} for this checkpoint"
+                f"model_id {model_id} in the store at {self.root} holds other weights: "
+                f"fingerprint {stored} in the store, {weights} for this checkpoint. Use a new "
+                "model_id for a different checkpoint, or another save_dir"
             )
 
     def train_arrays(self, model_id: int, mode: str = "r+") -> TrainArrays:
@@ -689,9 +565,7 @@ class Store:
     def write_train_rows(arrays: TrainArrays, indices: np.ndarray, features: np.ndarray,
                          out_to_loss: np.ndarray) -> None:
         """Write rows of Φ and q into ``arrays`` (opened ``r+``), flush, then mark them done."""
-        write_rows(
-            [(arrays.grads, features), (arrays.out_to_loss, out_to_loss)], arrays.done, indices
-        )
+        write_rows([(arrays.grads, features), (arrays.out_to_loss, out_to_loss)], arrays.done, indices)
 
     def is_finalized(self, model_id: int) -> bool:
         return bool(self.model_info(model_id).get("finalized"))
@@ -707,9 +581,8 @@ class Store:
         n, k = self.train_set_size, self.proj_dim()
         final = folder / "features.npy"
         tmp_name = temporary_path(final)
-        dtype = file_dtype(self.storage_dtype)
         remove_stale_temporaries(folder)
-        create_array(tmp_name, (n, k), dtype)
+        create_array(tmp_name, (n, k), file_dtype(self.storage_dtype))
         try:
             out = np.lib.format.open_memmap(tmp_name, mode="r+")
             fill(storage_view(out, self.storage_dtype))
@@ -719,7 +592,7 @@ class Store:
                 os.fsync(f.fileno())
             os.replace(tmp_name, final)
         except BaseException:
-            _remove_quietly_if_present(tmp_name)
+            remove_if_present(tmp_name)
             raise
         fsync_directory(folder)
         with self.lock():
@@ -756,43 +629,69 @@ class Store:
         return (self._experiment_dir(name) / "experiment.json").is_file()
 
     def experiment_info(self, name: str) -> dict:
+        check_experiment_name(name)
         path = self._experiment_dir(name) / "experiment.json"
         if not path.is_file():
             raise StoreError(
                 f"experiment {name!r} does not exist in the store at {self.root} (experiments: "
                 f"{self.experiment_names()}); call start_scoring_checkpoint({name!r}, ...) first"
             )
-        return read_json(path)
+        info = read_record(path, _EXPERIMENT_SCHEMA, "experiment record")
+        if info["num_targets"] < 1:
+            raise StoreError(f"experiment record {path} has num_targets={info['num_targets']}; expected >= 1")
+        return info
 
-    def register_target_model(self, name: str, num_targets: int, model_id: int) -> None:
+    def register_target_model(self, name: str, num_targets: int, model_id: int,
+                              targets_fingerprint: str | None = None) -> None:
         """Create experiment ``name`` (T targets) if new and target arrays for ``model_id``.
+
+        Args:
+          name: the experiment.
+          num_targets: T.
+          model_id: a registered checkpoint.
+          targets_fingerprint: the targets' content fingerprint, when the caller has the whole
+            target set; recorded, and checked against the recorded one.
 
         Raises:
           StoreError: if the experiment exists with another number of targets.
+          InputsChangedError: if it exists with targets of another fingerprint.
         """
         check_experiment_name(name)
         with self.lock():
             path = self._experiment_dir(name) / "experiment.json"
             if path.is_file():
-                info = read_json(path)
-                if int(info["num_targets"]) != int(num_targets):
-                    raise StoreError(
-                        f"experiment {name!r} in the store at {self.root} has num_targets="
-                        f"{info['num_targets']}, this call has num_targets={num_targets}; use "
-                        "another exp_name for other targets"
-                    )
+                info = self.experiment_info(name)
+                self._check_targets(name, info, int(num_targets), targets_fingerprint)
             else:
-                info = {"name": name, "num_targets": int(num_targets), "model_ids": [], "scores": None}
-            if int(model_id) in info["model_ids"]:
-                return
-            folder = self._target_dir(name, model_id)
-            folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(folder)
-            k = self.proj_dim()
-            create_array(folder / "done.npy", (int(num_targets),), DONE_DTYPE)
-            create_array(folder / "grads.npy", (int(num_targets), k), file_dtype(self.storage_dtype))
-            info["model_ids"] = sorted(info["model_ids"] + [int(model_id)])
+                info = {"name": name, "num_targets": int(num_targets), "model_ids": [], "scores": None,
+                        "targets_fingerprint": targets_fingerprint}
+            if info.get("targets_fingerprint") is None and targets_fingerprint is not None:
+                info["targets_fingerprint"] = targets_fingerprint
+            if int(model_id) not in info["model_ids"]:
+                folder = self._target_dir(name, model_id)
+                folder.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(folder)
+                k = self.proj_dim()
+                create_array(folder / "done.npy", (int(num_targets),), DONE_DTYPE)
+                create_array(folder / "grads.npy", (int(num_targets), k), file_dtype(self.storage_dtype))
+                info["model_ids"] = sorted(info["model_ids"] + [int(model_id)])
+            (self._experiment_dir(name)).mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, info)
+
+    def _check_targets(self, name: str, info: dict, num_targets: int, targets_fingerprint) -> None:
+        if int(info["num_targets"]) != num_targets:
+            raise StoreError(
+                f"experiment {name!r} in the store at {self.root} has num_targets="
+                f"{info['num_targets']}, this call has num_targets={num_targets}; use "
+                "another exp_name for other targets"
+            )
+        stored = info.get("targets_fingerprint")
+        if stored is not None and targets_fingerprint is not None and stored != targets_fingerprint:
+            raise InputsChangedError(
+                f"experiment {name!r} in the store at {self.root} holds other targets: fingerprint "
+                f"{stored} in the store, {targets_fingerprint} for this run; use another exp_name "
+                "for other targets"
+            )
 
     def target_arrays(self, name: str, model_id: int, mode: str = "r+") -> TargetArrays:
         info = self.experiment_info(name)
@@ -817,33 +716,40 @@ class Store:
         """Write rows of Ψ into ``arrays`` (opened ``r+``), flush, then mark them done."""
         write_rows([(arrays.grads, features)], arrays.done, indices)
 
-    def score_arrays(self, name: str, model_ids: Sequence[int], block_rows: int) -> ScoreArrays:
-        """The experiment's score matrix for ``model_ids``: reused when it was started for the
-        same models and block size (its done blocks kept), else created anew.
+    # ----------------------------------------------------------------- score matrices
 
-        Creating anew first clears the experiment's score record, then replaces the done mask
-        (zeros), then the score file, then writes the new record: a kill between any two steps
-        leaves a state whose done mask never vouches for blocks it does not hold.
+    def finished_scores(self, name: str, model_ids: Sequence[int],
+                        block_rows: int | None = None) -> np.memmap | None:
+        """The experiment's finished score matrix if it ensembles exactly ``model_ids`` (and was
+        computed in blocks of ``block_rows``, when given), else None."""
+        with self.lock():
+            record = self.experiment_info(name).get("scores")
+            if (record and record["complete"] and record["model_ids"] == [int(m) for m in model_ids]
+                    and block_rows in (None, record["block_rows"])):
+                return self.scores(name)
+        return None
+
+    def score_arrays(self, name: str, model_ids: Sequence[int], block_rows: int) -> ScoreArrays:
+        """The partial score matrix of ``name`` for ``model_ids`` and ``block_rows``: reused with
+        its done blocks when it exists (a resumed call), else created (zeros, nothing done).
+
+        It lives in ``partial/<key>`` of the experiment, apart from the finished ``scores.npy``
+        and from partial matrices of other model_ids.
         """
         n = self.train_set_size
+        ids = tuple(int(m) for m in model_ids)
         with self.lock():
-            info = self.experiment_info(name)
-            t = int(info["num_targets"])
-            folder = self._experiment_dir(name)
-            wanted = {"model_ids": [int(m) for m in model_ids], "block_rows": int(block_rows)}
-            record = info.get("scores")
-            if not record or {k: record[k] for k in wanted} != wanted:
+            t = int(self.experiment_info(name)["num_targets"])
+            folder = self._experiment_dir(name) / "partial" / _score_key(ids, block_rows)
+            blocks = _num_blocks(n, block_rows)
+            if not (folder / "scores_done.npy").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(folder)
-                if record:
-                    info["scores"] = None
-                    write_json_atomic(folder / "experiment.json", info)
-                create_array(folder / "scores_done.npy", (_num_blocks(n, block_rows),), DONE_DTYPE)
                 create_array(folder / "scores.npy", (n, t), SCORES_DTYPE)
-                info["scores"] = dict(wanted, complete=False)
-                write_json_atomic(folder / "experiment.json", info)
+                create_array(folder / "scores_done.npy", (blocks,), DONE_DTYPE)
             scores = open_array(folder / "scores.npy", (n, t), SCORES_DTYPE, "r+")
-            done = open_array(folder / "scores_done.npy", (_num_blocks(n, block_rows),), DONE_DTYPE, "r+")
-        return ScoreArrays(scores, done, int(block_rows))
+            done = open_array(folder / "scores_done.npy", (blocks,), DONE_DTYPE, "r+")
+        return ScoreArrays(scores, done, int(block_rows), ids, folder)
 
     def write_score_block(self, arrays: ScoreArrays, block: int, start: int, values: np.ndarray) -> None:
         """Write a block of score rows, flush, then mark the block done."""
@@ -852,31 +758,43 @@ class Store:
         arrays.done[block] = 1
         arrays.done.flush()
 
-    def complete_scores(self, name: str) -> None:
-        """Record the experiment's score matrix as complete (after every block is flushed)."""
+    def complete_scores(self, name: str, arrays: ScoreArrays) -> np.memmap:
+        """Finish a partial score matrix: under the store lock, check that every block is done,
+        move it to ``scores.npy``, record its model_ids as complete, and return it read-only
+        (opened before the lock is released, so a later finish by another session cannot swap
+        it under the caller).
+
+        Raises:
+          StoreError: if some block is not written (nothing is marked complete then).
+        """
         with self.lock():
             info = self.experiment_info(name)
-            info["scores"]["complete"] = True
+            record = info.get("scores")
+            wanted = {"model_ids": list(arrays.model_ids), "block_rows": arrays.block_rows, "complete": True}
+            if record == wanted and not (arrays.folder / "scores.npy").exists():
+                return self.scores(name)  # another session finished this very matrix
+            missing = np.flatnonzero(np.asarray(open_array(
+                arrays.folder / "scores_done.npy", arrays.done.shape, DONE_DTYPE, "r")) == 0)
+            if missing.size:
+                raise StoreError(
+                    f"experiment {name!r}: {missing.size} score blocks are not written yet "
+                    f"(first {missing[:10].tolist()}); nothing was marked complete"
+                )
+            final = self._experiment_dir(name) / "scores.npy"
+            info["scores"] = None
             write_json_atomic(self._experiment_dir(name) / "experiment.json", info)
+            os.replace(arrays.folder / "scores.npy", final)
+            fsync_directory(final.parent)
+            info["scores"] = wanted
+            write_json_atomic(self._experiment_dir(name) / "experiment.json", info)
+            shutil.rmtree(arrays.folder)
+            return self.scores(name)
 
     def scores(self, name: str) -> np.memmap:
-        """The experiment's complete (N, T) float32 score matrix, read-only."""
+        """The experiment's finished (N, T) float32 score matrix, read-only."""
         info = self.experiment_info(name)
         record = info.get("scores")
         if not record or not record.get("complete"):
             raise StoreError(f"experiment {name!r} has no finalized scores; call finalize_scores first")
         n, t = self.train_set_size, int(info["num_targets"])
         return open_array(self._experiment_dir(name) / "scores.npy", (n, t), SCORES_DTYPE, "r")
-
-
-def _num_blocks(num_rows: int, block_rows: int) -> int:
-    return -(-int(num_rows) // int(block_rows))
-
-
-def check_experiment_name(name: str) -> None:
-    """Raise ``ValueError`` unless ``name`` is usable as a directory name."""
-    if not isinstance(name, str) or not _EXPERIMENT_NAME.match(name):
-        raise ValueError(
-            f"exp_name must be 1-128 characters from [A-Za-z0-9_.-], not starting with '.' or "
-            f"'-', got {name!r}"
-        )

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax.errors import InvalidArgumentError
+
 
 class TaskState(NamedTuple):
     """What a task sees besides parameters and data: per-checkpoint ``aux`` and a PRNG ``key``."""
@@ -108,19 +110,19 @@ def _label_range_check(name: str, apply_fn, params, inputs, labels, what: str = 
     logits = output_shape(apply_fn, params, inputs)
     batch = np.shape(labels)[0] if np.ndim(labels) else None
     if len(logits.shape) != 2 or logits.shape[0] != batch:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: apply_fn(params, {what}) must return logits of shape (B, num_classes) = "
             f"({batch}, C); got {tuple(logits.shape)} for {what} of shape {describe_shapes(inputs)}"
         )
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: labels must be a (B,) integer array, got shape {labels.shape} dtype {labels.dtype}"
         )
     num_classes = logits.shape[1]
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: labels must be in [0, {num_classes}) for logits of shape "
             f"{tuple(logits.shape)}; got {labels[bad][:5].tolist()} at batch positions "
             f"{np.flatnonzero(bad)[:5].tolist()}"
@@ -129,7 +131,7 @@ def _label_range_check(name: str, apply_fn, params, inputs, labels, what: str = 
 
 def _check_pair(name: str, batch, first: str, second: str) -> None:
     if not isinstance(batch, tuple | list) or len(batch) != 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: each batch must be a pair ({first}, {second}), got {type(batch).__name__}"
         )
 
@@ -153,7 +155,7 @@ def image_classification(
       temperature enters Q only.
     """
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise InvalidArgumentError(f"temperature must be > 0, got {temperature}")
 
     def output(params, example, state):
         del state
@@ -178,7 +180,7 @@ def image_classification(
 def _check_logits_rank(name: str, logits, expected: str, ok: bool, inputs) -> None:
     """Trace-time check of the logits ``apply_fn`` returned for one example (batch axis of 1)."""
     if not ok:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: apply_fn(params, inputs) must return {expected} for inputs with a batch "
             f"axis of 1; got shape {tuple(logits.shape)} for inputs of shape "
             f"{describe_shapes(inputs)}"
@@ -207,7 +209,7 @@ def text_classification(
       :func:`image_classification`, the temperature enters Q only.
     """
     if not temperature > 0:
-        raise ValueError(f"text_classification: temperature must be > 0, got {temperature}")
+        raise InvalidArgumentError(f"text_classification: temperature must be > 0, got {temperature}")
     name = "text_classification"
 
     def output(params, example, state):
@@ -238,12 +240,12 @@ def text_classification(
 def _binary_labels(name: str, labels, batch: int) -> None:
     labels = np.asarray(labels)
     if labels.shape not in ((batch,), (batch, 1)):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: labels must have shape ({batch},) or ({batch}, 1), got {labels.shape}"
         )
     bad = (labels != 0) & (labels != 1)
     if bad.any():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: labels must be 0 or 1 for one logit per example; got "
             f"{labels[bad][:5].tolist()} at batch positions {np.flatnonzero(bad)[:5].tolist()} "
             "(for C > 2 classes use image_classification or text_classification)"
@@ -252,7 +254,7 @@ def _binary_labels(name: str, labels, batch: int) -> None:
 
 def _scalar_per_example(name: str, fn_desc: str, shape, batch: int, inputs, what: str) -> None:
     if tuple(shape) not in ((batch,), (batch, 1)):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{name}: {fn_desc} must return one scalar per example, shape ({batch},) or "
             f"({batch}, 1); got {tuple(shape)} for {what} of shape {describe_shapes(inputs)}"
         )
@@ -275,7 +277,7 @@ def binary_classification(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         logits = apply_fn(params, x).astype(jnp.float32)
         batch = labels.shape[0]
         if logits.shape not in ((batch,), (batch, 1)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: apply_fn(params, x) must return one logit per example, shape "
                 f"({batch},) or ({batch}, 1); got {tuple(logits.shape)} for x of shape "
                 f"{describe_shapes(x)}"
@@ -381,14 +383,14 @@ def clip(
     """
     name = "clip"
     if not (isinstance(temperature, int | float | np.floating) and temperature > 0):
-        raise ValueError(f"{name}: temperature must be a float > 0, got {temperature!r}")
+        raise InvalidArgumentError(f"{name}: temperature must be a float > 0, got {temperature!r}")
     for arg, value in (("n_negatives", n_negatives), ("bank_batch_size", bank_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name}: {arg} must be an int >= 1, got {value!r}")
+            raise InvalidArgumentError(f"{name}: {arg} must be an int >= 1, got {value!r}")
     if bank_size is not None and (
         isinstance(bank_size, bool) or not isinstance(bank_size, int | np.integer) or bank_size < 1
     ):
-        raise ValueError(f"{name}: bank_size must be None or an int >= 1, got {bank_size!r}")
+        raise InvalidArgumentError(f"{name}: bank_size must be None or an int >= 1, got {bank_size!r}")
     temperature = float(temperature)
     n_negatives = int(n_negatives)
 
@@ -397,7 +399,7 @@ def clip(
             len(image_emb) != 2 or len(text_emb) != 2 or image_emb[0] != batch
             or text_emb[0] != batch or image_emb[1] != text_emb[1]
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: image_fn(params, images) and text_fn(params, texts) must both return "
                 f"(B, D) embeddings with one D; got {tuple(image_emb)} and {tuple(text_emb)} for "
                 f"images {images_shape} and texts {texts_shape} (B = {batch})"
@@ -433,13 +435,13 @@ def clip(
 
     def check_state(state):
         if not isinstance(state.aux, ClipBank):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: the task state holds no embedding bank (aux={type(state.aux).__name__}); "
                 "run task.init(params, train) for each checkpoint (prepare_checkpoint and "
                 "attribute do)"
             )
         if state.key is None:
-            raise ValueError(f"{name}: negatives are sampled, so the task state needs a key")
+            raise InvalidArgumentError(f"{name}: negatives are sampled, so the task state needs a key")
 
     def embeddings(params, images, texts):
         image_emb = image_fn(params, images).astype(jnp.float32)
@@ -448,7 +450,7 @@ def clip(
 
     def check_bank(image_emb, bank):
         if image_emb.shape[-1] != bank.image.shape[-1]:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: embeddings have D = {image_emb.shape[-1]} but the checkpoint's bank "
                 f"holds D = {bank.image.shape[-1]} ({tuple(bank.image.shape)})"
             )
@@ -526,7 +528,7 @@ def language_modeling(
     def ids_and_mask(inputs):
         if isinstance(inputs, Mapping):
             if ids_key not in inputs:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{name}: inputs have no {ids_key!r} entry (ids_key); keys are {sorted(inputs)}"
                 )
             ids = inputs[ids_key]
@@ -542,7 +544,7 @@ def language_modeling(
         ids, mask = ids_and_mask(inputs)
         logits = apply_fn(params, inputs)
         if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: apply_fn(params, inputs) must return (B, L, V) logits for token ids "
                 f"of shape (B, L) = {tuple(ids.shape)}; got {tuple(logits.shape)} for inputs of "
                 f"shape {describe_shapes(inputs)}"
@@ -568,23 +570,23 @@ def language_modeling(
     def validate(params, batch):
         ids, mask = (batch.get(ids_key), batch.get(mask_key)) if isinstance(batch, Mapping) else (batch, None)
         if ids is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: inputs have no {ids_key!r} entry (ids_key); keys are {sorted(batch)}"
             )
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: token ids must be a (B, L) integer array, got shape {ids.shape} "
                 f"dtype {ids.dtype}"
             )
         if mask is not None and np.shape(mask) != ids.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: {mask_key!r} must have the token ids' shape {ids.shape}, got "
                 f"{np.shape(mask)}"
             )
         logits = output_shape(apply_fn, params, batch)
         if len(logits.shape) != 3 or tuple(logits.shape[:2]) != ids.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: apply_fn(params, inputs) must return (B, L, V) logits for token ids "
                 f"of shape {ids.shape}; got {tuple(logits.shape)}"
             )
@@ -592,7 +594,7 @@ def language_modeling(
         bad = (ids < 0) | (ids >= vocab)
         if bad.any():
             where = np.argwhere(bad)[:5].tolist()
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: token ids must be in [0, {vocab}) for logits of shape "
                 f"{tuple(logits.shape)}; got {ids[bad][:5].tolist()} at (example, position) {where}"
             )
@@ -631,7 +633,7 @@ def regression(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
     def predictions(params, x, batch):
         pred = apply_fn(params, x)
         if pred.shape not in ((batch,), (batch, 1)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{name}: apply_fn(params, x) must return one prediction per example, shape "
                 f"({batch},) or ({batch}, 1); got {tuple(pred.shape)} for x of shape "
                 f"{describe_shapes(x)}"
@@ -654,7 +656,7 @@ def regression(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         x, y = batch
         size = np.shape(y)[0] if np.ndim(y) else None
         if np.shape(y) not in ((size,), (size, 1)):
-            raise ValueError(f"{name}: targets y must have shape (B,) or (B, 1), got {np.shape(y)}")
+            raise InvalidArgumentError(f"{name}: targets y must have shape (B,) or (B, 1), got {np.shape(y)}")
         pred = output_shape(apply_fn, params, x)
         _scalar_per_example(name, "apply_fn(params, x)", pred.shape, size, x, "x")
 

@@ -1,0 +1,320 @@
+"""One frozen configuration of a TRAK run, validated once, before any work.
+
+A :class:`Config` has two halves:
+
+* :class:`ResultSettings` determine the scores: the projection, k, its seed, λ, which parameters
+  are differentiated, the feature storage dtype, the matmul precision and the reference
+  library's rescaling. Stores record them (:meth:`ResultSettings.record`) and refuse to mix
+  results made with others.
+* :class:`RunSettings` change only how the work runs: batch size, projection backend, memory
+  budgets, the device mesh and progress bars. They are never recorded.
+
+Every public entry point (:func:`trakjax.attribute`, :func:`trakjax.self_influence`,
+:func:`trakjax.train_features`, :class:`trakjax.TRAKer`, the TOML run configuration) takes a
+``config`` and, for convenience, the same settings as keyword arguments, which build or
+override one (:meth:`Config.create`)::
+
+    config = trakjax.Config.create(proj_dim=512, lambda_reg=0.1, batch_size=128)
+    scores = trakjax.attribute(task, checkpoints, train, targets, config)
+    scores = trakjax.attribute(task, checkpoints, train, targets, proj_dim=512, lambda_reg=0.1)
+
+Every setting is checked when the config is built, and a bad one raises
+:class:`~trakjax.errors.InvalidArgumentError` or :class:`~trakjax.errors.ArgumentTypeError`
+naming the setting, its value and what is valid. Numpy integers and floats count as Python
+ones. Layers below trust a built config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trakjax import projection, randomness, sharding
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
+
+DEFAULT_PROJ_DIM = 2048
+"""k for random projections when ``proj_dim`` is ``None``."""
+AUTO = "auto"
+"""``lambda_reg="auto"``: λ chosen per checkpoint without retraining (:mod:`trakjax.solve`)."""
+PROJECTIONS = randomness.PROJECTION_KINDS
+FEATURE_DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("highest", "high", "default")
+BACKENDS = ("xla", "pallas", "auto")
+DEFAULT_GRAD_MEMORY_BYTES = 4 * 2**30
+"""Default budget for one micro-batch of per-example gradients (per device)."""
+DEFAULT_MATRIX_CACHE_BYTES = 4 * 2**30
+"""Default budget for holding R materialized for a checkpoint (0 disables it)."""
+
+GradWrt = None | Sequence[str] | Callable[[str, Any], bool] | Any
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def is_int(value) -> bool:
+    """An int or numpy integer, not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """An int, float or numpy number, not a bool."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    """``value`` as an int in [low, high), else a trakjax error naming ``name``."""
+    valid = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    if not is_int(value):
+        raise ArgumentTypeError(f"{name} must be {valid}, got {value!r} ({type(value).__name__})")
+    if int(value) < low or (high is not None and int(value) >= high):
+        raise InvalidArgumentError(f"{name} must be {valid}, got {int(value)}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a trakjax error naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgumentError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_lambda(value) -> float | str:
+    """``lambda_reg``: ``"auto"`` (also for ``None``) or a finite float >= 0."""
+    if value is None or (isinstance(value, str) and value == AUTO):
+        return AUTO
+    if isinstance(value, str):
+        raise InvalidArgumentError(f"lambda_reg must be 'auto', None or a float >= 0, got {value!r}")
+    if not is_real(value):
+        raise ArgumentTypeError(
+            f"lambda_reg must be 'auto', None or a float >= 0, got {value!r} ({type(value).__name__})"
+        )
+    if not (math.isfinite(float(value)) and float(value) >= 0):
+        raise InvalidArgumentError(f"lambda_reg must be None or a finite float >= 0 (or 'auto'), got {value!r}")
+    return float(value)
+
+
+def check_dtype(value) -> str:
+    """The name of a feature storage dtype (float32, bfloat16 or float16)."""
+    try:
+        name = jnp.dtype(value).name
+    except TypeError as err:
+        raise InvalidArgumentError(f"dtype must be one of {FEATURE_DTYPES}, got {value!r}") from err
+    if name not in FEATURE_DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {FEATURE_DTYPES}, got {value!r}")
+    return name
+
+
+def check_grad_wrt(value) -> GradWrt:
+    """``grad_wrt``: None, a sequence of path prefixes (kept as a tuple), a callable, or a mask
+    pytree; the paths are matched against parameters later (:func:`trakjax.featurize.select_parameters`)."""
+    if isinstance(value, str):
+        raise ArgumentTypeError(
+            f"grad_wrt must be a sequence of path prefixes, not a single string; use [{value!r}]"
+        )
+    if isinstance(value, list | tuple) and value and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    if isinstance(value, list | tuple) and not value:
+        raise InvalidArgumentError("grad_wrt is an empty list: it would select no parameter")
+    return value
+
+
+def describe_grad_wrt(grad_wrt) -> Any:
+    """A JSON-able description of ``grad_wrt`` for stores: null, the prefixes, or what it is."""
+    if grad_wrt is None:
+        return None
+    if isinstance(grad_wrt, list | tuple) and all(isinstance(s, str) for s in grad_wrt):
+        return list(grad_wrt)
+    if callable(grad_wrt):
+        module = getattr(grad_wrt, "__module__", "?")
+        name = getattr(grad_wrt, "__qualname__", type(grad_wrt).__name__)
+        return f"callable {module}.{name}"
+    return "mask pytree"
+
+
+# --------------------------------------------------------------------------- the two halves
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultSettings:
+    """Settings that determine the scores; recorded in stores and compared on reopening.
+
+    Attributes:
+      projection: ``"rademacher"`` or ``"normal"`` (random R, the contract of
+        :mod:`trakjax.randomness`), or ``"identity"`` (R = I, k = P).
+      proj_dim: k; ``None`` means :data:`DEFAULT_PROJ_DIM` for random projections and P for
+        ``"identity"`` (which also accepts P itself).
+      seed: the projection seed, in [0, 2⁶⁴) (also seeds tasks' PRNG keys).
+      lambda_reg: ``"auto"`` (also written ``None``) for λ chosen per checkpoint without
+        retraining (:func:`trakjax.solve.auto_lambda`), or an absolute float ≥ 0 (the reference
+        library's meaning; ``0.0`` is exactly zero and raises if ΦᵀΦ is singular).
+      grad_wrt: which parameters to differentiate (:func:`trakjax.featurize.select_parameters`).
+      dtype: storage dtype of features, ``"float32"``, ``"bfloat16"`` or ``"float16"`` (Gram
+        and solve stay float32 or better).
+      precision: matmul precision of the projection, ``"highest"`` (full float32), ``"high"``
+        or ``"default"`` (faster passes on accelerators).
+      reference_compat: rescale each A_m⁻¹ by 1/mean|A_m⁻¹| as the reference library does.
+    """
+
+    projection: str = "rademacher"
+    proj_dim: int | None = None
+    seed: int = 0
+    lambda_reg: float | str = AUTO
+    grad_wrt: GradWrt = None
+    dtype: str = "float32"
+    precision: str = "highest"
+    reference_compat: bool = False
+
+    def __post_init__(self):
+        fix = object.__setattr__
+        fix(self, "projection", check_choice("projection", self.projection, PROJECTIONS))
+        if self.proj_dim is not None:
+            if is_int(self.proj_dim) and self.proj_dim < 1:
+                raise InvalidArgumentError(f"proj_dim must be >= 1, got {self.proj_dim}")
+            fix(self, "proj_dim", check_int("proj_dim", self.proj_dim))
+        fix(self, "seed", check_int("seed", self.seed, 0, 2**64))
+        fix(self, "lambda_reg", check_lambda(self.lambda_reg))
+        fix(self, "grad_wrt", check_grad_wrt(self.grad_wrt))
+        fix(self, "dtype", check_dtype(self.dtype))
+        fix(self, "precision", check_choice("precision", self.precision, PRECISIONS))
+        if not isinstance(self.reference_compat, bool | np.bool_):
+            raise ArgumentTypeError(f"reference_compat must be a bool, got {self.reference_compat!r}")
+        fix(self, "reference_compat", bool(self.reference_compat))
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """The feature storage dtype as a numpy dtype (bfloat16 from ml_dtypes)."""
+        return np.dtype(jnp.dtype(self.dtype))
+
+    def projection_dim(self, num_params: int) -> int:
+        """The effective k for ``num_params`` differentiated parameters (P for ``"identity"``).
+
+        Raises:
+          InvalidArgumentError: for ``"identity"`` with a ``proj_dim`` other than P.
+        """
+        proj_dim = self.proj_dim
+        if proj_dim is None and self.projection != "identity":
+            proj_dim = DEFAULT_PROJ_DIM
+        return projection.check_kind_and_dim(self.projection, proj_dim, num_params)
+
+    def record(self) -> dict:
+        """The JSON record stores keep (the reference's absolute λ, or null for ``"auto"``)."""
+        proj_dim = self.proj_dim
+        if proj_dim is None and self.projection != "identity":
+            proj_dim = DEFAULT_PROJ_DIM
+        return {
+            "projection": self.projection,
+            "proj_dim": proj_dim,
+            "seed": self.seed,
+            "contract_version": randomness.CONTRACT_VERSION,
+            "grad_wrt": describe_grad_wrt(self.grad_wrt),
+            "lambda_reg": None if self.lambda_reg == AUTO else self.lambda_reg,
+            "reference_compat": self.reference_compat,
+            "dtype": self.dtype,
+            "precision": self.precision,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Settings that change only how the work runs; never recorded.
+
+    Attributes:
+      batch_size: examples per featurize step (capped by ``grad_memory_bytes``).
+      backend: projection backend, ``"xla"``, ``"pallas"`` or ``"auto"`` (Pallas on GPU).
+      chunk_rows: rows of R per generated chunk, a multiple of 2048 (``None``: about 64 MiB).
+      matrix_cache_bytes: hold R materialized per checkpoint when P·k·4 bytes fit (0: never).
+      grad_memory_bytes: budget for one micro-batch of per-example gradients, per device.
+      mesh: a 1-D ``jax.sharding.Mesh`` with axis ``"data"`` over this process's devices (see
+        :mod:`trakjax.sharding`); ``None`` uses all local devices.
+      progress: show progress bars.
+    """
+
+    batch_size: int = 64
+    backend: str = "auto"
+    chunk_rows: int | None = None
+    matrix_cache_bytes: int = DEFAULT_MATRIX_CACHE_BYTES
+    grad_memory_bytes: int = DEFAULT_GRAD_MEMORY_BYTES
+    mesh: jax.sharding.Mesh | None = None
+    progress: bool = False
+
+    def __post_init__(self):
+        fix = object.__setattr__
+        fix(self, "batch_size", check_int("batch_size", self.batch_size))
+        fix(self, "backend", check_choice("backend", self.backend, BACKENDS))
+        if self.chunk_rows is not None:
+            rows = check_int("chunk_rows", self.chunk_rows)
+            if rows % randomness.ROWS_PER_BLOCK:
+                raise InvalidArgumentError(
+                    f"chunk_rows must be a positive multiple of {randomness.ROWS_PER_BLOCK}, got {rows}"
+                )
+            fix(self, "chunk_rows", rows)
+        fix(self, "matrix_cache_bytes", check_int("matrix_cache_bytes", self.matrix_cache_bytes, 0))
+        fix(self, "grad_memory_bytes", check_int("grad_memory_bytes", self.grad_memory_bytes, 1))
+        if self.mesh is not None:
+            fix(self, "mesh", sharding.check_mesh(self.mesh))
+        if not isinstance(self.progress, bool | np.bool_):
+            raise ArgumentTypeError(f"progress must be a bool, got {self.progress!r}")
+        fix(self, "progress", bool(self.progress))
+
+
+RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(ResultSettings))
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSettings))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run's settings: :class:`ResultSettings` and :class:`RunSettings`.
+
+    Build one with :meth:`create` (keyword settings of either half) or from the halves.
+    """
+
+    result: ResultSettings = ResultSettings()
+    run: RunSettings = RunSettings()
+
+    def __post_init__(self):
+        if not isinstance(self.result, ResultSettings):
+            raise ArgumentTypeError(f"result must be a ResultSettings, got {type(self.result).__name__}")
+        if not isinstance(self.run, RunSettings):
+            raise ArgumentTypeError(f"run must be a RunSettings, got {type(self.run).__name__}")
+
+    @classmethod
+    def create(cls, config: Config | None = None, **settings) -> Config:
+        """``config`` (default: all defaults) with ``settings`` overriding its fields.
+
+        Args:
+          config: a :class:`Config` to start from, or ``None``.
+          **settings: fields of :class:`ResultSettings` or :class:`RunSettings`.
+
+        Raises:
+          ArgumentTypeError: ``config`` is not a Config.
+          InvalidArgumentError: an unknown setting (listing the valid ones) or an invalid value.
+        """
+        if config is None:
+            config = cls()
+        elif not isinstance(config, Config):
+            raise ArgumentTypeError(f"config must be a trakjax.Config or None, got {type(config).__name__}")
+        unknown = sorted(set(settings) - set(RESULT_FIELDS) - set(RUN_FIELDS))
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown settings {unknown}; valid settings are {sorted(RESULT_FIELDS + RUN_FIELDS)}"
+            )
+        if not settings:
+            return config
+        result = {k: v for k, v in settings.items() if k in RESULT_FIELDS}
+        run = {k: v for k, v in settings.items() if k in RUN_FIELDS}
+        return cls(
+            dataclasses.replace(config.result, **result) if result else config.result,
+            dataclasses.replace(config.run, **run) if run else config.run,
+        )
+
+    def replace(self, **settings) -> Config:
+        """A copy with ``settings`` changed (validated like :meth:`create`)."""
+        return Config.create(self, **settings)
+
+    _replace = replace  # the NamedTuple spelling of trakjax 0.1's FeaturizeConfig

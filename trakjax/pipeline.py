@@ -1,0 +1,229 @@
+"""The per-checkpoint pipeline below the one-call API: featurize, Gram, reduce, solve, F = Φ A⁻¹.
+
+For each checkpoint m (``DESIGN``: docs/design.md, "The math")::
+
+    Φ_m = featurize(train)            (N, k)   this process's rows, stored in the feature dtype
+    A_m = Φ_mᵀ Φ_m + λ I              (k, k)   the Gram summed over devices and processes
+    F_m = Φ_m A_m⁻¹                   (N, k)
+
+* :func:`checkpoint_kernel` is the Gram → cross-process sum → solve step, shared by
+  :func:`solved_checkpoints` and the :class:`~trakjax.TRAKer` session.
+* :func:`solved_checkpoints` yields one :class:`Solved` per checkpoint; :func:`trakjax.attribute`,
+  :func:`trakjax.self_influence` and :func:`trakjax.train_features` consume it and combine the
+  checkpoints with :func:`trakjax.scores.ensemble`.
+
+Under ``jax.distributed`` each process featurizes its own contiguous slice of the training set
+(:func:`trakjax.sharding.process_slice`) and only the Gram crosses processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from trakjax import data as data_lib
+from trakjax import featurize as featurize_lib
+from trakjax import sharding as sharding_lib
+from trakjax import solve as solve_lib
+from trakjax.config import Config, ResultSettings
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
+from trakjax.progress import progress_bar
+from trakjax.tasks import Task, TaskState
+
+
+class CheckpointDetails(NamedTuple):
+    """What the solve found at one checkpoint (``attribute(..., return_details=True)``)."""
+
+    model_id: int
+    lambda_reg: float
+    rank: int
+    condition: float
+    num_params: int
+    proj_dim: int
+
+
+class Solved(NamedTuple):
+    """One checkpoint after featurizing (this process's slice of) train and solving."""
+
+    checkpoint: featurize_lib.Checkpoint
+    storage: np.dtype
+    mesh: Any
+    phi: np.ndarray  # (N_local, k) Φ as stored
+    features: np.ndarray  # (N_local, k) F = Φ A⁻¹ as stored
+    out_to_loss: np.ndarray  # (N_local,) q
+    details: CheckpointDetails
+
+
+def round_to(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``array`` rounded to ``dtype`` storage and read back as float32."""
+    if dtype == np.float32:
+        return np.asarray(array, np.float32)
+    return np.asarray(array).astype(dtype).astype(np.float32)
+
+
+def check_checkpoints(checkpoints: Sequence[Any]) -> None:
+    """Raise unless ``checkpoints`` is a non-empty list of pytrees with one structure and shapes."""
+    if callable(checkpoints) or isinstance(checkpoints, dict) or not isinstance(checkpoints, Sequence):
+        raise ArgumentTypeError(
+            f"checkpoints must be a list of parameter pytrees, got {type(checkpoints).__name__}"
+        )
+    if len(checkpoints) == 0:
+        raise InvalidArgumentError("checkpoints is empty; at least one checkpoint is needed")
+    reference = jax.tree_util.tree_structure(checkpoints[0])
+    shapes = [np.shape(x) for x in jax.tree_util.tree_leaves(checkpoints[0])]
+    for m, params in enumerate(checkpoints[1:], start=1):
+        structure = jax.tree_util.tree_structure(params)
+        if structure != reference:
+            raise InvalidArgumentError(
+                f"checkpoints[{m}] has pytree structure {structure}, but checkpoints[0] has "
+                f"{reference}; every checkpoint must have the same structure"
+            )
+        other = [np.shape(x) for x in jax.tree_util.tree_leaves(params)]
+        if other != shapes:
+            raise InvalidArgumentError(
+                f"checkpoints[{m}] has leaf shapes {other}, but checkpoints[0] has {shapes}"
+            )
+
+
+def check_model_ids(model_ids: Sequence[int] | None, count: int) -> list[int]:
+    """``model_ids`` as a list of ``count`` distinct ints (default ``0 .. count − 1``)."""
+    if model_ids is None:
+        return list(range(count))
+    ids = list(model_ids)
+    if (len(ids) != count or len(set(ids)) != len(ids)
+            or any(isinstance(m, bool) or not isinstance(m, int | np.integer) for m in ids)):
+        raise InvalidArgumentError(
+            f"model_ids must hold {count} distinct ints, one per checkpoint; got {ids}"
+        )
+    return [int(m) for m in ids]
+
+
+def _example_shapes(data) -> str:
+    """Per-example shapes of a data set's leaves: ``(64,)`` or ``{[0]: (64,), [1]: ()}``."""
+    leaves = jax.tree_util.tree_leaves_with_path(data)
+    if len(leaves) == 1 and not leaves[0][0]:
+        return str(tuple(np.shape(leaves[0][1])[1:]))
+    return "{" + ", ".join(f"{jax.tree_util.keystr(p)}: {tuple(np.shape(x)[1:])}" for p, x in leaves) + "}"
+
+
+def check_targets_fit(task: Task, params, train, targets) -> None:
+    """Raise before any work if the targets' examples do not fit the model as the training
+    examples do.
+
+    Targets whose pytree structure or per-example shapes differ from the training examples' are
+    traced through ``task.output`` once (``jax.eval_shape``, nothing computed); if the model
+    rejects them, the error names both shapes (instead of a shape error from deep inside the
+    model during featurization). Shapes that differ but fit (sequences of another length, say)
+    pass. Callables (streamed data), and tasks with per-checkpoint state, are not checked.
+    """
+    if callable(train) or callable(targets) or task.init is not None:
+        return
+    same_structure = jax.tree_util.tree_structure(train) == jax.tree_util.tree_structure(targets)
+    if same_structure and all(
+        np.shape(a)[1:] == np.shape(b)[1:]
+        for a, b in zip(jax.tree_util.tree_leaves(train), jax.tree_util.tree_leaves(targets), strict=True)
+    ):
+        return
+    example = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), targets)
+    try:
+        key = jax.random.key(0) if task.uses_key else None
+        jax.eval_shape(lambda p, z: task.output(p, z, TaskState(None, key)), params, example)
+    except Exception as err:  # noqa: BLE001  (any failure to trace is the targets' misfit)
+        lines = str(err).strip().splitlines()
+        raise InvalidArgumentError(
+            f"targets do not fit the model: one target example has shapes {_example_shapes(targets)}, "
+            f"one training example has {_example_shapes(train)} ({type(err).__name__}: "
+            f"{lines[0] if lines else ''})"
+        ) from err
+
+
+def checkpoint_kernel(local_phi, settings: ResultSettings, *, proj_dim: int, num_examples: int,
+                      num_params: int, mesh=None) -> solve_lib.KernelSolve:
+    """Solve one checkpoint's kernel from this process's rows of Φ.
+
+    The Gram of ``local_phi`` ((n_local, k), any float dtype, possibly no rows) is summed over
+    the mesh's devices, then over processes in float64 (:func:`trakjax.sharding.process_sum`),
+    and solved with ``settings``' λ (:func:`trakjax.solve.solve`).
+    """
+    if local_phi.shape[0]:
+        local = solve_lib.gram(local_phi, mesh=mesh)
+    else:
+        local = np.zeros((proj_dim, proj_dim))
+    return solve_lib.solve(
+        sharding_lib.process_sum(local), settings.lambda_reg,
+        reference_compat=settings.reference_compat, num_examples=num_examples,
+        num_params=num_params, storage_dtype=settings.storage_dtype,
+    )
+
+
+def _process_share(train) -> tuple[Any, int, int | None]:
+    """(this process's slice of train or None if it has none, its first index, N or None)."""
+    if callable(train):
+        if jax.process_count() > 1:
+            raise InvalidArgumentError(
+                "under jax.distributed each process featurizes its own slice of train, so train "
+                "must be a pytree of arrays, not a callable; for streamed data use the TRAKer "
+                "session with per-process indices"
+            )
+        return train, 0, None
+    num_train = data_lib.num_examples(train, "train")
+    if jax.process_count() == 1:
+        return train, 0, num_train
+    start, stop = sharding_lib.process_slice(num_train)
+    return (data_lib.take(train, start, stop) if stop > start else None), start, num_train
+
+
+def _featurize_share(task, checkpoint, share, start: int, batch_size: int) -> featurize_lib.Features:
+    if share is None:  # more processes than examples: this one has none
+        empty = np.zeros(0, np.float32)
+        return featurize_lib.Features(np.zeros((0, checkpoint.proj_dim), np.float32), empty, empty)
+    return featurize_lib.featurize(
+        task, checkpoint, share, batch_size=batch_size, split=featurize_lib.TRAIN_SPLIT,
+        index_offset=start,
+    )
+
+
+def solved_checkpoints(
+    task: Task,
+    checkpoints: Sequence[Any],
+    train: Any,
+    config: Config,
+    model_ids: Sequence[int] | None = None,
+) -> Iterator[Solved]:
+    """Yield a :class:`Solved` per checkpoint: featurize train, Gram, solve, F = Φ A⁻¹.
+
+    Args:
+      task: the :class:`~trakjax.tasks.Task`.
+      checkpoints: M parameter pytrees of one structure.
+      train: a pytree of arrays with a leading example axis, or a zero-argument callable
+        returning an iterator of batches (one process only).
+      config: the run's :class:`~trakjax.Config`; its mesh ``None`` means all local devices.
+      model_ids: one id per checkpoint (default ``0 .. M − 1``).
+    """
+    if not isinstance(task, Task):
+        raise ArgumentTypeError(f"task must be a trakjax.tasks.Task, got {type(task).__name__}")
+    check_checkpoints(checkpoints)
+    model_ids = check_model_ids(model_ids, len(checkpoints))
+    config = config.replace(mesh=sharding_lib.check_mesh(config.run.mesh))
+    share, start, num_train = _process_share(train)
+    storage = config.result.storage_dtype
+    bar = progress_bar(len(checkpoints), "checkpoints", "checkpoint", config.run.progress)
+    for params, model_id in zip(checkpoints, model_ids, strict=True):
+        checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)
+        train_features = _featurize_share(task, checkpoint, share, start, config.run.batch_size)
+        phi = round_to(train_features.features, storage)
+        num_params = checkpoint.layout.total
+        kernel = checkpoint_kernel(
+            phi, config.result, proj_dim=checkpoint.proj_dim, mesh=config.run.mesh,
+            num_examples=num_train if num_train is not None else phi.shape[0], num_params=num_params,
+        )
+        features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=config.run.mesh), storage)
+        details = CheckpointDetails(model_id, kernel.lambda_reg, kernel.rank, kernel.condition,
+                                    num_params, checkpoint.proj_dim)
+        yield Solved(checkpoint, storage, config.run.mesh, phi, features, train_features.out_to_loss, details)
+        bar.update(1)
+    bar.close()

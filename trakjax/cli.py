@@ -1,15 +1,18 @@
 """The ``trakjax`` command line (also ``python -m trakjax``).
 
 * ``trakjax demo``: TRAK on sklearn's digits, end to end (:mod:`trakjax.demo`).
-* ``trakjax attribute --config FILE``: your own Flax model, ``.npy`` data and orbax checkpoints,
-  described by a TOML file (:mod:`trakjax.run_config`); resumable.
+* ``trakjax attribute --config FILE [--overwrite]``: your own Flax model, ``.npy`` data and
+  orbax checkpoints, described by a TOML file (:mod:`trakjax.run_config`, loaded and run by
+  :mod:`trakjax.inputs`); resumable; a rerun whose inputs changed is refused unless
+  ``--overwrite``.
 * ``trakjax show DIR``: redraw the picture and the top-k table of a finished run
   (:func:`trakjax.report.show`).
 
 Long stages show tqdm progress bars on stderr; ``--quiet`` silences them. Errors end the command
 with one line on stderr, ``trakjax: error: …``, and a non-zero exit code: 2 for bad input
-(arguments, a configuration or what it names, ``ValueError``/``TypeError`` from the library),
-1 for anything else (I/O failures, bugs). ``TRAKJAX_DEBUG=1`` shows the traceback instead.
+(arguments, a configuration or what it names, a store or output that does not match: every
+:class:`~trakjax.errors.TrakjaxError`, and ``ValueError``/``TypeError``), 1 for anything else
+(I/O failures, bugs). ``TRAKJAX_DEBUG=1`` shows the traceback instead.
 ``TRAKJAX_JAX_CACHE=DIR`` enables JAX's persistent compilation cache in ``DIR``.
 """
 
@@ -19,6 +22,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from trakjax.errors import TrakjaxError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -75,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "top-k CSV/JSON.",
     )
     attribute.add_argument("--config", type=Path, required=True, metavar="FILE", help="TOML run configuration")
+    attribute.add_argument(
+        "--overwrite", action="store_true",
+        help="recompute when the output holds a result of other inputs or settings (by default "
+             "such a rerun is refused and the earlier result is left as it was)",
+    )
 
     show = sub.add_parser(
         "show", parents=[common], help="redraw the picture and the top-k table of a finished run",
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from trakjax import __version__
+    from trakjax.version import __version__
 
     return __version__
 
@@ -118,10 +128,10 @@ def _demo(args) -> int:
 
 
 def _attribute(args) -> int:
-    from trakjax import report, run_config
+    from trakjax import inputs, report
 
-    prepared = run_config.load(args.config)
-    outputs = run_config.run(prepared, quiet=args.quiet)
+    prepared = inputs.load(args.config)
+    outputs = inputs.run(prepared, quiet=args.quiet, overwrite=args.overwrite)
     print(report.format_top_k(outputs["records"]))
     print(f"scores   {outputs['scores']}")
     print(f"top-k    {outputs['csv']}, {outputs['json']}")
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001  (every error ends as one line and an exit code)
         if os.environ.get("TRAKJAX_DEBUG"):
             raise
-        bad_input = isinstance(err, ValueError | TypeError)
+        bad_input = isinstance(err, TrakjaxError | ValueError | TypeError)
         kind = "error" if bad_input else f"error ({type(err).__name__})"
         print(f"trakjax {args.command}: {kind}: {one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILURE

@@ -21,6 +21,7 @@ Stages, each timed (and shown with a progress bar unless quiet):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from trakjax.errors import InvalidArgumentError
+from trakjax.files import write_atomic
+from trakjax.progress import progress_bar
 
 EXPERIMENT = "digits_test"
 """The scoring experiment's name in the demo's store."""
@@ -148,12 +151,6 @@ def make_trainer(model, optimizer, steps: int):
     return jax.jit(train)
 
 
-def _bar(total: int, desc: str, quiet: bool, unit: str = "it"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, leave=False, dynamic_ncols=True)
-
-
 def prepare_out_dir(out: Path) -> None:
     """Create ``out``, or clear a previous demo's outputs from it.
 
@@ -166,7 +163,7 @@ def prepare_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        record = report.read_run_record(out, missing_ok=True)
+        record = report.read_run_record(out, missing_ok=True, check=False)
         if record is None or record.get("kind") != "demo":
             raise InvalidArgumentError(
                 f"--out {out} is not empty and holds no earlier trakjax demo ({report.RUN_FILE}); "
@@ -178,52 +175,36 @@ def prepare_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo; returns the summary (also written to ``DIR/summary.json``).
+class _Clock:
+    """Seconds per stage: :meth:`lap` ends the current stage and starts the next."""
 
-    Returns:
-      ``{"accuracy": {"models": [...], "mean": a, "ensemble": a}, "lds": {"mean", "ci_low",
-      "ci_high", "subsets", "targets"} or None, "seconds": {stage: s}, "picture": path,
-      "top_k": [csv, json], "out": DIR}``.
-    """
-    import jax
-    import optax
-    import orbax.checkpoint as ocp
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
 
-    import trakjax
-    from trakjax import data as data_lib
-    from trakjax import report, tasks
-
-    check_settings(settings)
-    out = Path(settings.out).resolve()
-    report.check_writable(out, "--out")
-    prepare_out_dir(out)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
+    def lap(self, stage: str) -> None:
         now = time.perf_counter()
-        seconds[stage] = now - clock
-        clock = now
+        self.seconds[stage] = now - self._last
+        self._last = now
 
-    # The run record first: a demo killed half-way is still recognized (and cleared) next time.
-    report.write_run_record(out, {"kind": "demo", "complete": False})
-    train, targets = digits_split(settings.train_size, settings.num_targets, settings.seed)
-    n, t = settings.train_size, settings.num_targets
+
+def _save_data(out: Path, train, targets) -> Path:
     data_dir = out / "data"
     data_dir.mkdir()
     for name, array in (("train_inputs", train[0]), ("train_labels", train[1]),
                         ("target_inputs", targets[0]), ("target_labels", targets[1])):
         np.save(data_dir / f"{name}.npy", array)
-    lap("data")
+    return data_dir
 
-    model = digits_mlp(settings.hidden)
-    optimizer = optax.adam(settings.learning_rate)
+
+def _train_ensemble(model, optimizer, settings: DemoSettings, train, targets, quiet: bool):
+    """M checkpoints (numpy pytrees) and their test accuracy (per model, mean, ensemble)."""
+    import jax
+
     trainer = make_trainer(model, optimizer, settings.steps)
     base = jax.random.key(settings.seed)
     checkpoints = []
-    bar = _bar(settings.checkpoints, "train", quiet, "model")
+    bar = progress_bar(settings.checkpoints, "train", "model", not quiet)
     for m in range(settings.checkpoints):
         params = trainer(jax.random.fold_in(base, m), train[0], train[1])
         checkpoints.append(jax.tree_util.tree_map(np.asarray, params))
@@ -234,76 +215,84 @@ def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], Non
     predictions = logits.mean(axis=0).argmax(-1)
     accuracy = {"models": per_model.tolist(), "mean": float(per_model.mean()),
                 "ensemble": float((predictions == targets[1]).mean())}
-    np.save(data_dir / "target_predictions.npy", predictions.astype(np.int32))
-    lap("train")
+    return checkpoints, accuracy, predictions.astype(np.int32)
 
-    checkpointer = ocp.StandardCheckpointer()
+
+def _save_checkpoints(out: Path, checkpoints) -> list[Path]:
+    import orbax.checkpoint as ocp
+
     paths = []
-    for m, params in enumerate(checkpoints):
-        path = out / "checkpoints" / str(m)
-        checkpointer.save(path, params)
-        paths.append(path)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    lap("save")
+    with ocp.StandardCheckpointer() as checkpointer:
+        for m, params in enumerate(checkpoints):
+            paths.append(out / "checkpoints" / str(m))
+            checkpointer.save(paths[-1], params)
+        checkpointer.wait_until_finished()
+    return paths
 
-    task = tasks.image_classification(model.apply)
-    traker = trakjax.TRAKer(
-        task, train_set_size=n, save_dir=out / "store", proj_dim=settings.proj_dim,
-        seed=settings.seed, batch_size=settings.batch_size, params_template=checkpoints[0],
-    )
-    bar = _bar(n * len(paths), "featurize", quiet, "example")
-    for m, path in enumerate(paths):
-        traker.load_checkpoint(path, model_id=m)
-        for start, batch in data_lib.iterate_batches(train, settings.batch_size, "train"):
-            size = data_lib.num_examples(batch)
-            traker.featurize(batch, inds=np.arange(start, start + size))
-            bar.update(size)
-    bar.close()
-    lap("featurize")
-    bar = _bar(len(paths), "finalize", quiet, "checkpoint")
-    for m in range(len(paths)):
-        traker.finalize_features([m])
-        bar.update(1)
-    bar.close()
-    lap("finalize")
-    bar = _bar(t * len(paths), "score", quiet, "target")
-    for m, path in enumerate(paths):
-        traker.start_scoring_checkpoint(EXPERIMENT, path, m, num_targets=t)
-        for start, batch in data_lib.iterate_batches(targets, settings.batch_size, "targets"):
-            size = data_lib.num_examples(batch)
-            traker.score(batch, inds=np.arange(start, start + size))
-            bar.update(size)
-    bar.close()
-    scores = np.asarray(traker.finalize_scores(EXPERIMENT))
-    top = traker.top_k(EXPERIMENT, settings.top_k)
-    lap("score")
 
-    record = {
+def _run_record(settings: DemoSettings, accuracy: dict) -> dict:
+    return {
         "kind": "demo", "complete": True, "store": "store", "experiment": EXPERIMENT,
         "top_k": settings.top_k, "picture_targets": list(range(NUM_PICTURED)),
         "data": {name: f"data/{name}.npy" for name in
                  ("train_inputs", "train_labels", "target_inputs", "target_labels")},
         "predictions": "data/target_predictions.npy",
-        "title": (f"trakjax demo: {len(paths)} MLPs on {n} digits, k={settings.proj_dim}; "
-                  f"test accuracy {accuracy['ensemble']:.3f}"),
+        "title": (f"trakjax demo: {settings.checkpoints} MLPs on {settings.train_size} digits, "
+                  f"k={settings.proj_dim}; test accuracy {accuracy['ensemble']:.3f}"),
     }
-    outputs = report.render(out, record, top)
-    lap("report")
 
+
+def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo; returns the summary (also written to ``DIR/summary.json``).
+
+    Returns:
+      ``{"accuracy": {"models": [...], "mean": a, "ensemble": a}, "lds": {"mean", "ci_low",
+      "ci_high", "subsets", "targets"} or None, "seconds": {stage: s}, "picture": path,
+      "top_k": [csv, json], "out": DIR}``.
+    """
+    import optax
+
+    import trakjax
+    from trakjax import report, tasks
+
+    check_settings(settings)
+    out = Path(os.path.expanduser(os.fspath(settings.out))).resolve()
+    report.check_writable(out, "--out")
+    prepare_out_dir(out)
+    clock = _Clock()
+    # The run record first: a demo killed half-way is still recognized (and cleared) next time.
+    report.write_run_record(out, {"kind": "demo", "complete": False})
+    train, targets = digits_split(settings.train_size, settings.num_targets, settings.seed)
+    data_dir = _save_data(out, train, targets)
+    clock.lap("data")
+    model, optimizer = digits_mlp(settings.hidden), optax.adam(settings.learning_rate)
+    checkpoints, accuracy, predictions = _train_ensemble(model, optimizer, settings, train, targets, quiet)
+    np.save(data_dir / "target_predictions.npy", predictions)
+    clock.lap("train")
+    paths = _save_checkpoints(out, checkpoints)
+    clock.lap("save")
+    traker = trakjax.TRAKer(
+        tasks.image_classification(model.apply), settings.train_size, out / "store",
+        proj_dim=settings.proj_dim, seed=settings.seed, batch_size=settings.batch_size,
+        params_template=checkpoints[0],
+    )
+    scores = np.asarray(traker.run(paths, train, targets, EXPERIMENT, progress=not quiet, on_stage=clock.lap))
+    record = _run_record(settings, accuracy)
+    outputs = report.render(out, record, traker.top_k(EXPERIMENT, settings.top_k))
+    clock.lap("report")
     lds = None
     if settings.lds_subsets:
         lds = lds_stage(model, optimizer, settings, train, targets, scores, quiet)
-        lap("lds")
-    record_summary = {
-        "accuracy": accuracy, "lds": lds, "seconds": seconds, "picture": str(outputs["picture"]),
+        clock.lap("lds")
+    summary = {
+        "accuracy": accuracy, "lds": lds, "seconds": clock.seconds, "picture": str(outputs["picture"]),
         "top_k": [str(outputs["csv"]), str(outputs["json"])], "out": str(out),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings._asdict().items()},
     }
-    (out / "summary.json").write_text(json.dumps(record_summary, indent=1))
+    write_atomic(out / "summary.json", lambda handle: json.dump(summary, handle, indent=1))
     report.write_run_record(out, record)
-    log(summary_text(record_summary, outputs["records"]))
-    return record_summary
+    log(summary_text(summary, outputs["records"]))
+    return summary
 
 
 def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, quiet: bool) -> dict:
@@ -322,7 +311,7 @@ def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, 
         return model.init(key, x0)
 
     margins = []
-    bar = _bar(settings.lds_subsets, "LDS retrain", quiet, "model")
+    bar = progress_bar(settings.lds_subsets, "LDS retrain", "model", not quiet)
     for start in range(0, settings.lds_subsets, chunk):
         part = masks[start : start + chunk]
         margins.append(evaluation.retrain_margins(

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from trakjax.errors import InvalidArgumentError
+from trakjax.errors import InvalidArgumentError, StoreError
+from trakjax.files import read_json, write_atomic
 
 PICTURE_FILE = "attributions.png"
 TOP_K_CSV = "topk.csv"
@@ -187,10 +188,7 @@ def attribution_figure(
                 ax.set_title(caption, fontsize=8, y=-0.04, va="top", pad=0, color=colour)
                 for spine in ax.spines.values():
                     spine.set_edgecolor(colour)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, path)
+    write_atomic(Path(path), lambda handle: figure.savefig(handle, dpi=DPI, format="png"), binary=True)
     return height, width
 
 
@@ -227,15 +225,6 @@ def top_k_records(
     return records
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_top_k(out_dir: str | os.PathLike, records: list[dict], meta: dict | None = None) -> tuple[Path, Path]:
     """Write ``topk.json`` (``{**meta, "targets": records}``) and ``topk.csv`` in ``out_dir``.
 
@@ -244,7 +233,7 @@ def write_top_k(out_dir: str | os.PathLike, records: list[dict], meta: dict | No
     """
     out_dir = Path(out_dir)
     json_path, csv_path = out_dir / TOP_K_JSON, out_dir / TOP_K_CSV
-    _write_atomic(json_path, lambda h: json.dump({**(meta or {}), "targets": records}, h, indent=1))
+    write_atomic(json_path, lambda h: json.dump({**(meta or {}), "targets": records}, h, indent=1))
 
     def rows(handle):
         writer = csv.writer(handle)
@@ -255,7 +244,7 @@ def write_top_k(out_dir: str | os.PathLike, records: list[dict], meta: dict | No
                     writer.writerow([record["target"], _csv(record["label"]), kind[:-1], entry["rank"],
                                      entry["train_index"], _csv(entry["label"]), f"{entry['score']:.9g}"])
 
-    _write_atomic(csv_path, rows)
+    write_atomic(csv_path, rows)
     return csv_path, json_path
 
 
@@ -301,31 +290,65 @@ def write_run_record(out_dir: str | os.PathLike, record: dict) -> Path:
     predicted target labels) and ``title``.
     """
     path = Path(out_dir) / RUN_FILE
-    _write_atomic(path, lambda h: json.dump(record, h, indent=1))
+    write_atomic(path, lambda h: json.dump(record, h, indent=1))
     return path
 
 
-def read_run_record(out_dir: str | os.PathLike, *, missing_ok: bool = False) -> dict | None:
+_RUN_RECORD_FIELDS = {
+    "kind": (str,), "complete": (bool,), "store": (str,), "experiment": (str,), "top_k": (int,),
+    "data": (dict,), "picture_targets": (list,),
+}
+"""Fields every run record has, with their JSON types (``predictions``, ``title`` and ``config``
+are optional strings)."""
+
+
+def check_run_record(record: Any, path: Path) -> dict:
+    """``record`` if it is a run record of the documented form; else a StoreError naming ``path``
+    and the first bad field."""
+    if not isinstance(record, dict):
+        raise StoreError(f"{path} does not hold a JSON object")
+    for field, kinds in _RUN_RECORD_FIELDS.items():
+        value = record.get(field)
+        if not isinstance(value, kinds) or (int in kinds and isinstance(value, bool)):
+            raise StoreError(
+                f"{path}: field {field!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}; "
+                "the run record is damaged: rerun the command that made it"
+            )
+    if record["top_k"] < 1 or not all(isinstance(v, str) for v in record["data"].values()):
+        raise StoreError(f"{path}: top_k must be >= 1 and data must map names to paths; the run record is damaged")
+    for field in ("predictions", "title", "config"):
+        if field in record and not isinstance(record[field], str):
+            raise StoreError(f"{path}: field {field!r} must be a string, got {record[field]!r}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in record["picture_targets"]):
+        raise StoreError(f"{path}: picture_targets must be a list of target indices")
+    return record
+
+
+def read_run_record(out_dir: str | os.PathLike, *, missing_ok: bool = False, check: bool = True) -> dict | None:
     """``out_dir/run.json`` as a dict (``None`` when absent and ``missing_ok``).
 
+    Args:
+      out_dir: the run's output directory.
+      missing_ok: return ``None`` for a directory without ``run.json``.
+      check: require every documented field (:func:`check_run_record`); without it, only a JSON
+        object.
+
     Raises:
-      ValueError: naming the file when it is absent (unless ``missing_ok``) or not a JSON object.
+      StoreError: naming the file when it is absent (unless ``missing_ok``), not valid JSON, or
+        not of the documented form.
     """
-    path = Path(out_dir) / RUN_FILE
+    path = Path(os.path.expanduser(os.fspath(out_dir))) / RUN_FILE
     if not path.is_file():
         if missing_ok:
             return None
-        raise InvalidArgumentError(
+        raise StoreError(
             f"{out_dir} holds no {RUN_FILE}: it is not the output directory of `trakjax demo` or "
             "`trakjax attribute`"
         )
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InvalidArgumentError(f"{path} is not valid JSON ({err})") from err
+    record = read_json(path, "run record")
     if not isinstance(record, dict):
-        raise InvalidArgumentError(f"{path} does not hold a JSON object")
-    return record
+        raise StoreError(f"{path} does not hold a JSON object")
+    return check_run_record(record, path) if check else record
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
@@ -406,15 +429,16 @@ def _as_array(value):
 
 def open_store(path: str | os.PathLike):
     """Open the finished store at ``path`` with the configuration it records."""
-    from trakjax import store as store_lib
+    from trakjax import store as store_lib  # here: the rest of this module needs no JAX
 
     path = Path(path)
     metadata_path = path / store_lib.METADATA_FILE
     if not metadata_path.is_file():
-        raise InvalidArgumentError(f"{path} is not a trakjax store (no {store_lib.METADATA_FILE})")
-    config = store_lib.read_json(metadata_path).get("config")
+        raise StoreError(f"{path} is not a trakjax store (no {store_lib.METADATA_FILE})")
+    metadata = store_lib.read_json(metadata_path)
+    config = metadata.get("config") if isinstance(metadata, dict) else None
     if not isinstance(config, dict):
-        raise InvalidArgumentError(f"{metadata_path} records no configuration")
+        raise StoreError(f"{metadata_path} records no configuration")
     return store_lib.Store.open(path, config)
 
 
@@ -434,24 +458,31 @@ def show(out_dir: str | os.PathLike) -> dict:
     Returns :func:`render`'s dict.
 
     Raises:
-      ValueError: if ``out_dir`` holds no run record, the run did not finish, or its store has
-        no finalized scores for the recorded experiment.
+      StoreError: if ``out_dir`` holds no run record or a damaged one, the run did not finish,
+        or its store has no finalized scores for the recorded experiment.
+      InvalidArgumentError: if ``out_dir`` is not a directory.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.expanduser(os.fspath(out_dir)))
     if not out_dir.is_dir():
         raise InvalidArgumentError(f"{out_dir} is not a directory")
     record = read_run_record(out_dir)
-    if not record.get("complete"):
-        raise InvalidArgumentError(
+    if not record["complete"]:
+        raise StoreError(
             f"the run in {out_dir} did not finish (its {RUN_FILE} is not marked complete); "
             "rerun the command that made it"
         )
     store = open_store(_resolve(out_dir, record["store"]))
     experiment = record["experiment"]
     if experiment not in store.experiment_names():
-        raise InvalidArgumentError(
+        raise StoreError(
             f"the store at {store.root} has no experiment {experiment!r} (it has "
             f"{store.experiment_names()})"
         )
-    top = stored_top_k(store, experiment, int(record.get("top_k", 10)))
+    num_targets = store.scores(experiment).shape[1]
+    bad = [c for c in record["picture_targets"] if not 0 <= c < num_targets]
+    if bad:
+        raise StoreError(
+            f"{out_dir / RUN_FILE}: picture_targets {bad} are out of range for {num_targets} targets"
+        )
+    top = stored_top_k(store, experiment, record["top_k"])
     return render(out_dir, record, top)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,9 +205,12 @@ class TRAKer:
     # ----------------------------------------------------------------- checkpoints
 
     def _resolve_checkpoint(self, checkpoint) -> Any:
-        """A params pytree from ``checkpoint``: the pytree itself, or an orbax directory restored."""
+        """A params pytree from ``checkpoint``: the pytree itself, an orbax directory restored,
+        or what a zero-argument callable (a checkpoint loader) returns."""
         if isinstance(checkpoint, str | os.PathLike):
             return checkpoints_lib.restore(checkpoint, self._template)
+        if callable(checkpoint):
+            checkpoint = checkpoint()
         if not jax.tree_util.tree_leaves(checkpoint):
             raise InvalidArgumentError(
                 f"checkpoint must be a params pytree or a path to an orbax checkpoint, got "
@@ -235,8 +238,9 @@ class TRAKer:
         """Load a checkpoint for featurizing, registering ``model_id`` in the store or resuming it.
 
         Args:
-          checkpoint: a params pytree, or the path of an orbax checkpoint directory (as written by
-            ``orbax.checkpoint.StandardCheckpointer().save(path, params)``).
+          checkpoint: a params pytree, the path of an orbax checkpoint directory (as written by
+            ``orbax.checkpoint.StandardCheckpointer().save(path, params)``), or a zero-argument
+            callable returning params (loaded only when needed).
           model_id: the checkpoint's id in [0, 2³²); it selects the projection matrix. A
             registered model_id resumes, and its weights must match the stored fingerprint.
         """
@@ -552,7 +556,7 @@ class TRAKer:
 
     def run(self, checkpoints: Sequence[Any], train: Any, targets: Any, experiment: str = "targets",
             *, model_ids: Sequence[int] | None = None, progress: bool | None = None,
-            overwrite: bool = False) -> np.ndarray:
+            overwrite: bool = False, on_stage: Callable[[str], None] | None = None) -> np.ndarray:
         """Featurize, finalize and score end to end; the experiment's (N, T) scores.
 
         The calls of the module docstring's example, in order: every checkpoint's training
@@ -576,6 +580,8 @@ class TRAKer:
           model_ids: one id per checkpoint (default ``0 .. M − 1``).
           progress: progress bars (default: the config's ``progress``).
           overwrite: recompute when the inputs changed, instead of raising.
+          on_stage: called with ``"featurize"``, ``"finalize"`` and ``"score"`` as each stage
+            ends (e.g. to time them).
 
         Returns:
           The (N, T) float32 scores, a read-only memory map of the store's file.
@@ -595,10 +601,19 @@ class TRAKer:
         inputs = {"train": trees.fingerprint(train), "targets": trees.fingerprint(targets)}
         self._refuse_changed_inputs(checkpoints, ids, experiment, num_targets, inputs, overwrite)
         self.store.check_train_data(inputs["train"])
+        stage = on_stage or (lambda name: None)
         self._featurize_all(checkpoints, ids, train, progress)
-        self.finalize_features(ids)
+        stage("featurize")
+        bar = progress_bar(len(ids), "finalize", "checkpoint", progress)
+        for model_id in ids:
+            self.finalize_features([model_id])
+            bar.update(1)
+        bar.close()
+        stage("finalize")
         self._score_all(checkpoints, ids, targets, experiment, inputs["targets"], progress)
-        return self.finalize_scores(experiment, ids)
+        scores = self.finalize_scores(experiment, ids)
+        stage("score")
+        return scores
 
     def _changed_inputs(self, checkpoints, ids, experiment: str, num_targets: int, inputs: dict) -> list[str]:
         """What differs between this run's inputs and the store's results (empty for a new store)."""

@@ -1,4 +1,4 @@
-"""trakjax.attribute against a float64 numpy computation of DESIGN.md's formula.
+"""trakjax.attribute against a float64 numpy computation of the formula of docs/design.md ("The math").
 
 The model is a linear softmax classifier, logits = x W + b, whose margin gradients have a closed
 form: with z the logits, y the label and s = softmax over the classes other than y,

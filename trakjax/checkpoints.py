@@ -53,25 +53,26 @@ def strip_value_level(tree):
     return tree
 
 
-def _orbax_failure(path: Path, err: Exception) -> InvalidArgumentError:
-    text = str(err).strip().splitlines()
-    return InvalidArgumentError(
-        f"{path} could not be read as an orbax checkpoint ({type(err).__name__}: "
-        f"{text[0] if text else ''})"
-    )
+def _with_checkpointer(path: Path, read):
+    """``read(checkpointer)`` with an orbax StandardCheckpointer; a failure names ``path``."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return read(checkpointer)
+    except Exception as err:  # noqa: BLE001  (orbax raises many types for unreadable directories)
+        text = str(err).strip().splitlines()
+        raise InvalidArgumentError(
+            f"{path} could not be read as an orbax checkpoint ({type(err).__name__}: "
+            f"{text[0] if text else ''})"
+        ) from err
 
 
 def abstract_tree(path) -> Any:
     """The tree (``jax.ShapeDtypeStruct`` leaves) of the orbax checkpoint at ``path``, from its
     metadata alone (no array is read)."""
-    import orbax.checkpoint as ocp
-
     path = checkpoint_path(path)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(path)
-    except Exception as err:  # noqa: BLE001  (orbax raises many types for unreadable directories)
-        raise _orbax_failure(path, err) from err
+    metadata = _with_checkpointer(path, lambda checkpointer: checkpointer.metadata(path))
     tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
     if tree is None:
         tree = getattr(metadata, "item_metadata", metadata)
@@ -97,14 +98,8 @@ def restore(path, template=None) -> Any:
       InvalidArgumentError: naming ``path`` when it does not exist, is not an orbax checkpoint,
         or holds a tree with other leaves, shapes or dtypes than ``template`` (each listed).
     """
-    import orbax.checkpoint as ocp
-
     path = checkpoint_path(path)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path)
-    except Exception as err:  # noqa: BLE001  (orbax raises many types for unreadable directories)
-        raise _orbax_failure(path, err) from err
+    restored = _with_checkpointer(path, lambda checkpointer: checkpointer.restore(path))
     restored = jax.tree_util.tree_map(np.asarray, restored)
     if template is None:
         return restored

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+import trakjax
+from trakjax import evaluation, report, tasks
 from trakjax.errors import InvalidArgumentError
 from trakjax.files import write_atomic
 from trakjax.progress import progress_bar
@@ -158,8 +160,6 @@ def prepare_out_dir(out: Path) -> None:
       ValueError: if ``out`` exists and is not empty but holds no previous demo (``run.json`` of
         kind "demo"), so that nothing of the user's is removed.
     """
-    from trakjax import report
-
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -252,9 +252,6 @@ def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], Non
     """
     import optax
 
-    import trakjax
-    from trakjax import report, tasks
-
     check_settings(settings)
     out = Path(os.path.expanduser(os.fspath(settings.out))).resolve()
     report.check_writable(out, "--out")
@@ -301,8 +298,6 @@ def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, 
     The models are the demo's MLP trained with the demo's recipe (full batch, same optimizer and
     steps) by :func:`trakjax.evaluation.retrain_margins`, vmapped over subsets in chunks.
     """
-    from trakjax import evaluation
-
     masks = evaluation.subset_masks(settings.train_size, settings.lds_subsets, 0.5, seed=settings.seed + 1)
     chunk = 25
     x0 = train[0][:1]
@@ -328,8 +323,6 @@ def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, 
 
 def summary_text(summary: dict, records: list[dict]) -> str:
     """The console summary: accuracy, LDS, time per stage, and a few top proponents."""
-    from trakjax import report
-
     acc = summary["accuracy"]
     settings = summary["settings"]
     lines = [

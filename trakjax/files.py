@@ -99,12 +99,18 @@ def write_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False
         write(handle)
         handle.flush()
         os.fsync(handle.fileno())
+    publish(tmp, path)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a written, fsynced temporary file over ``path`` and fsync the directory; the
+    temporary file is removed if the rename fails."""
     try:
         os.replace(tmp, path)
     except BaseException:
         remove_if_present(tmp)
         raise
-    fsync_directory(path.parent)
+    fsync_directory(Path(path).parent)
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
@@ -218,12 +224,7 @@ def create_array(path: Path, shape: tuple[int, ...], dtype) -> None:
         handle.flush()
         _reserve_blocks(handle, size, path)
         os.fsync(handle.fileno())
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        remove_if_present(tmp)
-        raise
-    fsync_directory(path.parent)
+    publish(tmp, path)
 
 
 def check_array_file(path: Path, shape: tuple[int, ...], dtype) -> None:

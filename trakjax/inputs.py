@@ -13,7 +13,9 @@ and what is wrong (the command line prints it as one line and exits with code 2)
 
 from __future__ import annotations
 
+import functools
 import importlib
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +25,12 @@ import jax
 import numpy as np
 
 from trakjax import checkpoints as checkpoints_lib
-from trakjax import trees
-from trakjax.errors import ConfigError, TrakjaxError
+from trakjax import featurize, report, run_config, tasks, trees
+from trakjax import flax as trakjax_flax
+from trakjax import store as store_lib
+from trakjax.errors import ConfigError, StoreError, TrakjaxError
 from trakjax.run_config import RunConfig
+from trakjax.session import TRAKer
 from trakjax.tasks import describe_shapes
 
 
@@ -129,8 +134,6 @@ def _checkpoint_trees(config: RunConfig) -> list:
 
 
 def _nnx_model(obj) -> LoadedModel:
-    import trakjax.flax as trakjax_flax
-
     adapted = trakjax_flax.from_nnx(obj)
     template = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), adapted.params)
     parts = (trakjax_flax.PARAMS, trakjax_flax.STATE)
@@ -146,8 +149,6 @@ def _nnx_model(obj) -> LoadedModel:
 
 
 def _linen_model(config: RunConfig, obj, template) -> LoadedModel:
-    import trakjax.flax as trakjax_flax
-
     if not isinstance(template, dict) or "params" not in template:
         keys = sorted(template) if isinstance(template, dict) else type(template).__name__
         raise ConfigError(
@@ -219,8 +220,6 @@ def load_arrays(config: RunConfig) -> dict[str, Any]:
 
 def make_task(name: str, apply_fn):
     """The :mod:`trakjax.tasks` task ``name`` over ``apply_fn``."""
-    from trakjax import tasks
-
     return getattr(tasks, name)(apply_fn)
 
 
@@ -294,8 +293,6 @@ def load(path) -> Prepared:
       ConfigError: see :func:`trakjax.run_config.parse`, :func:`load_model`, :func:`check_data`,
         an output directory that cannot be written, or a ``grad_wrt`` that selects nothing.
     """
-    from trakjax import featurize, report, run_config
-
     config = run_config.parse(path)
     try:
         report.check_writable(config.output, "output")
@@ -314,12 +311,6 @@ def load(path) -> Prepared:
 def _open_session(prepared: Prepared, overwrite: bool):
     """The TRAKer over ``output/store``; with ``overwrite``, a store of other settings is removed
     first (only a directory that is a trakjax store)."""
-    import shutil
-
-    from trakjax import store as store_lib
-    from trakjax.errors import StoreError
-    from trakjax.session import TRAKer
-
     config, model, arrays = prepared
     root = config.output / "store"
     settings = config.settings.replace(grad_wrt=model.grad_wrt)
@@ -349,10 +340,6 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
     Returns:
       :func:`trakjax.report.render`'s dict plus ``"scores"`` (the path of the score matrix).
     """
-    import functools
-
-    from trakjax import report
-
     config, model, arrays = prepared
     traker = _open_session(prepared, overwrite)
     train = examples(config.task, arrays, "train")

@@ -1,6 +1,6 @@
 """The per-checkpoint pipeline below the one-call API: featurize, Gram, reduce, solve, F = Φ A⁻¹.
 
-For each checkpoint m (``DESIGN``: docs/design.md, "The math")::
+For each checkpoint m (docs/design.md, "The math")::
 
     Φ_m = featurize(train)            (N, k)   this process's rows, stored in the feature dtype
     A_m = Φ_mᵀ Φ_m + λ I              (k, k)   the Gram summed over devices and processes

@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -139,57 +139,81 @@ def attribution_figure(
     columns = list(range(np.shape(top.proponents)[1])) if columns is None else [int(c) for c in columns]
     if not columns:
         raise InvalidArgumentError("columns is empty; at least one target is needed for the picture")
-    height, width = figure_pixels(len(columns), num_shown)
-    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    layout = _Layout(*figure_pixels(len(columns), num_shown), num_shown)
+    figure = Figure(figsize=(layout.width / DPI, layout.height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
-    panel_w, panel_h = PANEL_WIDTH_PIXELS / width, PANEL_HEIGHT_PIXELS / height
-    image_w, image_h = 0.78 * panel_w, 0.6 * panel_h  # leaves room for a two-line caption
-
-    def left(col: int) -> float:
-        groups = 0 if col == 0 else 1 if col <= num_shown else 2
-        return (col * PANEL_WIDTH_PIXELS + groups * GAP_PIXELS) / width
-
-    heading_y = 1 - 0.5 * HEADER_PIXELS / height
-    figure.text(left(0) + panel_w / 2, heading_y, "target", ha="center", va="center", fontsize=11,
-                weight="bold")
-    figure.text(left(1) + num_shown * panel_w / 2, heading_y,
-                f"{num_shown} strongest proponents", ha="center", va="center", fontsize=11,
-                weight="bold", color="#1b7837")
-    figure.text(left(1 + num_shown) + num_shown * panel_w / 2, heading_y,
-                f"{num_shown} strongest opponents", ha="center", va="center", fontsize=11,
-                weight="bold", color="#b2182b")
-    if title:
-        figure.text(0.005, 1 - 0.12 * HEADER_PIXELS / height, title, ha="left", va="top", fontsize=8,
-                    color="#555555")
+    _headings(figure, layout, title)
     for r, j in enumerate(columns):
-        row_top = 1 - (HEADER_PIXELS + r * PANEL_HEIGHT_PIXELS) / height
-        bottom = row_top - 0.06 * panel_h - image_h
-        ax = figure.add_axes((left(0) + (panel_w - image_w) / 2, bottom, image_w, image_h))
-        _draw(ax, target_images[j])
-        name = j if target_ids is None else target_ids[j]
-        caption = f"target {name}"
+        caption = f"target {j if target_ids is None else target_ids[j]}"
         label = _label_text(target_labels, j)
         if label:
             caption += f"\nlabel {label}"
             if predictions is not None:
                 caption += f", pred {_label_text(predictions, j)}"
-        ax.set_title(caption, fontsize=8, y=-0.04, va="top", pad=0)
+        _panel(figure, layout, r, 0, target_images[j], caption, None)
         for group, (indices, values, colour) in enumerate((
-            (top.proponents, top.proponent_scores, "#1b7837"),
-            (top.opponents, top.opponent_scores, "#b2182b"),
+            (top.proponents, top.proponent_scores, PROPONENT_COLOUR),
+            (top.opponents, top.opponent_scores, OPPONENT_COLOUR),
         )):
             for s in range(num_shown):
                 i = int(indices[s, j])
-                col = 1 + group * num_shown + s
-                ax = figure.add_axes((left(col) + (panel_w - image_w) / 2, bottom, image_w, image_h))
-                _draw(ax, train_images[i])
                 label = _label_text(train_labels, i)
                 caption = f"#{i}" + (f" label {label}" if label else "") + f"\n{float(values[s, j]):+.3g}"
-                ax.set_title(caption, fontsize=8, y=-0.04, va="top", pad=0, color=colour)
-                for spine in ax.spines.values():
-                    spine.set_edgecolor(colour)
+                _panel(figure, layout, r, 1 + group * num_shown + s, train_images[i], caption, colour)
     write_atomic(Path(path), lambda handle: figure.savefig(handle, dpi=DPI, format="png"), binary=True)
-    return height, width
+    return layout.height, layout.width
+
+
+PROPONENT_COLOUR = "#1b7837"
+OPPONENT_COLOUR = "#b2182b"
+
+
+class _Layout(NamedTuple):
+    """Where the panels of :func:`attribution_figure` go, in figure fractions."""
+
+    height: int
+    width: int
+    num_shown: int
+
+    def left(self, col: int) -> float:
+        groups = 0 if col == 0 else 1 if col <= self.num_shown else 2
+        return (col * PANEL_WIDTH_PIXELS + groups * GAP_PIXELS) / self.width
+
+    @property
+    def panel(self) -> tuple[float, float]:
+        return PANEL_WIDTH_PIXELS / self.width, PANEL_HEIGHT_PIXELS / self.height
+
+    @property
+    def image(self) -> tuple[float, float]:
+        panel_w, panel_h = self.panel
+        return 0.78 * panel_w, 0.6 * panel_h  # leaves room for a two-line caption
+
+
+def _headings(figure, layout: _Layout, title: str | None) -> None:
+    panel_w, _ = layout.panel
+    shown = layout.num_shown
+    y = 1 - 0.5 * HEADER_PIXELS / layout.height
+    style = dict(ha="center", va="center", fontsize=11, weight="bold")
+    figure.text(layout.left(0) + panel_w / 2, y, "target", **style)
+    figure.text(layout.left(1) + shown * panel_w / 2, y, f"{shown} strongest proponents",
+                color=PROPONENT_COLOUR, **style)
+    figure.text(layout.left(1 + shown) + shown * panel_w / 2, y, f"{shown} strongest opponents",
+                color=OPPONENT_COLOUR, **style)
+    if title:
+        figure.text(0.005, 1 - 0.12 * HEADER_PIXELS / layout.height, title, ha="left", va="top",
+                    fontsize=8, color="#555555")
+
+
+def _panel(figure, layout: _Layout, row: int, col: int, image, caption: str, colour) -> None:
+    """One image with its caption below, framed in ``colour`` (none for the target)."""
+    (panel_w, panel_h), (image_w, image_h) = layout.panel, layout.image
+    bottom = 1 - (HEADER_PIXELS + row * PANEL_HEIGHT_PIXELS) / layout.height - 0.06 * panel_h - image_h
+    ax = figure.add_axes((layout.left(col) + (panel_w - image_w) / 2, bottom, image_w, image_h))
+    _draw(ax, image)
+    ax.set_title(caption, fontsize=8, y=-0.04, va="top", pad=0, **({"color": colour} if colour else {}))
+    if colour:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
 
 
 def _value(labels, i: int):
@@ -444,7 +468,7 @@ def open_store(path: str | os.PathLike):
 
 def stored_top_k(store, experiment: str, k: int, block_rows: int = 8192):
     """Top-k of an experiment's finalized score matrix, streamed block by block."""
-    from trakjax import scores as scores_lib
+    from trakjax import scores as scores_lib  # here: the rest of this module needs no JAX
 
     scores = store.scores(experiment)
     k = min(int(k), scores.shape[0])

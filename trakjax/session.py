@@ -661,26 +661,30 @@ class TRAKer:
         if jax.process_count() > 1:
             _barrier("trakjax run: store cleared")
 
+    def _feed(self, data, count: int, method, bar) -> None:
+        """Call ``method(batch, inds=...)`` over this process's slice of ``count`` examples."""
+        start, stop = sharding_lib.process_slice(count)
+        if stop == start:
+            return
+        for first, batch in data_lib.iterate_batches(data_lib.take(data, start, stop), self.config.run.batch_size):
+            size = data_lib.num_examples(batch)
+            method(_host_arrays(batch), inds=np.arange(start + first, start + first + size))
+            bar.update(size)
+
     def _featurize_all(self, checkpoints, ids, train, progress: bool) -> None:
         start, stop = sharding_lib.process_slice(self.train_set_size)
-        mine = data_lib.take(train, start, stop)
         bar = progress_bar((stop - start) * len(ids), "featurize", "example", progress)
         for checkpoint, model_id in zip(checkpoints, ids, strict=True):
             if self.store.has_model(model_id) and self.store.is_finalized(model_id):
                 bar.update(stop - start)
                 continue
             self.load_checkpoint(checkpoint, model_id)
-            if stop > start:
-                for first, batch in data_lib.iterate_batches(mine, self.config.run.batch_size, "train"):
-                    size = data_lib.num_examples(batch)
-                    self.featurize(_host_arrays(batch), inds=np.arange(start + first, start + first + size))
-                    bar.update(size)
+            self._feed(train, self.train_set_size, self.featurize, bar)
         bar.close()
 
     def _score_all(self, checkpoints, ids, targets, experiment: str, fingerprint: str, progress: bool) -> None:
         num_targets = data_lib.num_examples(targets, "targets")
         start, stop = sharding_lib.process_slice(num_targets)
-        mine = data_lib.take(targets, start, stop)
         bar = progress_bar((stop - start) * len(ids), "score", "target", progress)
         for checkpoint, model_id in zip(checkpoints, ids, strict=True):
             if self._targets_done(experiment, model_id, start, stop):
@@ -688,11 +692,7 @@ class TRAKer:
                 continue
             self.start_scoring_checkpoint(experiment, checkpoint, model_id, num_targets,
                                           targets_fingerprint=fingerprint)
-            if stop > start:
-                for first, batch in data_lib.iterate_batches(mine, self.config.run.batch_size, "targets"):
-                    size = data_lib.num_examples(batch)
-                    self.score(_host_arrays(batch), inds=np.arange(start + first, start + first + size))
-                    bar.update(size)
+            self._feed(targets, num_targets, self.score, bar)
         bar.close()
 
     def _targets_done(self, experiment: str, model_id: int, start: int, stop: int) -> bool:

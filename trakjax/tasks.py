@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax import data as data_lib
 from trakjax.errors import InvalidArgumentError
 
 
@@ -142,6 +143,12 @@ def classification_margin(logits: jax.Array, label) -> jax.Array:
     return logits[label] - jax.nn.logsumexp(others)
 
 
+def one_minus_p(logits, labels, temperature: float = 1.0) -> jax.Array:
+    """Q = 1 − p_y for (B, C) logits and (B,) labels, p = softmax(logits / temperature): (B,)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    return 1.0 - jnp.take_along_axis(probs, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 def image_classification(
     apply_fn: Callable[[Any, jax.Array], jax.Array], temperature: float = 1.0
 ) -> Task:
@@ -165,10 +172,7 @@ def image_classification(
 
     def out_to_loss(params, batch, state):
         del state
-        images, labels = batch
-        logits = apply_fn(params, images).astype(jnp.float32)
-        probs = jax.nn.softmax(logits / temperature, axis=-1)
-        return 1.0 - jnp.take_along_axis(probs, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+        return one_minus_p(apply_fn(params, batch[0]), batch[1], temperature)
 
     def validate(params, batch):
         _check_pair("image_classification", batch, "images", "labels")
@@ -222,10 +226,7 @@ def text_classification(
 
     def out_to_loss(params, batch, state):
         del state
-        inputs, labels = batch
-        logits = apply_fn(params, inputs).astype(jnp.float32)
-        probs = jax.nn.softmax(logits / temperature, axis=-1)
-        return 1.0 - jnp.take_along_axis(probs, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+        return one_minus_p(apply_fn(params, batch[0]), batch[1], temperature)
 
     def validate(params, batch):
         _check_pair(name, batch, "inputs", "labels")
@@ -391,87 +392,21 @@ def clip(
         isinstance(bank_size, bool) or not isinstance(bank_size, int | np.integer) or bank_size < 1
     ):
         raise InvalidArgumentError(f"{name}: bank_size must be None or an int >= 1, got {bank_size!r}")
-    temperature = float(temperature)
-    n_negatives = int(n_negatives)
-
-    def check_embeddings(images_shape, texts_shape, image_emb, text_emb, batch):
-        if (
-            len(image_emb) != 2 or len(text_emb) != 2 or image_emb[0] != batch
-            or text_emb[0] != batch or image_emb[1] != text_emb[1]
-        ):
-            raise InvalidArgumentError(
-                f"{name}: image_fn(params, images) and text_fn(params, texts) must both return "
-                f"(B, D) embeddings with one D; got {tuple(image_emb)} and {tuple(text_emb)} for "
-                f"images {images_shape} and texts {texts_shape} (B = {batch})"
-            )
-
+    temperature, n_negatives = float(temperature), int(n_negatives)
     embed = jax.jit(lambda params, images, texts: (image_fn(params, images), text_fn(params, texts)))
 
     def init(params, data):
-        from trakjax import data as data_lib
-
-        image_parts, text_parts = [], []
-        for start, batch in data_lib.iterate_batches(data, bank_batch_size, "train"):
-            _check_pair(name, batch, "images", "texts")
-            n = data_lib.num_examples(batch, "a batch of train")
-            if start == 0:
-                check_embeddings(
-                    describe_shapes(batch[0]), describe_shapes(batch[1]),
-                    output_shape(image_fn, params, batch[0]).shape,
-                    output_shape(text_fn, params, batch[1]).shape, n,
-                )
-            size = 1
-            while size < n:
-                size *= 2
-            padded = data_lib.pad_batch(batch, min(max(size, n), max(bank_batch_size, n)))
-            image_emb, text_emb = embed(params, *padded)
-            image_parts.append(np.asarray(image_emb, np.float32)[:n])
-            text_parts.append(np.asarray(text_emb, np.float32)[:n])
-        images, texts = np.concatenate(image_parts), np.concatenate(text_parts)
-        if bank_size is not None and bank_size < images.shape[0]:
-            keep = np.sort(np.random.default_rng(bank_seed).choice(images.shape[0], bank_size, replace=False))
-            images, texts = images[keep], texts[keep]
-        return ClipBank(jnp.asarray(images), jnp.asarray(texts))
-
-    def check_state(state):
-        if not isinstance(state.aux, ClipBank):
-            raise InvalidArgumentError(
-                f"{name}: the task state holds no embedding bank (aux={type(state.aux).__name__}); "
-                "run task.init(params, train) for each checkpoint (prepare_checkpoint and "
-                "attribute do)"
-            )
-        if state.key is None:
-            raise InvalidArgumentError(f"{name}: negatives are sampled, so the task state needs a key")
-
-    def embeddings(params, images, texts):
-        image_emb = image_fn(params, images).astype(jnp.float32)
-        text_emb = text_fn(params, texts).astype(jnp.float32)
-        return image_emb, text_emb
-
-    def check_bank(image_emb, bank):
-        if image_emb.shape[-1] != bank.image.shape[-1]:
-            raise InvalidArgumentError(
-                f"{name}: embeddings have D = {image_emb.shape[-1]} but the checkpoint's bank "
-                f"holds D = {bank.image.shape[-1]} ({tuple(bank.image.shape)})"
-            )
+        return _clip_bank(image_fn, text_fn, embed, params, data, bank_size, bank_seed, bank_batch_size)
 
     def output(params, example, state):
-        check_state(state)
         image, text = example
-        images, texts = add_batch_axis(image), add_batch_axis(text)
-        image_emb, text_emb = embeddings(params, images, texts)
-        check_embeddings(describe_shapes(images), describe_shapes(texts),
-                         image_emb.shape, text_emb.shape, 1)
-        check_bank(image_emb, state.aux)
-        m1, m2 = clip_margins(image_emb[0], text_emb[0], state.aux, state.key, temperature,
-                              n_negatives)
+        image_emb, text_emb = _clip_embeddings(image_fn, text_fn, params, add_batch_axis(image),
+                                               add_batch_axis(text), state, batch=1)
+        m1, m2 = clip_margins(image_emb[0], text_emb[0], state.aux, state.key, temperature, n_negatives)
         return m1 + m2
 
     def out_to_loss(params, batch, state):
-        check_state(state)
-        images, texts = batch
-        image_emb, text_emb = embeddings(params, images, texts)
-        check_bank(image_emb, state.aux)
+        image_emb, text_emb = _clip_embeddings(image_fn, text_fn, params, *batch, state)
 
         def one(u, v, key):
             m1, m2 = clip_margins(u, v, state.aux, key, temperature, n_negatives)
@@ -481,16 +416,70 @@ def clip(
 
     def validate(params, batch):
         _check_pair(name, batch, "images", "texts")
-        images, texts = batch
-        from trakjax import data as data_lib
-
-        n = data_lib.num_examples(batch, "batch")
-        image_emb = output_shape(image_fn, params, images)
-        text_emb = output_shape(text_fn, params, texts)
-        check_embeddings(describe_shapes(images), describe_shapes(texts),
-                         image_emb.shape, text_emb.shape, n)
+        _clip_check_shapes(batch[0], batch[1], output_shape(image_fn, params, batch[0]).shape,
+                           output_shape(text_fn, params, batch[1]).shape, _batch_size(batch))
 
     return Task(output, out_to_loss, init=init, uses_key=True, validate=validate, name=name)
+
+
+def _batch_size(batch) -> int:
+    return data_lib.num_examples(batch, "batch")
+
+
+def _clip_check_shapes(images, texts, image_emb, text_emb, batch: int) -> None:
+    """Both embeddings are (B, D) with one D (shapes only; works at trace time)."""
+    if (len(image_emb) != 2 or len(text_emb) != 2 or image_emb[0] != batch
+            or text_emb[0] != batch or image_emb[1] != text_emb[1]):
+        raise InvalidArgumentError(
+            f"clip: image_fn(params, images) and text_fn(params, texts) must both return "
+            f"(B, D) embeddings with one D; got {tuple(image_emb)} and {tuple(text_emb)} for "
+            f"images {describe_shapes(images)} and texts {describe_shapes(texts)} (B = {batch})"
+        )
+
+
+def _clip_embeddings(image_fn, text_fn, params, images, texts, state: TaskState, batch=None):
+    """Checked float32 embeddings of a batch, and a check of the task state (bank and key)."""
+    if not isinstance(state.aux, ClipBank):
+        raise InvalidArgumentError(
+            f"clip: the task state holds no embedding bank (aux={type(state.aux).__name__}); "
+            "run task.init(params, train) for each checkpoint (prepare_checkpoint and attribute do)"
+        )
+    if state.key is None:
+        raise InvalidArgumentError("clip: negatives are sampled, so the task state needs a key")
+    image_emb = image_fn(params, images).astype(jnp.float32)
+    text_emb = text_fn(params, texts).astype(jnp.float32)
+    if batch is not None:
+        _clip_check_shapes(images, texts, image_emb.shape, text_emb.shape, batch)
+    if image_emb.shape[-1] != state.aux.image.shape[-1]:
+        raise InvalidArgumentError(
+            f"clip: embeddings have D = {image_emb.shape[-1]} but the checkpoint's bank "
+            f"holds D = {state.aux.image.shape[-1]} ({tuple(state.aux.image.shape)})"
+        )
+    return image_emb, text_emb
+
+
+def _clip_bank(image_fn, text_fn, embed, params, data, bank_size, bank_seed, bank_batch_size) -> ClipBank:
+    """Embed the training set at ``params`` in padded batches (few compiled shapes); keep a
+    seeded random subset of ``bank_size`` rows if asked."""
+    image_parts, text_parts = [], []
+    for start, batch in data_lib.iterate_batches(data, bank_batch_size, "train"):
+        _check_pair("clip", batch, "images", "texts")
+        n = data_lib.num_examples(batch, "a batch of train")
+        if start == 0:
+            _clip_check_shapes(batch[0], batch[1], output_shape(image_fn, params, batch[0]).shape,
+                               output_shape(text_fn, params, batch[1]).shape, n)
+        size = 1
+        while size < n:
+            size *= 2
+        padded = data_lib.pad_batch(batch, min(max(size, n), max(bank_batch_size, n)))
+        image_emb, text_emb = embed(params, *padded)
+        image_parts.append(np.asarray(image_emb, np.float32)[:n])
+        text_parts.append(np.asarray(text_emb, np.float32)[:n])
+    images, texts = np.concatenate(image_parts), np.concatenate(text_parts)
+    if bank_size is not None and bank_size < images.shape[0]:
+        keep = np.sort(np.random.default_rng(bank_seed).choice(images.shape[0], bank_size, replace=False))
+        images, texts = images[keep], texts[keep]
+    return ClipBank(jnp.asarray(images), jnp.asarray(texts))
 
 
 # --------------------------------------------------------------------------- language modeling
@@ -525,81 +514,86 @@ def language_modeling(
     """
     name = "language_modeling"
 
-    def ids_and_mask(inputs):
-        if isinstance(inputs, Mapping):
-            if ids_key not in inputs:
-                raise InvalidArgumentError(
-                    f"{name}: inputs have no {ids_key!r} entry (ids_key); keys are {sorted(inputs)}"
-                )
-            ids = inputs[ids_key]
-            mask = inputs.get(mask_key)
-        else:
-            ids, mask = inputs, None
-        if mask is None:
-            mask = jnp.ones(jnp.shape(ids), jnp.float32)
-        return ids, jnp.asarray(mask).astype(jnp.float32)
-
-    def token_margins(params, inputs):
-        """(B, L − 1) margins m_t and weights w_t of a batch."""
-        ids, mask = ids_and_mask(inputs)
-        logits = apply_fn(params, inputs)
-        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-            raise InvalidArgumentError(
-                f"{name}: apply_fn(params, inputs) must return (B, L, V) logits for token ids "
-                f"of shape (B, L) = {tuple(ids.shape)}; got {tuple(logits.shape)} for inputs of "
-                f"shape {describe_shapes(inputs)}"
-            )
-        logits = logits[:, :-1].astype(jnp.float32)
-        targets = ids[:, 1:].astype(jnp.int32)
-        correct = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
-        others = jax.nn.logsumexp(jnp.where(is_target, -jnp.inf, logits), axis=-1)
-        return correct - others, mask[:, 1:] * mask[:, :-1]
-
     def output(params, example, state):
         del state
-        margins, weights = token_margins(params, add_batch_axis(example))
+        margins, weights = _token_margins(apply_fn, params, add_batch_axis(example), ids_key, mask_key)
         return jnp.sum(margins[0] * weights[0])
 
     def out_to_loss(params, batch, state):
         del state
-        margins, weights = token_margins(params, batch)
+        margins, weights = _token_margins(apply_fn, params, batch, ids_key, mask_key)
         counted = jnp.sum(weights, axis=1)
         return jnp.sum(weights * jax.nn.sigmoid(-margins), axis=1) / jnp.maximum(counted, 1.0)
 
     def validate(params, batch):
-        ids, mask = (batch.get(ids_key), batch.get(mask_key)) if isinstance(batch, Mapping) else (batch, None)
-        if ids is None:
-            raise InvalidArgumentError(
-                f"{name}: inputs have no {ids_key!r} entry (ids_key); keys are {sorted(batch)}"
-            )
-        ids = np.asarray(ids)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidArgumentError(
-                f"{name}: token ids must be a (B, L) integer array, got shape {ids.shape} "
-                f"dtype {ids.dtype}"
-            )
-        if mask is not None and np.shape(mask) != ids.shape:
-            raise InvalidArgumentError(
-                f"{name}: {mask_key!r} must have the token ids' shape {ids.shape}, got "
-                f"{np.shape(mask)}"
-            )
-        logits = output_shape(apply_fn, params, batch)
-        if len(logits.shape) != 3 or tuple(logits.shape[:2]) != ids.shape:
-            raise InvalidArgumentError(
-                f"{name}: apply_fn(params, inputs) must return (B, L, V) logits for token ids "
-                f"of shape {ids.shape}; got {tuple(logits.shape)}"
-            )
-        vocab = logits.shape[2]
-        bad = (ids < 0) | (ids >= vocab)
-        if bad.any():
-            where = np.argwhere(bad)[:5].tolist()
-            raise InvalidArgumentError(
-                f"{name}: token ids must be in [0, {vocab}) for logits of shape "
-                f"{tuple(logits.shape)}; got {ids[bad][:5].tolist()} at (example, position) {where}"
-            )
+        _check_token_batch(apply_fn, params, batch, ids_key, mask_key)
 
     return Task(output, out_to_loss, validate=validate, name=name)
+
+
+def _ids_and_mask(inputs, ids_key: str, mask_key: str):
+    """(ids, float32 mask) of a sequence batch: an array of ids, or a dict with ``ids_key`` and
+    optionally ``mask_key`` (all ones without it)."""
+    if isinstance(inputs, Mapping):
+        if ids_key not in inputs:
+            raise InvalidArgumentError(
+                f"language_modeling: inputs have no {ids_key!r} entry (ids_key); keys are {sorted(inputs)}"
+            )
+        ids, mask = inputs[ids_key], inputs.get(mask_key)
+    else:
+        ids, mask = inputs, None
+    if mask is None:
+        mask = jnp.ones(jnp.shape(ids), jnp.float32)
+    return ids, jnp.asarray(mask).astype(jnp.float32)
+
+
+def _token_margins(apply_fn, params, inputs, ids_key: str, mask_key: str):
+    """(B, L − 1) next-token margins m_t and weights w_t = mask[t]·mask[t + 1] of a batch."""
+    ids, mask = _ids_and_mask(inputs, ids_key, mask_key)
+    logits = apply_fn(params, inputs)
+    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+        raise InvalidArgumentError(
+            f"language_modeling: apply_fn(params, inputs) must return (B, L, V) logits for token "
+            f"ids of shape (B, L) = {tuple(ids.shape)}; got {tuple(logits.shape)} for inputs of "
+            f"shape {describe_shapes(inputs)}"
+        )
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = ids[:, 1:].astype(jnp.int32)
+    correct = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    others = jax.nn.logsumexp(jnp.where(is_target, -jnp.inf, logits), axis=-1)
+    return correct - others, mask[:, 1:] * mask[:, :-1]
+
+
+def _check_token_batch(apply_fn, params, batch, ids_key: str, mask_key: str) -> None:
+    """Host-side check of a token batch: (B, L) integer ids, a mask of their shape, (B, L, V)
+    logits, ids in [0, V)."""
+    name = "language_modeling"
+    ids, mask = (batch.get(ids_key), batch.get(mask_key)) if isinstance(batch, Mapping) else (batch, None)
+    if ids is None:
+        raise InvalidArgumentError(f"{name}: inputs have no {ids_key!r} entry (ids_key); keys are {sorted(batch)}")
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidArgumentError(
+            f"{name}: token ids must be a (B, L) integer array, got shape {ids.shape} dtype {ids.dtype}"
+        )
+    if mask is not None and np.shape(mask) != ids.shape:
+        raise InvalidArgumentError(
+            f"{name}: {mask_key!r} must have the token ids' shape {ids.shape}, got {np.shape(mask)}"
+        )
+    logits = output_shape(apply_fn, params, batch)
+    if len(logits.shape) != 3 or tuple(logits.shape[:2]) != ids.shape:
+        raise InvalidArgumentError(
+            f"{name}: apply_fn(params, inputs) must return (B, L, V) logits for token ids "
+            f"of shape {ids.shape}; got {tuple(logits.shape)}"
+        )
+    bad = (ids < 0) | (ids >= logits.shape[2])
+    if bad.any():
+        raise InvalidArgumentError(
+            f"{name}: token ids must be in [0, {logits.shape[2]}) for logits of shape "
+            f"{tuple(logits.shape)}; got {ids[bad][:5].tolist()} at (example, position) "
+            f"{np.argwhere(bad)[:5].tolist()}"
+        )
 
 
 # --------------------------------------------------------------------------- regression

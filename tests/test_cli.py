@@ -20,6 +20,9 @@ import pytest
 import trakjax
 from trakjax import cli, demo, report
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _cli_project import make_project, write_config  # noqa: E402
+
 TINY_DEMO = ["--checkpoints", "2", "--proj-dim", "32", "--train-size", "60", "--targets", "8",
              "--hidden", "8", "--steps", "30", "--batch-size", "30", "--top-k", "5",
              "--lds-subsets", "4"]
@@ -98,72 +101,10 @@ def test_demo_end_to_end_tiny_then_show_redraws_it(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- attribute --config
 
-MODEL_SOURCE = """
-import flax.linen as nn
-
-class Tiny(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(3)(nn.tanh(nn.Dense(4)(x)))
-
-model = Tiny()
-"""
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A user's files: a model module, .npy data, two orbax checkpoints (untrained)."""
-    import flax.linen as nn
-
-    root = tmp_path_factory.mktemp("project")
-    (root / "cli_tiny_model.py").write_text(MODEL_SOURCE)
-    (root / "cli_broken_model.py").write_text("import not_a_module_anywhere\n")
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train_x": rng.normal(size=(12, 5)).astype(np.float32),
-        "train_y": rng.integers(0, 3, 12).astype(np.int32),
-        "test_x": rng.normal(size=(3, 5)).astype(np.float32),
-        "test_y": rng.integers(0, 3, 3).astype(np.int32),
-        "wide_x": rng.normal(size=(12, 6)).astype(np.float32),
-        "short_y": rng.integers(0, 3, 11).astype(np.int32),
-        "big_y": np.full(3, 7, np.int32),
-    }
-    for name, array in arrays.items():
-        np.save(root / f"{name}.npy", array)
-
-    class Tiny(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(3)(nn.tanh(nn.Dense(4)(x)))
-
-    with ocp.StandardCheckpointer() as checkpointer:
-        for m in range(2):
-            checkpointer.save(root / "ckpt" / str(m), Tiny().init(jax.random.key(m), arrays["train_x"][:1]))
-    return root
-
-
-def write_config(directory: pathlib.Path, project: pathlib.Path, **changes) -> pathlib.Path:
-    settings = {
-        "model": '"cli_tiny_model:model"',
-        "task": '"image_classification"',
-        "checkpoints": f'["{project}/ckpt/0", "{project}/ckpt/1"]',
-        "output": '"out"',
-        "proj_dim": "8",
-        "batch_size": "4",
-        "python_path": f'["{project}"]',
-    }
-    data = {"train_inputs": "train_x", "train_labels": "train_y", "target_inputs": "test_x",
-            "target_labels": "test_y"}
-    for key, value in changes.items():
-        if key in data:
-            data[key] = value
-        else:
-            settings[key] = value
-    lines = [f"{k} = {v}" for k, v in settings.items()] + ["", "[data]"]
-    lines += [f'{k} = "{project}/{v}.npy"' for k, v in data.items()]
-    path = directory / "run.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """A user's files: a model module, .npy data, orbax checkpoints (untrained)."""
+    return make_project(tmp_path_factory.mktemp("project"))
 
 
 BAD_INPUTS = {

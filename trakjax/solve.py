@@ -36,7 +36,7 @@ import numpy as np
 
 from trakjax import sharding as sharding_lib
 from trakjax.config import AUTO, check_lambda
-from trakjax.errors import InvalidArgumentError
+from trakjax.errors import InvalidArgumentError, NumericalError
 
 DEFAULT_RELATIVE_LAMBDA = 1e-2
 """The former default (before ``"auto"``): λ = DEFAULT_RELATIVE_LAMBDA · trace(ΦᵀΦ) / k
@@ -85,12 +85,27 @@ def gram(features, *, block_rows: int = GRAM_BLOCK_ROWS, mesh=None) -> np.ndarra
     mesh's devices and reduced with ``psum`` when ``mesh`` has several); blocks are summed in
     float64 on the host. Zero padding rows add nothing. Across processes, combine the per-process
     Grams with :func:`trakjax.sharding.process_sum`.
+
+    Raises:
+      NumericalError: if the features are not finite, or are finite but so large that their
+        float32 Gram overflows (naming the largest magnitude and what to do).
     """
     _, k = features.shape
     fn = _gram_fn(mesh if sharding_lib.mesh_size(mesh) > 1 else None)
     total = np.zeros((k, k), np.float64)
+    largest = 0.0
     for _, _, block in row_blocks(features, block_rows, sharding_lib.mesh_size(mesh)):
+        if not np.isfinite(block).all():
+            raise NumericalError("the features are not finite (NaN or Inf); their Gram cannot be formed")
+        largest = max(largest, float(np.abs(block).max(initial=0.0)))
         total += np.asarray(fn(block), np.float64)
+    if not np.isfinite(total).all():
+        raise NumericalError(
+            f"the Gram ΦᵀΦ overflowed float32: the features are finite but reach |φ| = {largest:.3g}, "
+            f"and sums of their squares pass float32's largest value ({float(np.finfo(np.float32).max):.3g}). "
+            "The per-example gradients are that large: rescale the model's inputs or outputs "
+            "(e.g. normalize the inputs)"
+        )
     return total
 
 
@@ -136,7 +151,7 @@ def spectrum(gram_matrix: np.ndarray, noise: float = _EPS32) -> Spectrum:
     if gram_matrix.ndim != 2 or gram_matrix.shape[0] != gram_matrix.shape[1]:
         raise InvalidArgumentError(f"gram must be a square (k, k) matrix, got shape {gram_matrix.shape}")
     if not np.isfinite(gram_matrix).all():
-        raise InvalidArgumentError("gram has NaN or Inf entries; the features it came from are not finite")
+        raise NumericalError("gram has NaN or Inf entries; solve needs a finite ΦᵀΦ")
     symmetric = 0.5 * (gram_matrix + gram_matrix.T)
     eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
     top = max(float(eigenvalues[-1]), 0.0)
@@ -232,7 +247,7 @@ def solve(
     k = spec.eigenvalues.shape[0]
     lambda_reg = check_lambda(lambda_reg)
     if spec.eigenvalues[-1] <= 0:
-        raise InvalidArgumentError(
+        raise NumericalError(
             "the Gram ΦᵀΦ is zero: every projected gradient is zero (check the task's output "
             "function and grad_wrt)"
         )
@@ -252,7 +267,7 @@ def solve(
             if num_examples is not None
             else f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N"
         )
-        raise InvalidArgumentError(
+        raise NumericalError(
             f"lambda_reg={lambda_reg} leaves ΦᵀΦ + λI singular: ΦᵀΦ ({k}×{k}) has numerical rank "
             f"{min(spec.rank, structural)} < k (its rank is at most min({', '.join(bounds)})). "
             f"Use lambda_reg=None or 'auto' ({auto}) or a lambda_reg well above "

@@ -190,10 +190,22 @@ _EXPERIMENT_SCHEMA = {
 }
 
 
+def _consistent(record: dict) -> bool:
+    """Cross-field checks the schema cannot express: a tree's lists have one entry per leaf,
+    model_id lists hold distinct ids."""
+    tree = (record.get("parameters") or {}).get("tree")
+    if tree and not len(tree["paths"]) == len(tree["shapes"]) == len(tree["dtypes"]):
+        return False
+    for ids in (record.get("model_ids"), (record.get("scores") or {}).get("model_ids")):
+        if ids is not None and len(set(ids)) != len(ids):
+            return False
+    return True
+
+
 def read_record(path: Path, schema: dict, what: str) -> dict:
     """Read a JSON metadata file and check it against ``schema``; raise StoreError naming it."""
     record = read_json(path, what)
-    if not _fits(record, schema):
+    if not _fits(record, schema) or not _consistent(record):
         expected = ", ".join(f"{k.rstrip('?')}{' (optional)' if k.endswith('?') else ''}" for k in schema)
         raise StoreError(
             f"{what} {path} does not have the expected form (a JSON object with {expected}, of "

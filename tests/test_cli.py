@@ -57,17 +57,26 @@ def test_demo_end_to_end_tiny_then_show_redraws_it(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["seconds"]) == {"data", "train", "save", "featurize", "finalize", "score",
                                        "report", "lds"}
-    assert 0.0 <= summary["accuracy"]["ensemble"] <= 1.0
-    assert -1.0 <= summary["lds"]["mean"] <= 1.0 and summary["lds"]["subsets"] == 4
-
     # The store's scores are trakjax.attribute's on the orbax checkpoints the demo saved.
-    settings = demo.DemoSettings(checkpoints=2, proj_dim=32, train_size=60, num_targets=8, hidden=8)
+    settings = demo.DemoSettings(checkpoints=2, proj_dim=32, train_size=60, num_targets=8, hidden=8,
+                                 steps=30, batch_size=30, top_k=5, lds_subsets=4)
     train, targets = demo.digits_split(60, 8, settings.seed)
     np.testing.assert_array_equal(np.load(out / "data" / "train_inputs.npy"), train[0])
     checkpoints = [restore(out / "checkpoints" / str(m)) for m in range(2)]
-    task = trakjax.tasks.image_classification(demo.digits_mlp(8).apply)
+    model = demo.digits_mlp(8)
+    task = trakjax.tasks.image_classification(model.apply)
     expected = trakjax.attribute(task, checkpoints, train, targets, proj_dim=32, batch_size=30)
     stored = np.load(out / "store" / "experiments" / demo.EXPERIMENT / "scores.npy")
+
+    # The summary reports these checkpoints' accuracy and the LDS of these scores.
+    logits = np.stack([np.asarray(model.apply(p, targets[0])) for p in checkpoints])
+    per_model = (logits.argmax(-1) == targets[1]).mean(axis=1)
+    assert summary["accuracy"]["models"] == per_model.tolist()
+    assert summary["accuracy"]["ensemble"] == float((logits.mean(0).argmax(-1) == targets[1]).mean())
+    import optax
+
+    lds = demo.lds_stage(model, optax.adam(settings.learning_rate), settings, train, targets, stored, True)
+    assert summary["lds"] == json.loads(json.dumps(lds)) and summary["lds"]["subsets"] == 4
     assert stored.shape == (60, 8)
     assert np.linalg.norm(stored - expected) / np.linalg.norm(expected) < 1e-5
 

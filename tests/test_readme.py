@@ -5,6 +5,7 @@ import pathlib
 import re
 import tomllib
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,10 +43,16 @@ def test_every_fence_is_run_checked_or_marked_as_not_executed():
     assert infos.count("python") >= 6
 
 
-def test_the_attribute_example_has_15_lines():
+def test_the_15_line_example_attributes_targets_to_training_digits_of_their_class():
     first = _blocks(README, "python")[0]
-    assert "trakjax.attribute(" in first
-    assert len(first.strip().splitlines()) <= 15
+    assert "trakjax.attribute(" in first and len(first.strip().splitlines()) <= 15  # as its heading says
+    namespace = {"__name__": "readme"}
+    exec(compile(first, "README.md python block 0", "exec"), namespace)
+    scores, train, targets = namespace["scores"], namespace["train"], namespace["targets"]
+    assert scores.shape == (300, 4) and np.isfinite(scores).all()
+    for j in range(4):  # training digits of the target's class push its margin up, on average
+        same = train[1] == targets[1][j]
+        assert scores[same, j].mean() > 3 * max(scores[~same, j].mean(), 0.0) + 1e-6
 
 
 def test_the_toml_configuration_is_valid_for_trakjax_attribute():

@@ -47,15 +47,20 @@ def expected(checkpoints):
     return trakjax.attribute(helpers.task(), checkpoints, train, targets, **helpers.SESSION_KW)
 
 
-def test_session_on_orbax_checkpoints_equals_attribute_bit_for_bit(orbax_paths, expected, tmp_path):
+def test_session_on_orbax_checkpoints_equals_attribute_bit_for_bit(checkpoints, orbax_paths, expected, tmp_path):
     scores = helpers.run_session(tmp_path / "store", orbax_paths)
     assert scores.shape == (helpers.N_TRAIN, helpers.N_TARGETS) and scores.dtype == np.float32
     assert np.abs(expected).max() > 0
     np.testing.assert_array_equal(scores, expected)
-    # Plain numpy reads every array of the store.
+    # Plain numpy reads every array of the store: Φ and q are featurization's own.
     root = tmp_path / "store"
+    train, _ = helpers.digits()
+    config = trakjax.Config.create(**helpers.SESSION_KW)
+    direct = featurize_lib.featurize(helpers.task(), featurize_lib.prepare_checkpoint(
+        helpers.task(), checkpoints[0], config, 0), train, batch_size=helpers.BATCH)
     phi = np.load(root / "models" / "0" / "grads.npy")
-    assert phi.shape == (helpers.N_TRAIN, helpers.PROJ_DIM) and np.abs(phi).min() >= 0
+    np.testing.assert_allclose(phi, direct.features, rtol=1e-6, atol=1e-7 * np.abs(direct.features).max())
+    np.testing.assert_allclose(np.load(root / "models" / "0" / "out_to_loss.npy"), direct.out_to_loss, rtol=1e-6)
     np.testing.assert_array_equal(np.load(root / "experiments" / helpers.EXPERIMENT / "scores.npy"), expected)
     assert np.load(root / "models" / "1" / "done.npy").all()
 

@@ -15,7 +15,17 @@ restart), runs identical, bytes lost
 behind), rows featurized more than once (work redone: rows whose featurization had started but
 was not yet marked done when a kill landed), and where the kills landed.
 
+Concurrent trials (``--concurrent-trials``, default 10 of each):
+
+* two sessions finalizing one experiment's scores at the same moment with different model_ids
+  ([0, 1] and [1]), in two processes, with small score blocks so that their writes interleave;
+  each must get exactly its own matrix (compared byte for byte with a single process's), and the
+  store must end with a complete record;
+* two ``trakjax attribute --config`` runs started together on one output directory: both must
+  exit 0, the scores must equal a single run's byte for byte, and ``trakjax show`` must redraw it.
+
 Run:  python benchmarks/soak_resume.py [--kills 50] [--kills-per-trial 5] [--seed 0]
+      [--concurrent-trials 10]
 """
 
 from __future__ import annotations
@@ -114,6 +124,23 @@ def worker(save_dir: str, spec: dict) -> None:
     os._exit(0)  # skip interpreter teardown, so that kills land in the work
 
 
+def finalize_worker(save_dir: str, spec: dict) -> None:
+    """Finalize the experiment's scores for spec["model_ids"]; save what the call returned."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", spec["jax_cache"])
+    import trakjax
+    from trakjax import tasks
+
+    traker = trakjax.TRAKer(tasks.image_classification(_model().apply), N_TRAIN, save_dir,
+                            proj_dim=PROJ_DIM, seed=7, batch_size=BATCH, backend="xla",
+                            score_block_rows=BATCH)
+    print("ready", flush=True)
+    time.sleep(spec["delay"])
+    np.save(spec["out"], np.asarray(traker.finalize_scores(EXPERIMENT, spec["model_ids"])))
+    os._exit(0)
+
+
 # --------------------------------------------------------------------------- the driver
 
 
@@ -188,12 +215,137 @@ def last_phase(log: pathlib.Path) -> str:
     return lines[-1][len("phase "):] if lines else "imports"
 
 
+def concurrent_finalize_trials(workdir: pathlib.Path, spec: dict, reference_dir: pathlib.Path,
+                               trials: int, rng: random.Random) -> tuple[int, int]:
+    """Two processes finalize [0, 1] and [1] at once; returns (runs with both correct, bytes lost)."""
+
+    def finalize(save_dir, ids, out, delay=0.0):
+        job = dict(spec, model_ids=ids, out=str(out), delay=delay)
+        return subprocess.Popen([sys.executable, __file__, "--finalize-worker", str(save_dir), json.dumps(job)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def clean_copy(name):
+        """The reference store with every feature and target written, and no score matrix."""
+        target = workdir / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(reference_dir, target)
+        experiment = target / "experiments" / EXPERIMENT
+        (experiment / "scores.npy").unlink()
+        info = json.loads((experiment / "experiment.json").read_text())
+        (experiment / "experiment.json").write_text(json.dumps(dict(info, scores=None)))
+        return target
+
+    expected = {}
+    for ids in ([0, 1], [1]):  # one process alone, each model_id set
+        store = clean_copy("alone")
+        process = finalize(store, ids, workdir / "alone.npy")
+        process.stdout.readline()
+        _, err = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(err[-3000:])
+        expected[tuple(ids)] = (workdir / "alone.npy").read_bytes()
+    good = lost = 0
+    for trial in range(trials):
+        store = clean_copy(f"concurrent_{trial}")
+        outs = {ids: workdir / f"concurrent_{trial}_{len(ids)}.npy" for ids in expected}
+        processes = [finalize(store, list(ids), outs[ids], rng.uniform(0.0, 0.3)) for ids in expected]
+        for process in processes:
+            process.stdout.readline()
+        for process in processes:
+            _, err = process.communicate()
+            if process.returncode != 0:
+                raise RuntimeError(f"a concurrent finalize failed:\n{err[-3000:]}")
+        trial_lost = sum(differing_bytes(outs[ids].read_bytes(), expected[ids]) for ids in expected)
+        info = json.loads((store / "experiments" / EXPERIMENT / "experiment.json").read_text())
+        complete = bool(info["scores"] and info["scores"]["complete"])
+        final = (store / "experiments" / EXPERIMENT / "scores.npy").read_bytes()
+        trial_lost += differing_bytes(final, expected[tuple(info["scores"]["model_ids"])]) if complete else len(final)
+        good += trial_lost == 0 and complete
+        lost += trial_lost
+        print(f"concurrent finalize trial {trial}: bytes lost {trial_lost}, record complete for "
+              f"{info['scores']['model_ids'] if complete else None}", flush=True)
+        shutil.rmtree(store)
+    return good, lost
+
+
+CLI_MODEL = """
+import flax.linen as nn
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(nn.tanh(nn.Dense(8)(x)))
+
+model = Tiny()
+"""
+
+
+def concurrent_cli_trials(workdir: pathlib.Path, spec: dict, trials: int) -> tuple[int, int]:
+    """Two ``trakjax attribute`` runs on one output at once; returns (good runs, bytes lost)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    project = workdir / "cli_project"
+    project.mkdir(exist_ok=True)
+    (project / "soak_cli_model.py").write_text(CLI_MODEL)
+    (train, labels), (test, test_labels) = _digits(spec["digits"])
+    for name, array in (("x", train), ("y", labels), ("tx", test), ("ty", test_labels)):
+        np.save(project / f"{name}.npy", array)
+    sys.path.insert(0, str(project))
+    import soak_cli_model
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        for m in range(2):
+            checkpointer.save(project / "ckpt" / str(m), soak_cli_model.model.init(jax.random.key(m), train[:1]))
+
+    def config(out):
+        path = out.parent / f"{out.name}.toml"
+        path.write_text(f'model = "soak_cli_model:model"\ntask = "image_classification"\n'
+                        f'checkpoints = ["{project}/ckpt/0", "{project}/ckpt/1"]\noutput = "{out}"\n'
+                        f'proj_dim = {PROJ_DIM}\nbatch_size = {BATCH}\npython_path = ["{project}"]\n\n[data]\n'
+                        f'train_inputs = "{project}/x.npy"\ntrain_labels = "{project}/y.npy"\n'
+                        f'target_inputs = "{project}/tx.npy"\ntarget_labels = "{project}/ty.npy"\n')
+        return path
+
+    env = dict(os.environ, TRAKJAX_JAX_CACHE=spec["jax_cache"])
+
+    def cli(*args):
+        return subprocess.Popen([sys.executable, "-m", "trakjax", *args, "--quiet"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    alone = workdir / "cli_alone"
+    shutil.rmtree(alone, ignore_errors=True)
+    if cli("attribute", "--config", str(config(alone))).wait() != 0:
+        raise RuntimeError("a single trakjax attribute run failed")
+    expected = (alone / "store" / "experiments" / "targets" / "scores.npy").read_bytes()
+    good = lost = 0
+    for trial in range(trials):
+        out = workdir / f"cli_{trial}"
+        shutil.rmtree(out, ignore_errors=True)
+        path = config(out)
+        runs = [cli("attribute", "--config", str(path)) for _ in range(2)]
+        codes = [run.wait() for run in runs]
+        errors = [run.stderr.read().strip() for run in runs]
+        scores = out / "store" / "experiments" / "targets" / "scores.npy"
+        trial_lost = differing_bytes(scores.read_bytes(), expected) if scores.exists() else len(expected)
+        shown = cli("show", str(out)).wait()
+        ok = codes == [0, 0] and shown == 0 and trial_lost == 0
+        good += ok
+        lost += trial_lost
+        print(f"concurrent CLI trial {trial}: exit codes {codes}, show {shown}, bytes lost {trial_lost}"
+              + ("" if ok else f"; stderr {errors}"), flush=True)
+        shutil.rmtree(out)
+    return good, lost
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--kills-per-trial", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="keep the stores here (default: a temp dir)")
+    parser.add_argument("--concurrent-trials", type=int, default=10,
+                        help="trials of each concurrent scenario (0 skips them)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="trakjax_soak_"))
@@ -277,14 +429,25 @@ def main() -> int:
           f"{sum(t['rows_redone'] for t in trials)} of {rows_needed * len(trials)} rows featurized")
     print("where the kills landed (last phase logged; 'finished' = after the work, not counted "
           "above): " + ", ".join(f"{k}: {v}" for k, v in sorted(landed.items())))
+    concurrent_ok = True
+    if args.concurrent_trials:
+        good, lost = concurrent_finalize_trials(workdir, spec, reference_dir, args.concurrent_trials, rng)
+        print(f"concurrent finalize_scores with model_ids [0, 1] and [1]: {good} / "
+              f"{args.concurrent_trials} trials each got its own matrix; bytes lost {lost}")
+        cli_good, cli_lost = concurrent_cli_trials(workdir, spec, args.concurrent_trials)
+        print(f"two trakjax attribute runs on one output: {cli_good} / {args.concurrent_trials} "
+              f"trials both exited 0 with identical scores and show redrew it; bytes lost {cli_lost}")
+        concurrent_ok = good == cli_good == args.concurrent_trials
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     if args.workdir is None:
         shutil.rmtree(workdir)
-    return 0 if all(t["identical"] for t in trials) else 1
+    return 0 if all(t["identical"] for t in trials) and concurrent_ok else 1
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], json.loads(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--finalize-worker":
+        finalize_worker(sys.argv[2], json.loads(sys.argv[3]))
     else:
         sys.exit(main())

@@ -24,19 +24,26 @@ def test_auto_lambda_is_finite_and_positive_on_rank_deficient_grams():
     rng = np.random.default_rng(0)
     phi = rng.normal(size=(5, 20))  # N = 5 < k = 20: rank 5
     gram = phi.T @ phi
-    kernel = solve.solve(gram, "auto", num_examples=5)
+    kernel = solve.solve(gram, "auto", num_examples=5, method="eigh")
     assert kernel.rank == 5 and kernel.lambda_reg > kernel.spectrum.tolerance
     assert kernel.lambda_reg == pytest.approx(0.3 * np.trace(gram) / 5, rel=1e-12)
     np.testing.assert_allclose(kernel.inverse, np.linalg.inv(gram + kernel.lambda_reg * np.eye(20)), rtol=1e-9)
     assert np.isfinite(kernel.condition)
+    # The default path (a Cholesky: λ is far above the noise) gives the same λ and inverse.
+    default = solve.solve(gram, "auto", num_examples=5)
+    assert default.method == "cholesky" and default.rank is None and default.spectrum is None
+    assert default.lambda_reg == pytest.approx(kernel.lambda_reg, rel=1e-12)
+    np.testing.assert_allclose(default.inverse, kernel.inverse, rtol=1e-9, atol=1e-12 * np.abs(kernel.inverse).max())
     # None means auto.
-    assert solve.solve(gram, None, num_examples=5).lambda_reg == kernel.lambda_reg
-    # A rank-1 Gram with a huge N: 0.3·trace/N would fall below the rank tolerance; the floor
-    # keeps ΦᵀΦ + λI invertible.
+    assert solve.solve(gram, None, num_examples=5).lambda_reg == default.lambda_reg
+    # A rank-1 Gram with a huge N: 0.3·trace/N would fall below the noise; the floor (ten times
+    # the noise level) keeps ΦᵀΦ + λI invertible, on either path.
     v = rng.normal(size=(8, 1))
-    tiny = solve.solve(v @ v.T, "auto", num_examples=10**12)
+    tiny = solve.solve(v @ v.T, "auto", num_examples=10**12, method="eigh")
     assert tiny.rank == 1 and np.isfinite(tiny.inverse).all()
     assert tiny.lambda_reg == pytest.approx(10 * tiny.spectrum.tolerance) and tiny.lambda_reg > 0
+    floored = solve.solve(v @ v.T, "auto", num_examples=10**12)
+    assert floored.lambda_reg == pytest.approx(tiny.lambda_reg, rel=1e-6) and np.isfinite(floored.inverse).all()
 
 
 def test_auto_lambda_needs_num_examples_and_rejects_other_strings():
@@ -55,7 +62,7 @@ def test_attribute_with_auto_lambda_when_k_exceeds_parameters_and_examples():
         return_details=True,
     )
     assert np.isfinite(got).all() and np.abs(got).max() > 0
-    assert details[0].rank <= 8 and details[0].lambda_reg > 0
+    assert details[0].rank is None and details[0].lambda_reg > 0  # the Cholesky path: no spectrum
 
 
 def closed_form_self_influence(checkpoints, train, lam=None):

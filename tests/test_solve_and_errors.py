@@ -30,12 +30,13 @@ TASK = tasks.image_classification(apply_fn)
 def test_solve_matches_inverse_and_reports_rank_and_condition():
     rng = np.random.default_rng(0)
     phi = rng.normal(size=(50, 6))
-    kernel = solve.solve(phi.T @ phi, 0.5)
+    kernel = solve.solve(phi.T @ phi, 0.5, method="eigh")
     np.testing.assert_allclose(kernel.inverse, np.linalg.inv(phi.T @ phi + 0.5 * np.eye(6)), rtol=1e-10)
     assert kernel.rank == 6
     eig = np.linalg.eigvalsh(phi.T @ phi)
     assert kernel.condition == pytest.approx((eig[-1] + 0.5) / (eig[0] + 0.5))
-    compat = solve.solve(phi.T @ phi, 0.5, reference_compat=True)
+    compat = solve.solve(phi.T @ phi, 0.5, reference_compat=True)  # the Cholesky path
+    assert compat.method == "cholesky"
     np.testing.assert_allclose(compat.inverse * compat.scale, kernel.inverse, rtol=1e-12)
     assert np.abs(compat.inverse).mean() == pytest.approx(1.0)
 
@@ -50,7 +51,7 @@ def test_gram_accumulates_blocks_in_float64():
 def test_default_lambda_is_finite_and_positive_on_a_rank_deficient_gram():
     rng = np.random.default_rng(2)
     phi = rng.normal(size=(5, 20))  # N = 5 < k = 20
-    kernel = solve.solve(phi.T @ phi, None, num_examples=5)
+    kernel = solve.solve(phi.T @ phi, None, num_examples=5, method="eigh")
     assert kernel.rank == 5
     assert np.isfinite(kernel.inverse).all() and kernel.lambda_reg > 0
     with pytest.raises(ValueError, match=r"numerical rank 5 < k .*min\(k=20, N=5\).*lambda_reg=None"):
@@ -137,3 +138,45 @@ def test_callable_data_is_reread_for_every_checkpoint():
     from_arrays = trakjax.attribute(TASK, checkpoints, (x, y), (x[:3], y[:3]), proj_dim=8, backend="xla", batch_size=7)
     assert len(calls) == 2
     np.testing.assert_allclose(from_iterator, from_arrays, rtol=1e-4, atol=1e-6)
+
+
+def test_the_cholesky_path_runs_well_above_the_noise_and_matches_the_eigendecomposition():
+    rng = np.random.default_rng(5)
+    phi = rng.normal(size=(300, 40)).astype(np.float32)
+    gram = solve.gram(phi)
+    top = np.linalg.eigvalsh(gram)[-1]
+    estimate = solve.largest_eigenvalue(gram)  # a lower bound, close even with a small gap
+    assert top * (1 - 1e-2) <= estimate <= top * (1 + 1e-12)
+    for lam in (1e-3 * top, 1.0, "auto"):
+        fast = solve.solve(gram, lam, num_examples=300)
+        exact = solve.solve(gram, lam, num_examples=300, method="eigh")
+        assert fast.method == "cholesky" and exact.method == "eigh"
+        assert fast.lambda_reg == pytest.approx(exact.lambda_reg, rel=1e-12)
+        np.testing.assert_allclose(fast.inverse, exact.inverse, rtol=1e-8, atol=1e-12 * np.abs(exact.inverse).max())
+        assert fast.rank is None and exact.rank == 40
+        # The condition estimate (λ̂_max + λ)/λ bounds the exact one (λ_min ≥ 0).
+        assert fast.condition >= exact.condition * (1 - 1e-6)
+    # Below the margin (λ near the noise), and at λ = 0, the eigendecomposition runs.
+    assert solve.solve(gram, 1e-9 * top).method == "eigh"
+    assert solve.solve(gram, 0.0).method == "eigh"
+
+
+def test_a_failed_cholesky_falls_back_to_the_eigendecomposition_and_its_rank_check(monkeypatch):
+    # Eigenvalues 1 … 1e-2 and one of −1e-4: a PSD Gram spoiled by noise larger than the margin.
+    rng = np.random.default_rng(6)
+    basis, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    eigenvalues = np.concatenate([np.geomspace(1.0, 1e-2, 11), [-1e-4]])
+    gram = (basis * eigenvalues) @ basis.T
+    calls = []
+    monkeypatch.setattr(solve, "spectrum", lambda *a, **k: calls.append(1) or real_spectrum(*a, **k))
+    # λ above 10·eps32·λ_max, below the negative eigenvalue's magnitude: the Cholesky fails and
+    # the eigendecomposition finds rank 11 < k with λ under its tolerance 4·1e-4.
+    with pytest.raises(trakjax.errors.NumericalError, match=r"numerical rank 11 < k.*well above 0.0004"):
+        solve.solve(gram, 5e-5)
+    assert calls == [1]
+    kernel = solve.solve(gram, 1e-2)  # well above: the Cholesky succeeds, no eigendecomposition
+    assert kernel.method == "cholesky" and calls == [1]
+    np.testing.assert_allclose(kernel.inverse, np.linalg.inv(gram + 1e-2 * np.eye(12)), rtol=1e-9)
+
+
+real_spectrum = solve.spectrum

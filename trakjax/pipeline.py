@@ -35,11 +35,16 @@ from trakjax.tasks import Task, TaskState
 
 
 class CheckpointDetails(NamedTuple):
-    """What the solve found at one checkpoint (``attribute(..., return_details=True)``)."""
+    """What the solve found at one checkpoint (``attribute(..., return_details=True)``).
+
+    ``rank`` and ``condition`` are those of :class:`trakjax.solve.KernelSolve`: from the
+    eigendecomposition when it ran (λ near the noise, λ = 0), else ``rank`` is ``None`` and
+    ``condition`` the estimate (λ̂_max + λ)/λ. The scores never depend on which ran.
+    """
 
     model_id: int
     lambda_reg: float
-    rank: int
+    rank: int | None
     condition: float
     num_params: int
     proj_dim: int

@@ -382,7 +382,7 @@ class TRAKer:
 
     def _write_features(self, model_id: int, phi, kernel: solve_lib.KernelSolve) -> None:
         details = {"lambda_reg": kernel.lambda_reg, "rank": kernel.rank,
-                   "condition": kernel.condition, "scale": kernel.scale}
+                   "condition": kernel.condition, "scale": kernel.scale, "method": kernel.method}
         self.store.write_features(
             model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh), details
         )

@@ -147,13 +147,7 @@ def spectrum(gram_matrix: np.ndarray, noise: float = _EPS32) -> Spectrum:
     a tolerance scaled by k or by the trace (numpy's ``matrix_rank`` convention) would call
     hundreds of genuine eigenvalues zero.
     """
-    gram_matrix = np.asarray(gram_matrix, np.float64)
-    if gram_matrix.ndim != 2 or gram_matrix.shape[0] != gram_matrix.shape[1]:
-        raise InvalidArgumentError(f"gram must be a square (k, k) matrix, got shape {gram_matrix.shape}")
-    if not np.isfinite(gram_matrix).all():
-        raise NumericalError("gram has NaN or Inf entries; solve needs a finite ΦᵀΦ")
-    symmetric = 0.5 * (gram_matrix + gram_matrix.T)
-    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
+    eigenvalues, eigenvectors = np.linalg.eigh(_symmetric(gram_matrix))
     top = max(float(eigenvalues[-1]), 0.0)
     tolerance = max(noise * top, 4.0 * max(0.0, -float(eigenvalues[0])))
     rank = int((eigenvalues > tolerance).sum())
@@ -167,11 +161,19 @@ def relative_lambda(spec: Spectrum, relative: float = DEFAULT_RELATIVE_LAMBDA) -
 
 
 def auto_lambda(spec: Spectrum, num_examples: int, fraction: float = AUTO_LAMBDA_FRACTION) -> float:
-    """The retraining-free λ of ``lambda_reg="auto"``: ``fraction · trace(ΦᵀΦ) / N``.
+    """The retraining-free λ of ``lambda_reg="auto"`` from a spectrum: ``fraction · trace(ΦᵀΦ) / N``,
+    never below ten times the spectrum's rank tolerance (:func:`auto_lambda_from`)."""
+    trace = float(np.clip(spec.eigenvalues, 0.0, None).sum())
+    return auto_lambda_from(trace, num_examples, 10.0 * spec.tolerance, fraction)
+
+
+def auto_lambda_from(trace: float, num_examples: int, floor: float,
+                     fraction: float = AUTO_LAMBDA_FRACTION) -> float:
+    """The retraining-free λ of ``lambda_reg="auto"``: ``max(fraction · trace(ΦᵀΦ) / N, floor)``.
 
     trace(ΦᵀΦ)/N = mean_i ‖φ_i‖² is the mean contribution of one training example to the Gram,
-    so λ adds a ``fraction`` of an average example in every direction. It is never below
-    ten times the rank tolerance of the spectrum, so ΦᵀΦ + λI stays invertible (k ≥ N included).
+    so λ adds a ``fraction`` of an average example in every direction. ``floor`` is ten times the
+    Gram's noise level, so ΦᵀΦ + λI stays invertible (k ≥ N included).
 
     Measured on digits MLPs (``benchmarks/README.md``): equal to the best λ of a hand-tuned grid
     (picked by LDS on held-out targets) at k = 512 … 2048 for trained checkpoints, across N, width
@@ -179,8 +181,9 @@ def auto_lambda(spec: Spectrum, num_examples: int, fraction: float = AUTO_LAMBDA
     and lost 0.015–0.03 LDS with it.
 
     Args:
-      spec: the :class:`Spectrum` of ΦᵀΦ.
+      trace: trace(ΦᵀΦ).
       num_examples: N, the number of training rows of Φ.
+      floor: the smallest λ allowed.
       fraction: the multiple of mean_i ‖φ_i‖² (default :data:`AUTO_LAMBDA_FRACTION`).
     """
     if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer) or num_examples < 1:
@@ -189,8 +192,28 @@ def auto_lambda(spec: Spectrum, num_examples: int, fraction: float = AUTO_LAMBDA
         )
     if not (isinstance(fraction, int | float | np.floating) and np.isfinite(fraction) and fraction > 0):
         raise InvalidArgumentError(f"fraction must be a finite float > 0, got {fraction!r}")
-    trace = float(np.clip(spec.eigenvalues, 0.0, None).sum())
-    return max(fraction * trace / int(num_examples), 10.0 * spec.tolerance)
+    return max(fraction * trace / int(num_examples), floor)
+
+
+def largest_eigenvalue(gram_matrix: np.ndarray, iterations: int = 30) -> float:
+    """λ̂_max of a symmetric PSD (k, k) matrix by power iteration (a Rayleigh quotient, a lower
+    bound that converges from below): ``iterations`` matrix-vector products, O(k²) each, from a
+    fixed start vector (deterministic)."""
+    vector = np.random.default_rng(0).standard_normal(gram_matrix.shape[0])
+    estimate = 0.0
+    for _ in range(iterations):
+        product = gram_matrix @ vector
+        norm = float(np.linalg.norm(product))
+        if norm == 0.0:
+            return 0.0
+        estimate = float(vector @ product) / float(vector @ vector)
+        vector = product / norm
+    return max(estimate, 0.0)
+
+
+CHOLESKY_NOISE_MARGIN = 10.0
+"""The Cholesky path runs when λ ≥ CHOLESKY_NOISE_MARGIN · noise · λ̂_max (else the
+eigendecomposition, with rank detection)."""
 
 
 class KernelSolve(NamedTuple):
@@ -199,18 +222,76 @@ class KernelSolve(NamedTuple):
     Attributes:
       inverse: (k, k) float64, (ΦᵀΦ + λI)⁻¹, divided by ``scale``.
       lambda_reg: the λ used (absolute).
-      rank: numerical rank of ΦᵀΦ.
-      condition: condition number of ΦᵀΦ + λI.
+      rank: numerical rank of ΦᵀΦ from the eigendecomposition, or ``None`` on the Cholesky path
+        (no eigendecomposition ran; ΦᵀΦ + λI was positive definite).
+      condition: condition number of ΦᵀΦ + λI: exact from the eigendecomposition, or on the
+        Cholesky path the estimate (λ̂_max + λ)/λ, an upper bound up to λ̂_max's power-iteration error.
       scale: 1, or mean|A⁻¹| under ``reference_compat`` (the reference's rescaling).
-      spectrum: the :class:`Spectrum` of ΦᵀΦ.
+      spectrum: the :class:`Spectrum` of ΦᵀΦ, or ``None`` on the Cholesky path.
+      method: ``"cholesky"`` or ``"eigh"``.
     """
 
     inverse: np.ndarray
     lambda_reg: float
-    rank: int
+    rank: int | None
     condition: float
     scale: float
-    spectrum: Spectrum
+    spectrum: Spectrum | None
+    method: str = "eigh"
+
+
+def _triangular_inverse(lower: np.ndarray, block: int = 256) -> np.ndarray:
+    """L⁻¹ of a lower-triangular matrix by recursive halving (matrix products do the work)."""
+    n = lower.shape[0]
+    if n <= block:
+        return np.linalg.inv(lower)
+    h = n // 2
+    top, bottom = _triangular_inverse(lower[:h, :h], block), _triangular_inverse(lower[h:, h:], block)
+    out = np.zeros_like(lower)
+    out[:h, :h], out[h:, h:] = top, bottom
+    out[h:, :h] = -bottom @ (lower[h:, :h] @ top)
+    return out
+
+
+def _cholesky_inverse(gram_matrix: np.ndarray, lam: float) -> np.ndarray | None:
+    """(G + λI)⁻¹ = L⁻ᵀ L⁻¹ from a float64 Cholesky factor; None if G + λI is not numerically
+    positive definite."""
+    shifted = gram_matrix + lam * np.eye(gram_matrix.shape[0])
+    try:
+        lower = np.linalg.cholesky(shifted)
+    except np.linalg.LinAlgError:
+        return None
+    inverse_lower = _triangular_inverse(lower)
+    return inverse_lower.T @ inverse_lower
+
+
+def _singular_error(spec: Spectrum, lambda_reg, num_examples, num_params) -> NumericalError:
+    k = spec.eigenvalues.shape[0]
+    bounds = [f"k={k}"] + [f"{name}={value}" for name, value in (("N", num_examples), ("P", num_params))
+                           if value is not None]
+    structural = min([k] + [b for b in (num_examples, num_params) if b is not None])
+    auto = (f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N = {auto_lambda(spec, num_examples):.4g}"
+            if num_examples is not None else f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N")
+    return NumericalError(
+        f"lambda_reg={lambda_reg} leaves ΦᵀΦ + λI singular: ΦᵀΦ ({k}×{k}) has numerical rank "
+        f"{min(spec.rank, structural)} < k (its rank is at most min({', '.join(bounds)})). "
+        f"Use lambda_reg=None or 'auto' ({auto}) or a lambda_reg well above "
+        f"{spec.tolerance:.3g}, or a smaller proj_dim"
+    )
+
+
+def _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, num_params) -> KernelSolve:
+    """The eigendecomposition path: exact rank detection, λ = 0 allowed on a full-rank Gram."""
+    spec = spectrum(gram_matrix, noise)
+    k = spec.eigenvalues.shape[0]
+    lam = auto_lambda(spec, num_examples) if lambda_reg == AUTO else float(lambda_reg)
+    structural = min([k] + [b for b in (num_examples, num_params) if b is not None])
+    if (spec.rank < k or structural < k) and lam <= spec.tolerance:
+        raise _singular_error(spec, lambda_reg, num_examples, num_params)
+    shifted = np.clip(spec.eigenvalues, 0.0, None) + lam
+    inverse = (spec.eigenvectors / shifted) @ spec.eigenvectors.T
+    condition = float(shifted[-1] / shifted[0]) if shifted[0] > 0 else float("inf")
+    return KernelSolve(inverse, lam, spec.rank, condition, 1.0, spec, "eigh")
 
 
 def solve(
@@ -221,66 +302,82 @@ def solve(
     num_examples: int | None = None,
     num_params: int | None = None,
     storage_dtype=np.float32,
+    method: str = "auto",
 ) -> KernelSolve:
-    """(ΦᵀΦ + λI)⁻¹ with rank detection, from an eigendecomposition in float64.
+    """(ΦᵀΦ + λI)⁻¹ in float64: a Cholesky factorization where λ is well above the Gram's noise,
+    else an eigendecomposition with rank detection.
+
+    With λ ≥ :data:`CHOLESKY_NOISE_MARGIN` · noise · λ̂_max (noise: the Gram's relative rounding
+    noise, :func:`rounding_noise`; λ̂_max by power iteration, :func:`largest_eigenvalue`),
+    ΦᵀΦ + λI is positive definite beyond doubt and a float64 Cholesky with the explicit inverse
+    is exact to float64 rounding at about a quarter of an eigendecomposition's time. Below that
+    (λ = 0 among others), or when the Cholesky fails, the eigendecomposition path detects the
+    rank and raises on a singular system. The scores do not depend on which path ran beyond
+    float32 rounding; :attr:`KernelSolve.method` says which.
 
     Args:
       gram_matrix: (k, k) ΦᵀΦ, e.g. from :func:`gram`.
       lambda_reg: ``"auto"`` or ``None`` (the same) for λ = :data:`AUTO_LAMBDA_FRACTION` ·
-        trace(ΦᵀΦ)/N (:func:`auto_lambda`, needs ``num_examples``); a float ≥ 0 for an absolute
-        λ (``0.0`` means exactly zero).
+        trace(ΦᵀΦ)/N, floored at ten times the noise (:func:`auto_lambda_from`, needs
+        ``num_examples``); a float ≥ 0 for an absolute λ (``0.0`` means exactly zero).
       reference_compat: divide A⁻¹ by mean|A⁻¹|, as the reference library (trak 0.3.2) does; this
         reweights checkpoints in the ensemble average.
       num_examples: N, the rows of Φ: required by ``"auto"``/``None``, and named in error
         messages (the rank of ΦᵀΦ is at most min(N, P, k)).
       num_params: P (differentiated parameters), likewise.
-      storage_dtype: dtype the features were stored in (sets the rank tolerance).
+      storage_dtype: dtype the features were stored in (sets the noise level).
+      method: ``"auto"`` (as above) or ``"eigh"`` (always the eigendecomposition, e.g. for rules
+        that need the spectrum).
 
     Returns:
       :class:`KernelSolve`.
 
     Raises:
-      ValueError: if ΦᵀΦ + λI is numerically singular (λ below the rank tolerance while ΦᵀΦ is
-        rank deficient), giving the rank found and a λ relative to the spectrum that would work.
+      NumericalError: if ΦᵀΦ is zero or not finite, or ΦᵀΦ + λI is numerically singular (λ
+        below the rank tolerance while ΦᵀΦ is rank deficient), giving the rank found and a λ
+        relative to the spectrum that would work.
     """
-    spec = spectrum(gram_matrix, rounding_noise(storage_dtype))
-    k = spec.eigenvalues.shape[0]
+    gram_matrix = _checked_gram(gram_matrix)
     lambda_reg = check_lambda(lambda_reg)
-    if spec.eigenvalues[-1] <= 0:
+    if method not in ("auto", "eigh"):
+        raise InvalidArgumentError(f"method must be 'auto' or 'eigh', got {method!r}")
+    noise = rounding_noise(storage_dtype)
+    kernel = None
+    if method == "auto" and lambda_reg != 0.0:
+        top = largest_eigenvalue(gram_matrix)
+        floor = CHOLESKY_NOISE_MARGIN * noise * top
+        lam = (auto_lambda_from(float(np.trace(gram_matrix)), num_examples, floor) if lambda_reg == AUTO
+               else float(lambda_reg))
+        inverse = _cholesky_inverse(gram_matrix, lam) if lam >= floor else None
+        if inverse is not None:
+            kernel = KernelSolve(inverse, lam, None, (top + lam) / lam, 1.0, None, "cholesky")
+    if kernel is None:
+        kernel = _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, num_params)
+    if reference_compat:
+        scale = float(np.abs(kernel.inverse).mean())
+        kernel = kernel._replace(inverse=kernel.inverse / scale, scale=scale)
+    return kernel
+
+
+def _symmetric(gram_matrix) -> np.ndarray:
+    """The symmetric part of a finite square matrix, in float64."""
+    gram_matrix = np.asarray(gram_matrix, np.float64)
+    if gram_matrix.ndim != 2 or gram_matrix.shape[0] != gram_matrix.shape[1]:
+        raise InvalidArgumentError(f"gram must be a square (k, k) matrix, got shape {gram_matrix.shape}")
+    if not np.isfinite(gram_matrix).all():
+        raise NumericalError("gram has NaN or Inf entries; solve needs a finite ΦᵀΦ")
+    return 0.5 * (gram_matrix + gram_matrix.T)
+
+
+def _checked_gram(gram_matrix) -> np.ndarray:
+    """:func:`_symmetric`, and not zero."""
+    gram_matrix = _symmetric(gram_matrix)
+    if np.trace(gram_matrix) <= 0:
         raise NumericalError(
             "the Gram ΦᵀΦ is zero: every projected gradient is zero (check the task's output "
             "function and grad_wrt)"
         )
-    if lambda_reg == AUTO:
-        lam = auto_lambda(spec, num_examples)
-    else:
-        lam = float(lambda_reg)
-    bounds = [f"k={k}"]
-    if num_examples is not None:
-        bounds.append(f"N={num_examples}")
-    if num_params is not None:
-        bounds.append(f"P={num_params}")
-    structural = min([k] + [b for b in (num_examples, num_params) if b is not None])
-    if (spec.rank < k or structural < k) and lam <= spec.tolerance:
-        auto = (
-            f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N = {auto_lambda(spec, num_examples):.4g}"
-            if num_examples is not None
-            else f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N"
-        )
-        raise NumericalError(
-            f"lambda_reg={lambda_reg} leaves ΦᵀΦ + λI singular: ΦᵀΦ ({k}×{k}) has numerical rank "
-            f"{min(spec.rank, structural)} < k (its rank is at most min({', '.join(bounds)})). "
-            f"Use lambda_reg=None or 'auto' ({auto}) or a lambda_reg well above "
-            f"{spec.tolerance:.3g}, or a smaller proj_dim"
-        )
-    shifted = np.clip(spec.eigenvalues, 0.0, None) + lam
-    inverse = (spec.eigenvectors / shifted) @ spec.eigenvectors.T
-    condition = float(shifted[-1] / shifted[0]) if shifted[0] > 0 else float("inf")
-    scale = 1.0
-    if reference_compat:
-        scale = float(np.abs(inverse).mean())
-        inverse = inverse / scale
-    return KernelSolve(inverse, lam, spec.rank, condition, scale, spec)
+    return gram_matrix
 
 
 def _times(block, matrix):

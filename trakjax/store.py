@@ -181,7 +181,8 @@ _STORE_SCHEMA = {
     "parameters": (None, {"tree": _TREE, "differentiated": _DIFFERENTIATED}),
     "train_fingerprint?": (None, _STR),
 }
-_FINALIZED = {"lambda_reg": _REAL, "rank": _INT, "condition": (_REAL, _STR), "scale": _REAL}
+_FINALIZED = {"lambda_reg": _REAL, "rank": (None, _INT), "condition": (_REAL, _STR), "scale": _REAL,
+              "method?": _STR}
 _MODEL_SCHEMA = {"model_id": _INT, "fingerprint": _STR, "finalized": (None, _FINALIZED)}
 _SCORES_RECORD = {"model_ids": [_INT], "block_rows": _INT, "complete": _BOOL}
 _EXPERIMENT_SCHEMA = {

@@ -12,9 +12,10 @@ from trakjax import factorized, randomness
 
 
 def per_example_grads(output_fn, leaves, batch, keys=None):
-    """jax.vmap(jax.grad(output_fn)) over the batch: one (B, *shape) array per leaf."""
+    """jax.jit(jax.vmap(jax.grad(output_fn))) over the batch: one (B, *shape) array per leaf."""
     grad = jax.grad(lambda d, ex, k: output_fn(d, ex, k))
-    return jax.vmap(grad, in_axes=(None, 0, None if keys is None else 0))(list(leaves), batch, keys)
+    fn = jax.jit(jax.vmap(grad, in_axes=(None, 0, None if keys is None else 0)))
+    return fn(list(leaves), batch, keys)
 
 
 def _identity_or(matrix, slices, dim):

@@ -224,9 +224,9 @@ def _equation(eqn, infos, key, uses, st: Analysis) -> list:
         return [x if not isinstance(x, SiteOut) or sub_uses[v] == 1 else None
                 for x, v in zip(outs, sub.outvars, strict=True)]
     if name == "cond":
-        return _cond(eqn, infos, key, st)
+        return _cond(eqn, infos, key, uses, st)
     if name == "scan":
-        return _scan(eqn, infos, key, st)
+        return _scan(eqn, infos, key, uses, st)
     for _, view in views:
         if name in compat.CUSTOM_PRIMITIVES:
             st.dense(view.leaf, f"flows into {name}{_callee(eqn)} (a custom derivative rule, kept "
@@ -248,7 +248,14 @@ def _callee(eqn) -> str:
     return f" {name!r}" if isinstance(name, str) and name else ""
 
 
-def _cond(eqn, infos, key, st: Analysis) -> list:
+def _escaping(outs, outvars, uses, st: Analysis, where: str) -> None:
+    """Views returned by a cond branch or scan body and used outside send their leaf dense."""
+    for x, var in zip(outs, outvars, strict=True):
+        if isinstance(x, View) and uses[var] > 0:
+            st.dense(x.leaf, f"returned from a {where} and used outside it")
+
+
+def _cond(eqn, infos, key, uses, st: Analysis) -> list:
     views = _views(infos[1:])
     if _views(infos[:1]):
         st.dense(infos[0].leaf, "used as a cond predicate")
@@ -256,13 +263,11 @@ def _cond(eqn, infos, key, st: Analysis) -> list:
     for b, branch in enumerate(eqn.params["branches"]):
         sub, _ = compat.open_jaxpr(branch)
         outs = _walk(sub, dict(zip(sub.invars, infos[1:], strict=True)), key + (b,), st)
-        for x in outs:
-            if isinstance(x, View):
-                st.dense(x.leaf, "returned from a cond branch")
+        _escaping(outs, eqn.outvars, uses, st, "cond branch")
     return [None] * len(eqn.outvars)
 
 
-def _scan(eqn, infos, key, st: Analysis) -> list:
+def _scan(eqn, infos, key, uses, st: Analysis) -> list:
     n_consts, n_carry = compat.scan_counts(eqn.params)
     sub, _ = compat.open_jaxpr(eqn.params["jaxpr"])
     body_infos = list(infos)
@@ -291,9 +296,7 @@ def _scan(eqn, infos, key, st: Analysis) -> list:
     scan_xs = tuple(sorted((leaf, next(iter(axes))) for leaf, axes in xs_axes.items()))
     st.calls[key] = CallRecord(frozenset(consts | set(xs_axes)), scan_xs, frozenset(consts))
     outs = _walk(sub, dict(zip(sub.invars, body_infos, strict=True)), key, st)
-    for x in outs:
-        if isinstance(x, View):
-            st.dense(x.leaf, "returned from a scan body")
+    _escaping(outs, eqn.outvars, uses, st, "scan body")
     return [None] * len(eqn.outvars)
 
 

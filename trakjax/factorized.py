@@ -120,7 +120,8 @@ def _is_variable(node) -> bool:
         from flax import nnx
     except ImportError:  # pragma: no cover - flax is a dependency
         return False
-    types = tuple(t for t in (getattr(nnx, "Variable", None), getattr(nnx, "VariableState", None)) if t)
+    # vars(): older flax has a separate VariableState class; newer ones warn on the alias
+    types = tuple(t for t in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(t, type))
     return isinstance(node, types)
 
 

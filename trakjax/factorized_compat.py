@@ -6,7 +6,7 @@ primitive's ``get_bind_params``. What differs between versions is collected here
 * ``Primitive.get_bind_params(params)`` returns the bind parameters (JAX ≥ 0.10; older versions
   returned ``(subfuns, params)``).
 * ``scan``'s parameters: JAX 0.10 has ``num_consts``/``num_carry``; JAX 0.12 has ``ft_in``, a
-  (consts, carry, xs) triple of per-operand tuples, instead.
+  FlatTree of the (consts, carry, xs) operands, instead.
 * The call primitive of ``jax.jit`` is named ``jit`` (``pjit`` in older versions); remat is
   ``remat2`` (``checkpoint`` in older versions).
 """
@@ -68,5 +68,7 @@ def scan_counts(params) -> tuple[int, int]:
     """(num_consts, num_carry) of a ``scan`` equation's parameters."""
     if "num_consts" in params:
         return int(params["num_consts"]), int(params["num_carry"])
-    consts, carry, _ = params["ft_in"]
+    # JAX 0.12: ft_in is a FlatTree of (consts, carry, xs); len() of a part counts its operands
+    # (JAX's own scan lowering reads the counts this way).
+    consts, carry, _ = params["ft_in"].unpack()
     return len(consts), len(carry)

@@ -24,10 +24,10 @@ def _identity_or(matrix, slices, dim):
     return np.asarray(matrix, np.float64).reshape(slices, dim, -1)
 
 
-def _slices_first(g, slice_axes):
-    """(B, *shape) -> (B, slices, rest...) with slice axes first (leaf order), rest in order."""
+def _slices_first(g, slice_axes, order=None):
+    """(B, *shape) -> (B, slice axes..., other axes...): the others in ``order`` (default: leaf order)."""
     ndim = g.ndim - 1
-    rest = [a for a in range(ndim) if a not in slice_axes]
+    rest = [a for a in range(ndim) if a not in slice_axes] if order is None else list(order)
     return g.transpose([0] + [1 + a for a in slice_axes] + [1 + a for a in rest])
 
 
@@ -42,7 +42,7 @@ def reference_features(plan, factors, grads, *, kind, seed, model_id):
         n = leaf.num_slices
         d0 = math.prod(leaf.shape[a] for a in s0.axes)
         d1 = math.prod(leaf.shape[a] for a in s1.axes)
-        g = _slices_first(grads[i], leaf.slice_axes).reshape(batch, n, d0, d1)
+        g = _slices_first(grads[i], leaf.slice_axes, s0.axes + s1.axes).reshape(batch, n, d0, d1)
         if leaf.bias >= 0:
             b = _slices_first(grads[leaf.bias], plan.leaves[leaf.bias].slice_axes).reshape(batch, n, -1)
             g = np.concatenate([g, b[:, :, None, :]], 2) if leaf.bias_side == 0 else np.concatenate([g, b[:, :, :, None]], 3)

@@ -166,32 +166,38 @@ def test_padding_tokens_change_nothing(transformer):
 
 
 def _plain_params(key, layers=3, d=6, heads=2):
-    k = jax.random.split(key, 6)
+    k = jax.random.split(key, 10)
     n = lambda kk, s: jax.random.normal(kk, s) * 0.4  # noqa: E731
     return {"w_in": n(k[0], (5, d)), "layers": {"w": n(k[1], (layers, d, d)), "b": n(k[2], (layers, d))},
-            "heads": n(k[3], (heads, d, 4)), "wc": n(k[4], (heads * 4, 3)), "head": n(k[5], (3, 3))}
+            "shared": n(k[6], (d, d)), "loop": n(k[7], (2, d, d)),
+            "mid": n(k[8], (heads, d, 3)), "mid_bias": n(k[9], (heads, 3)),
+            "heads": n(k[3], (heads, 3, 4)), "wc": n(k[4], (heads * 4, 3)), "head": n(k[5], (3, 3))}
 
 
 def _plain_apply(params, x):
     """A plain function of a params pytree: jit, a checkpointed scan over stacked layers with
-    biases, a custom_jvp activation, per-head weights (an einsum batch axis) and a cond."""
+    biases and a weight shared by the iterations, a custom_jvp activation, static indexing in a
+    Python loop, an Einsum kernel contracted on its middle axis, per-head weights (an einsum
+    batch axis), a cond, and a kernel on the left of its contraction."""
     h = jax.jit(lambda x, w: x @ w)(x, params["w_in"])
 
     @jax.checkpoint
     def run(h, layers):
         def layer(h, wb):
             w, b = wb
-            return jax.nn.softplus(h @ w + b), None
+            return jax.nn.relu(h @ w + b) + 0.1 * jnp.tanh(h @ params["shared"]), None
 
         return jax.lax.scan(layer, h, (layers["w"], layers["b"]))[0]
 
     h = run(h, params["layers"])
-    heads = params["heads"]
-    z = jnp.einsum("hbd,hde->hbe", jnp.broadcast_to(h, (heads.shape[0],) + h.shape), heads)
+    for i in range(2):
+        h = jnp.tanh(h @ params["loop"][i])
+    m = jnp.einsum("bd,ndh->bnh", h, params["mid"]) + params["mid_bias"]  # (B, heads, 3)
+    z = jnp.einsum("nbd,nde->nbe", jnp.transpose(m, (1, 0, 2)), params["heads"])
     z = jnp.transpose(z, (1, 0, 2)).reshape(h.shape[0], -1)
-    z = jax.lax.cond(z.sum() > 0, lambda z: jax.nn.relu(z @ params["wc"]),
+    z = jax.lax.cond(z.sum() > 0, lambda z: jax.nn.softplus(z @ params["wc"]) - 0.5,
                      lambda z: jnp.tanh(z) @ params["wc"], z)
-    return z @ params["head"]
+    return jax.lax.dot_general(params["head"], z, (((0,), (1,)), ((), ()))).T
 
 
 def test_scan_remat_jit_cond_custom_jvp_and_per_head_slices_exact():
@@ -204,6 +210,8 @@ def test_scan_remat_jit_cond_custom_jvp_and_per_head_slices_exact():
     assert by_path["layers/w"].slice_axes == (0,) and by_path["layers/w"].num_slices == 3
     assert by_path["layers/b"].treatment == "bias" and by_path["layers/w"].sides[0].dim == 7
     assert by_path["heads"].slice_axes == (0,) and by_path["heads"].num_slices == 2
+    assert by_path["loop"].slice_axes == (0,) and by_path["loop"].num_slices == 2
+    assert by_path["mid"].sides[0].axes == (0, 2) and by_path["mid_bias"].treatment == "bias"
     assert by_path["wc"].sites == ("dot_general×2",)  # one site per cond branch
     assert not plan.dense
 
@@ -265,6 +273,26 @@ def test_nnx_scan_and_linen_scan_factorize_per_layer_slice():
     plan = check_exact(output_fn, diff, batch, paths, factor_dims=3, proj_dim=2048)
     stacked = plan.leaves[paths.index("params/ScanCheckpointLinenLayer_0/Dense_0/kernel")]
     assert stacked.treatment == "factorized" and stacked.slice_axes == (0,)
+
+
+def test_per_example_keys_reach_the_output(mlp):
+    task, params, (x, y) = mlp
+
+    def output(params, example, state):
+        image, label = example
+        keep = jax.random.bernoulli(state.key, 0.6, image.shape)
+        return task.output(params, (image * keep, label), tasks.TaskState())
+
+    sampled = tasks.from_loss(output, lambda f, ex, s: jnp.log1p(jnp.exp(-f)), uses_key=True)
+    output_fn, diff, paths = task_setup(sampled, params)
+    keys = jax.random.split(jax.random.key(5), 5)
+    check_exact(output_fn, diff, (x, y), paths, keys=keys, factor_dims=8, proj_dim=50)
+    _, _, _, a = run_features(output_fn, diff, (x, y), paths, keys=keys, factor_dims=8, proj_dim=50)
+    _, _, _, b = run_features(output_fn, diff, (x[::-1], y[::-1]), paths, keys=keys[::-1],
+                              factor_dims=8, proj_dim=50)
+    _, _, _, c = run_features(output_fn, diff, (x, y), paths, keys=jax.random.split(jax.random.key(6), 5),
+                              factor_dims=8, proj_dim=50)
+    assert relative_error(b[::-1], a) < 1e-5 and relative_error(c, a) > 1e-2
 
 
 # --------------------------------------------------------------------------- invariances
@@ -383,6 +411,25 @@ def test_unclassifiable_parameters_go_dense_and_are_listed():
     for path in ("gain", "slope", "u ", "v "):
         assert any(line.startswith(path) and "dense" in line for line in table.splitlines())
     assert f"K_fac = {plan.k_fac}" in table
+
+
+def test_grouped_convolutions_and_other_gathers_go_dense():
+    conv = nn.Conv(4, (3, 3), feature_group_count=2)
+    x = jnp.ones((6, 6, 2))
+    params = {"conv": conv.init(jax.random.key(0), x[None]), "table": jnp.ones((5, 4)),
+              "head": jnp.ones((4, 3))}
+
+    def apply(p, images):
+        h = conv.apply(p["conv"], images).mean((1, 2))  # (B, 4)
+        picked = jnp.take_along_axis(p["table"], jnp.zeros((5, 1), jnp.int32), axis=1)  # (5, 1)
+        return (h + picked[:4, 0]) @ p["head"]
+
+    task = tasks.image_classification(apply)
+    report = factorized.describe_factorization(task, params, (x, 0), factor_dims=3)
+    by_path = {leaf.path: leaf for leaf in report.plan.leaves}
+    assert "grouped or depthwise convolution (feature_group_count=2" in by_path["conv/params/kernel"].reason
+    assert "gather that is not a lookup of whole rows" in by_path["table"].reason
+    assert by_path["head"].treatment == "factorized"
 
 
 def test_nothing_to_factorize_is_a_clear_error():

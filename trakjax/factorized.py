@@ -8,7 +8,10 @@ through row gathers, tied output heads), ∇_W f = Σ_t a_t δ_tᵀ, and the fea
         = (P_0 ⊗ P_1)ᵀ vec(∇_W f)                       (W flattened row-major)
 
 computed from a_t and δ_t without forming ∇_W f (see :mod:`trakjax.factorized_taps`). Sides are
-W's axis groups (side 0 leading, side 1 trailing), not in/out roles; a side whose factor size is
+W's axis groups, not in/out roles: side 0 holds W's first (non-slice) axis, side 1 the others
+contracted or left free with it; when a group is not a contiguous run (an Einsum kernel
+(heads, d, head_dim) contracted on d), "row-major" means W transposed to (side 0 axes, side 1
+axes) first (see :mod:`trakjax.factorized_plan`). A side whose factor size is
 at least its dimension is the identity; a bias folds in as a constant-1 input row; stacked layers
 (``lax.scan`` over a stacked leaf) and dot_general batch axes get one factor pair per slice.
 
@@ -172,8 +175,8 @@ def plan_factorization(
       example: ONE example (no batch axis), arrays or ``jax.ShapeDtypeStruct``.
       key: the example's PRNG key (or its struct), or None.
       paths: canonical path of each differentiated leaf (:func:`canonical_paths`).
-      factor_dims: k for both sides, or a pair (k_0, k_1) (side 0: the leaf's leading axis
-        group, the input side of a kernel; side 1: the trailing group).
+      factor_dims: k for both sides, or a pair (k_0, k_1) (side 0: the group of the leaf's first
+        non-slice axis, the input side of a kernel; side 1: the other group).
       proj_dim: the final dimension (an int; no second stage when ≥ K_fac, see
         ``FactorPlan.second_stage``) or ``"all"`` (keep all K_fac features, the dense remainder
         whole).

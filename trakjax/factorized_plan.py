@@ -4,9 +4,12 @@
 a static, hashable description (NamedTuples of tuples) that fixes the feature layout:
 
 * A leaf is **factorized** when it has at least one site, no dense reason, and all its sites
-  agree on its slice axes and on the split of the other axes into two groups, each a contiguous
-  run of the remaining leaf axes. Side 0 is the leading group (the rows when W is flattened
-  row-major), side 1 the trailing group. Bases belong to these axes, not to in/out roles: a tied
+  agree on its slice axes and on the split of the other axes into two groups (contracted and
+  free). Side 0 is the group holding the first non-slice axis, side 1 the other; each group keeps
+  the leaf's axis order. W's gradient is read as the matrix W_(0),(1) = W transposed to
+  (slice axes, side 0 axes, side 1 axes) and flattened row-major per slice: when the groups are
+  contiguous (Dense, DenseGeneral, conv kernels, embeddings) that is W's own row-major order; an
+  Einsum kernel such as (heads, d, head_dim) contracted on d has side 0 = (heads, head_dim). Bases belong to these axes, not to in/out roles: a tied
   embedding uses side 0 for its vocab axis at the gather and at the output head.
 * A leaf whose every use is a bias add onto sites of one factorized W folds into W's side that
   those sites contract (W̃ = [W; b]: that side's dimension grows by one row, the last).
@@ -148,16 +151,14 @@ def check_proj_dim(proj_dim) -> int | str:
 
 
 def _groups(rec, remaining):
-    """The site's (C, F) split as (leading group, trailing group), or None if not contiguous."""
+    """The site's (C, F) split as (group 0, group 1): group 0 holds the leaf's first remaining
+    axis (for a kernel, its input side); each group sorted. None if C ∪ F is not ``remaining``."""
     c, f = tuple(rec.c_axes), tuple(rec.f_axes)
     if sorted(c + f) != list(remaining):
         return None
     if not c or not f:
         return c + f, ()
-    lead, trail = (c, f) if c[0] < f[0] else (f, c)
-    if lead + trail != tuple(remaining):
-        return None
-    return lead, trail
+    return (c, f) if c[0] < f[0] else (f, c)
 
 
 def _site_split(st: Analysis, leaf: int) -> tuple | str:
@@ -171,7 +172,7 @@ def _site_split(st: Analysis, leaf: int) -> tuple | str:
     remaining = [a for a in range(ndim) if a not in slice_axes]
     groups = {_groups(r, remaining) for r in recs}
     if None in groups:
-        return "a site contracts axes that are not a contiguous run of the leaf's axes"
+        return "a site leaves some of its axes neither contracted nor free"
     if len(groups) != 1:
         return f"its sites disagree on the axis grouping {sorted(groups)}"
     counts: dict[str, int] = {}

@@ -229,10 +229,11 @@ factorized features records this version (and the dense family keeps recording
 
 Factor matrices (contract v2)
 -----------------------------
-A factorized leaf W has two axis groups ("sides": side 0 holds the leading leaf axes, side 1 the
-trailing ones; a stacked slice axis, if any, belongs to neither). Each (slice, side) has its own
-factor matrix P (rows: the side's flattened index, row-major over its leaf axes, plus one last
-row when a bias is folded into that side; columns: the side's k)::
+A factorized leaf W has two axis groups ("sides": side 0 holds the leaf's first axis that is not a
+slice axis, side 1 the other group; slice axes, if any, belong to neither). Each (slice, side)
+has its own factor matrix P (rows: the side's flattened index, row-major over its leaf axes in
+the leaf's order, plus one last row when a bias is folded into that side; columns: the side's
+k)::
 
     path_hash     = FNV-1a 32-bit over the UTF-8 bytes of the leaf's canonical path:
                     h = 0x811c9dc5; for each byte c: h = ((h ^ c) · 0x01000193) mod 2³²

@@ -413,6 +413,23 @@ def test_unclassifiable_parameters_go_dense_and_are_listed():
     assert f"K_fac = {plan.k_fac}" in table
 
 
+def test_materialized_and_generated_matrices_agree():
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 6)), "gain": jnp.linspace(0.5, 1.5, 6),
+              "u": jax.random.normal(jax.random.key(1), (6, 3)), "v": jnp.eye(3)}
+    task = tasks.image_classification(lambda p, x: jnp.tanh((x @ p["w"]) * p["gain"]) @ (p["u"] @ p["v"]))
+    output_fn, diff, paths = task_setup(task, params)
+    batch = (jax.random.normal(jax.random.key(2), (3, 4)), jnp.array([0, 1, 2]))
+    plan = check_exact(output_fn, diff, batch, paths, factor_dims=3, proj_dim=20)
+    assert plan.second_stage and not plan.rest_identity
+    features = jax.jit(lambda f: factorized.factorized_features(output_fn, diff, batch, None, plan, f,
+                                                                kind="rademacher")[1])
+    cached = factorized.factor_matrices(plan, seed=0, model_id=0, kind="rademacher")
+    generated = factorized.factor_matrices(plan, seed=0, model_id=0, kind="rademacher", matrix_cache_bytes=0)
+    assert cached.second_matrix is not None and cached.dense_blocks is not None
+    assert generated.second_matrix is None and generated.dense_blocks is None
+    np.testing.assert_allclose(features(generated), features(cached), rtol=1e-6, atol=1e-7)
+
+
 def test_grouped_convolutions_and_other_gathers_go_dense():
     conv = nn.Conv(4, (3, 3), feature_group_count=2)
     x = jnp.ones((6, 6, 2))

@@ -46,6 +46,7 @@ it from a :class:`~trakjax.tasks.Task`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -209,30 +210,38 @@ class Factors(NamedTuple):
 
     ``leaves``: one :class:`LeafFactors` per differentiated leaf (None unless factorized);
     ``dense_key``: uint32 key of the dense remainder's R (contract v1's ``stream_key``);
-    ``second_key``: uint32 key of the second-stage R2 (``randomness.second_stage_key``).
+    ``second_key``: uint32 key of the second-stage R2 (``randomness.second_stage_key``);
+    ``dense_blocks``: the dense remainder's R materialized, one (size, k_rest) block per dense
+    leaf (``projection.projection_blocks``), or None to generate it chunk by chunk;
+    ``second_matrix``: R2 materialized, (K_fac, final_dim), or None to generate it on the fly.
+    Materialized or generated, the entries are the same.
     """
 
     leaves: tuple
     dense_key: jax.Array
     second_key: jax.Array
+    dense_blocks: list | None = None
+    second_matrix: jax.Array | None = None
 
 
-_GENERATORS: dict = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _generator(kind: str, rows: int, k: int):
-    if (kind, rows, k) not in _GENERATORS:
-        fn = jax.vmap(lambda key: randomness.factor_matrix(kind, key, rows, k))
-        _GENERATORS[(kind, rows, k)] = jax.jit(fn)
-    return _GENERATORS[(kind, rows, k)]
+    return jax.jit(jax.vmap(lambda key: randomness.factor_matrix(kind, key, rows, k)))
 
 
-def factor_matrices(plan: FactorPlan, *, seed: int, model_id: int, kind: str) -> Factors:
+def factor_matrices(
+    plan: FactorPlan, *, seed: int, model_id: int, kind: str, matrix_cache_bytes: int = 2**30
+) -> Factors:
     """The factor matrices of every factorized leaf and slice, and the projection keys.
 
     Entry (row, column) of side s of slice i of the leaf at canonical path p is contract v1's
     entry under ``randomness.factor_key(seed, model_id, kind, p, i, s)``. Call once per
     checkpoint (``seed``/``model_id`` are Python ints); the result is a pytree of arrays.
+
+    ``matrix_cache_bytes``: the second-stage R2 (4·K_fac·final_dim bytes) and then the dense
+    remainder's R (4·P_rest·k_rest bytes) are materialized when they fit this budget (per
+    device); otherwise :func:`factorized_features` generates them chunk by chunk on every call
+    (hashing costs about as much as the multiply: materializing is much faster when it fits).
     """
     if kind not in FACTOR_KINDS:
         raise ValueError(f"kind must be one of {FACTOR_KINDS} for the factorized family, got {kind!r}")
@@ -252,11 +261,29 @@ def factor_matrices(plan: FactorPlan, *, seed: int, model_id: int, kind: str) ->
                              for i in range(leaf.num_slices)], np.uint32)
             mats.append(_generator(kind, side.dim, side.k)(keys).reshape(slice_shape + (side.dim, side.k)))
         leaves.append(LeafFactors(*mats))
-    return Factors(
-        tuple(leaves),
-        jnp.uint32(randomness.stream_key(seed, model_id, kind)),
-        jnp.uint32(randomness.second_stage_key(seed, model_id, kind)),
-    )
+    dense_key = jnp.uint32(randomness.stream_key(seed, model_id, kind))
+    second_key = jnp.uint32(randomness.second_stage_key(seed, model_id, kind))
+    budget = int(matrix_cache_bytes)
+    second = None
+    if plan.second_stage and 4 * plan.k_fac * plan.final_dim <= budget:
+        second = _second_generator(kind, plan.k_fac, plan.final_dim)(second_key)
+        budget -= 4 * plan.k_fac * plan.final_dim
+    blocks = None
+    if plan.dense and not plan.rest_identity and 4 * plan.dense_params * plan.k_rest <= budget:
+        layout = projection_lib.parameter_layout(
+            [jax.ShapeDtypeStruct(plan.leaves[i].shape, jnp.float32) for i in plan.dense])
+        blocks = _blocks_generator(layout, kind, plan.k_rest)(dense_key)
+    return Factors(tuple(leaves), dense_key, second_key, blocks, second)
+
+
+@functools.lru_cache(maxsize=16)
+def _second_generator(kind: str, rows: int, k: int):
+    return jax.jit(lambda key: randomness.factor_matrix(kind, key, rows, k))
+
+
+@functools.lru_cache(maxsize=16)
+def _blocks_generator(layout, kind: str, k: int):
+    return jax.jit(lambda key: projection_lib.projection_blocks(layout, kind, k, key))
 
 
 # --------------------------------------------------------------------------- 3. features
@@ -332,8 +359,9 @@ def factorized_features(
     scale = 1.0 / math.sqrt(plan.num_params)
     if plan.second_stage:
         # project() divides by √K_fac: φ = R2ᵀu/√P = project(u)·√K_fac/√P.
+        second = None if factors.second_matrix is None else [factors.second_matrix]
         phi = projection_lib.project([u], kind=kind, proj_dim=plan.final_dim, key=factors.second_key,
-                                     chunk_rows=chunk_rows, precision=precision)
+                                     blocks=second, chunk_rows=chunk_rows, precision=precision)
         phi = phi * jnp.float32(math.sqrt(plan.k_fac) * scale)
     else:
         phi = u * jnp.float32(math.sqrt(plan.k_fac) * scale)
@@ -372,8 +400,8 @@ def _concatenate(plan, factors, z_grads, dense_grads, batch, kind, precision, ch
         else:
             # project() divides by √P_rest; the block is R_restᵀ g / √k_rest.
             rest = projection_lib.project(list(dense_grads), kind=kind, proj_dim=plan.k_rest,
-                                          key=factors.dense_key, chunk_rows=chunk_rows,
-                                          precision=precision)
+                                          key=factors.dense_key, blocks=factors.dense_blocks,
+                                          chunk_rows=chunk_rows, precision=precision)
             blocks.append(rest * jnp.float32(math.sqrt(plan.dense_params / plan.k_rest)))
     return jnp.concatenate(blocks, axis=1)
 

@@ -294,6 +294,28 @@ def test_per_example_keys_reach_the_output(mlp):
     assert relative_error(b[::-1], a) < 1e-5 and relative_error(c, a) > 1e-2
 
 
+def test_nested_scans_slice_the_outer_axis_and_share_inside():
+    """An outer scan over stacked layers, each an inner scan over time reusing the layer's weight."""
+    def apply(p, xs):  # xs: (B, T, 3)
+        def layer(h, w):
+            def step(c, xt):
+                c = jnp.tanh(c @ w + xt)
+                return c, c
+
+            hs = jax.lax.scan(step, jnp.zeros((h.shape[0], h.shape[2])), jnp.swapaxes(h, 0, 1))[1]
+            return jnp.swapaxes(hs, 0, 1), None
+
+        return jax.lax.scan(layer, xs @ p["inp"], p["layers"])[0][:, -1] @ p["out"]
+
+    k = jax.random.split(jax.random.key(2), 4)
+    params = {"inp": jax.random.normal(k[0], (3, 4)) * 0.5, "layers": jax.random.normal(k[1], (2, 4, 4)) * 0.5,
+              "out": jax.random.normal(k[2], (4, 3))}
+    output_fn, diff, paths = task_setup(tasks.image_classification(apply), params)
+    batch = (jax.random.normal(k[3], (3, 5, 3)), jnp.array([0, 1, 2]))
+    plan = check_exact(output_fn, diff, batch, paths, factor_dims=3, proj_dim="all")
+    assert plan.leaves[paths.index("layers")].num_slices == 2
+
+
 # --------------------------------------------------------------------------- invariances
 
 

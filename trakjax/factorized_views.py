@@ -24,7 +24,7 @@ import numpy as np
 
 from trakjax.factorized_compat import Literal
 
-CAST_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+CAST_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint"})
 
 
 class View(NamedTuple):

@@ -439,7 +439,7 @@ def test_unclassifiable_parameters_go_dense_and_are_listed():
     _, _, _, cached = run_features(output_fn, diff, batch, paths, factor_dims=3, proj_dim=20)
     on_the_fly = jax.jit(lambda f: factorized.factorized_features(
         output_fn, diff, batch, None, plan, f, kind="rademacher")[1])(generated)
-    np.testing.assert_allclose(on_the_fly, cached, rtol=1e-5, atol=1e-7)
+    assert relative_error(on_the_fly, cached) < 1e-5  # float32 sums in another order
 
 
 def test_grouped_convolutions_and_other_gathers_go_dense():

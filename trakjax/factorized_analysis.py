@@ -187,6 +187,12 @@ def _views(infos) -> list[tuple[int, View]]:
     return [(i, x) for i, x in enumerate(infos) if isinstance(x, View)]
 
 
+def _no_site_outputs(infos) -> list:
+    """Infos passed into a sub-jaxpr: a site output entering a call is an ordinary activation
+    there (a bias add inside cannot see the output's other uses outside)."""
+    return [None if isinstance(x, SiteOut) else x for x in infos]
+
+
 def _equation(eqn, infos, key, uses, st: Analysis) -> list:
     """Infos of ``eqn``'s outputs; records sites, calls and dense reasons."""
     name = eqn.primitive.name
@@ -219,7 +225,7 @@ def _equation(eqn, infos, key, uses, st: Analysis) -> list:
     if name in compat.JIT_PRIMITIVES or name in compat.REMAT_PRIMITIVES:
         sub, _ = compat.open_jaxpr(compat.call_jaxpr(eqn))
         st.calls[key] = CallRecord(frozenset(v.leaf for _, v in views))
-        outs = _walk(sub, dict(zip(sub.invars, infos, strict=True)), key, st)
+        outs = _walk(sub, dict(zip(sub.invars, _no_site_outputs(infos), strict=True)), key, st)
         sub_uses = _uses(sub)
         return [x if not isinstance(x, SiteOut) or sub_uses[v] == 1 else None
                 for x, v in zip(outs, sub.outvars, strict=True)]
@@ -262,7 +268,7 @@ def _cond(eqn, infos, key, uses, st: Analysis) -> list:
     st.calls[key] = CallRecord(frozenset(v.leaf for _, v in views))
     for b, branch in enumerate(eqn.params["branches"]):
         sub, _ = compat.open_jaxpr(branch)
-        outs = _walk(sub, dict(zip(sub.invars, infos[1:], strict=True)), key + (b,), st)
+        outs = _walk(sub, dict(zip(sub.invars, _no_site_outputs(infos[1:]), strict=True)), key + (b,), st)
         _escaping(outs, eqn.outvars, uses, st, "cond branch")
     return [None] * len(eqn.outvars)
 

@@ -15,7 +15,10 @@
   re-bound unchanged.
 
 ``scope`` maps each factorized leaf to its :class:`LeafArrays`, whose leading dims are the leaf's
-slice axes not yet consumed by an enclosing scan.
+slice axes not yet consumed by an enclosing scan. A scan body gets the factors of the leaves it
+receives whole and of those it slices along one of their slice axes; a leaf sliced along another
+axis has no site inside (the analysis would have made that axis a slice axis), so its factors
+stay outside.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def _eval(ctx: Context, jaxpr, consts, args, path: tuple, scope: dict) -> list:
         if key in ctx.taps:
             outs = compat.bind(eqn, invals)
             outs[0] = _tap(ctx, key, eqn, invals, outs[0], scope)
-        elif call is not None and call.leaves & ctx.factorized:
+        elif call is not None and call.leaves & ctx.factorized & scope.keys():
             outs = _call(ctx, eqn, invals, key, scope, call)
         else:
             outs = compat.bind(eqn, invals)
@@ -110,7 +113,7 @@ def _join(arrays: dict, axes: dict) -> dict:
 
 def _call(ctx: Context, eqn, invals, key, scope, call) -> list:
     name = eqn.primitive.name
-    leaves = sorted(call.leaves & ctx.factorized)
+    leaves = sorted(call.leaves & ctx.factorized & scope.keys())  # factors this scope holds
     if name in compat.JIT_PRIMITIVES:
         sub, consts = compat.open_jaxpr(compat.call_jaxpr(eqn))
         return _eval(ctx, sub, consts, invals, key, scope)
@@ -144,7 +147,7 @@ def _cond(ctx: Context, eqn, invals, key, scope, leaves) -> list:
 def _scan(ctx: Context, eqn, invals, key, scope, call) -> list:
     n_consts, n_carry = compat.scan_counts(eqn.params)
     sub, consts = compat.open_jaxpr(eqn.params["jaxpr"])
-    inner = {leaf: scope[leaf] for leaf in call.scan_consts if leaf in ctx.factorized}
+    inner = {leaf: scope[leaf] for leaf in call.scan_consts if leaf in ctx.factorized and leaf in scope}
     sliced, axes = {}, {}
     for leaf, axis in call.scan_xs:
         arr = scope.get(leaf)

@@ -375,7 +375,9 @@ def test_block_and_concatenation_statistics():
     k_over_p = plan.final_dim / plan.num_params
     assert np.mean(inner) == pytest.approx(k_over_p * g[0] @ g[1], rel=0.15)
     # one block alone (no second stage): φ_W = u·√(K/P) with E[u uᵀ] = g gᵀ
-    plan_all = plan._replace(proj_dim="all", final_dim=plan.k_fac, second_stage=False)
+    plan_all = factorized.plan_factorization(output_fn, diff, (x[0], 0.0), paths=paths, factor_dims=4,
+                                             proj_dim="all")
+    assert not plan_all.second_stage and plan_all.k_fac == 16
     features_all = jax.jit(lambda f: factorized.factorized_features(
         output_fn, diff, batch, None, plan_all, f, kind="rademacher")[1])
     block = []

@@ -8,12 +8,13 @@ through row gathers, tied output heads), ∇_W f = Σ_t a_t δ_tᵀ, and the fea
         = (P_0 ⊗ P_1)ᵀ vec(∇_W f)                       (W flattened row-major)
 
 computed from a_t and δ_t without forming ∇_W f (see :mod:`trakjax.factorized_taps`). Sides are
-W's axis groups, not in/out roles: side 0 holds W's first (non-slice) axis, side 1 the others
-contracted or left free with it; when a group is not a contiguous run (an Einsum kernel
-(heads, d, head_dim) contracted on d), "row-major" means W transposed to (side 0 axes, side 1
-axes) first (see :mod:`trakjax.factorized_plan`). A side whose factor size is
-at least its dimension is the identity; a bias folds in as a constant-1 input row; stacked layers
-(``lax.scan`` over a stacked leaf) and dot_general batch axes get one factor pair per slice.
+W's two axis groups (the axes its sites contract with activations, and the free ones), not
+in/out roles: side 0 is the group holding W's first non-slice axis, side 1 the other. When a
+group is not a contiguous run (an Einsum kernel (heads, d, head_dim) contracted on d),
+"row-major" means W transposed to (side 0 axes, side 1 axes) first (see
+:mod:`trakjax.factorized_plan`). A side whose factor size is at least its dimension is the
+identity; a bias folds in as a constant-1 input row; stacked layers (``lax.scan`` over a stacked
+leaf), static indices and dot_general batch axes of W get one factor pair per slice.
 
 Scaling: each block is divided by √(product of its random sides' k), so E[φ_Wᵀφ′_W] =
 ⟨∇_W f, ∇_W f′⟩; the dense remainder (leaves that are not factorized) is R_restᵀ g_rest / √k_rest

@@ -40,10 +40,6 @@ def leaf_view(leaf: int, ndim: int) -> View:
     return View(leaf, tuple((a,) for a in range(ndim)))
 
 
-def _with_fixed(view: View, axis: int, token: tuple) -> tuple:
-    return tuple(sorted(view.fixed + ((axis, token),)))
-
-
 def propagate(eqn, view: View, in_shape: tuple, out_shape: tuple, leaf_shape: tuple) -> View | str:
     """The view of ``eqn``'s output given the view of its (first) operand.
 

@@ -218,3 +218,117 @@ def projection_matrix(
     rows = aligned_rows(kind, key, block_hi, block_lo, num_blocks, proj_dim)
     offset = row_start - first_block * ROWS_PER_BLOCK
     return rows[offset : offset + num_rows]
+
+
+# --------------------------------------------------------------------------- factor matrices (v2)
+
+FACTOR_CONTRACT_VERSION = 2
+"""Version of the randomness contract of the factorized projection family.
+
+Contract v2 = contract v1's dense R, unchanged, plus the factor matrices below. A store holding
+factorized features records this version (and the dense family keeps recording
+:data:`CONTRACT_VERSION`); any change to the functions of this section must bump it.
+
+Factor matrices (contract v2)
+-----------------------------
+A factorized leaf W has two axis groups ("sides": side 0 holds the leaf's first axis that is not a
+slice axis, side 1 the other group; slice axes, if any, belong to neither). Each (slice, side)
+has its own factor matrix P (rows: the side's flattened index, row-major over its leaf axes in
+the leaf's order, plus one last row when a bias is folded into that side; columns: the side's
+k)::
+
+    path_hash     = FNV-1a 32-bit over the UTF-8 bytes of the leaf's canonical path:
+                    h = 0x811c9dc5; for each byte c: h = ((h ^ c) · 0x01000193) mod 2³²
+    base          = stream_key(seed, model_id, kind)                    (contract v1)
+    factor_key    = mix(mix(mix(mix(mix(base ^ FACTOR_DOMAIN) + path_hash) ^ slice_hi) + slice_lo)
+                        ^ (side + 1))
+                    FACTOR_DOMAIN = 0x85ebca6b; slice = slice_hi·2³² + slice_lo, the row-major
+                    index over the leaf's slice axes (0 for an unsliced leaf); side ∈ {0, 1}
+    P[row, col]   = contract v1's entry formula (Rademacher ±1 or Box–Muller normal) with
+                    key = factor_key, row = row, column = col
+
+that is, P is rows 0 .. d − 1 of the v1 matrix generated under ``factor_key``
+(:func:`aligned_rows`), so the same Pallas-friendly integer ops produce it, and any row can be
+generated alone (:func:`factor_rows`, for embedding gathers). The canonical path is the
+'/'-joined leaf path (``trakjax.featurize.parameter_paths`` style) with NNX variable wrappers
+(the ``value`` attribute key of an ``nnx.Variable``) removed, so linen variables,
+``trakjax.flax.from_nnx`` params and an ``nnx.State`` give the same path. A side whose factor
+size is at least its dimension is the identity and has no factor matrix.
+
+The second-stage projection (compressing the concatenated factorized features u, K_fac long, to
+proj_dim) is contract v1's R generated under its own key::
+
+    second_stage_key = mix(mix(base ^ SECOND_STAGE_DOMAIN) + 0x27d4eb2f)   SECOND_STAGE_DOMAIN = 0xc2b2ae35
+
+with rows 0 .. K_fac − 1 (the index into u) and columns 0 .. proj_dim − 1.
+"""
+
+FACTOR_DOMAIN = 0x85EBCA6B
+SECOND_STAGE_DOMAIN = 0xC2B2AE35
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+
+
+def path_hash(path: str) -> int:
+    """FNV-1a (32-bit) of ``path``'s UTF-8 bytes, as a Python int."""
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str, got {path!r}")
+    h = _FNV_OFFSET
+    for byte in path.encode("utf-8"):
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK32
+    return h
+
+
+def factor_key(seed: int, model_id: int, kind: str, path: str, slice_index: int, side: int) -> int:
+    """The 32-bit key of one factor matrix (contract v2), as a Python int.
+
+    Args:
+      seed, model_id, kind: as in :func:`stream_key`.
+      path: the leaf's canonical path ('/'-joined, NNX ``value`` keys removed).
+      slice_index: row-major index over the leaf's slice axes (scanned layers, per-head weights),
+        in [0, 2⁶⁴); 0 for an unsliced leaf.
+      side: 0 (the leaf's leading axis group) or 1 (the trailing group).
+    """
+    if side not in (0, 1):
+        raise ValueError(f"side must be 0 or 1, got {side!r}")
+    hi, lo = split_u64(int(slice_index))
+    key = _mix_int(stream_key(seed, model_id, kind) ^ FACTOR_DOMAIN)
+    key = _mix_int(key + path_hash(path))
+    key = _mix_int(key ^ hi)
+    key = _mix_int(key + lo)
+    return _mix_int(key ^ (side + 1))
+
+
+def second_stage_key(seed: int, model_id: int, kind: str) -> int:
+    """The 32-bit key of the second-stage projection of the factorized family (contract v2)."""
+    key = _mix_int(stream_key(seed, model_id, kind) ^ SECOND_STAGE_DOMAIN)
+    return _mix_int(key + 0x27D4EB2F)
+
+
+def factor_matrix(kind: str, key, num_rows: int, k: int) -> jax.Array:
+    """Rows 0 .. num_rows − 1 of the factor matrix with (possibly traced) ``key``: (num_rows, k) f32."""
+    if num_rows < 1 or k < 1:
+        raise ValueError(f"num_rows and k must be >= 1, got {num_rows}, {k}")
+    num_blocks = -(-num_rows // ROWS_PER_BLOCK)
+    return aligned_rows(kind, key, 0, 0, num_blocks, k)[:num_rows]
+
+
+def factor_rows(kind: str, key, rows, k: int) -> jax.Array:
+    """Chosen rows of a factor matrix: ``rows`` (any shape, integer, < 2³²) -> (*rows.shape, k) f32.
+
+    Equal to ``factor_matrix(kind, key, n, k)[rows]`` without generating the other rows (for
+    embedding gathers: the rows of the token ids only).
+    """
+    key = jnp.asarray(key, jnp.uint32)
+    rows = jnp.asarray(rows).astype(jnp.uint32)
+    block = rows >> 11
+    bit = (rows >> 6) & jnp.uint32(31)
+    lane = rows & jnp.uint32(63)
+    block_key = mix(mix(key ^ jnp.uint32(0)) + block)
+    row_key = mix(block_key + lane)
+    word = words(row_key[..., None], column_keys(key, k))
+    if kind == "rademacher":
+        return rademacher_from_words(word, bit[..., None])
+    if kind == "normal":
+        return normal_from_words(word, bit[..., None])
+    raise ValueError(f"kind must be 'rademacher' or 'normal', got {kind!r}")

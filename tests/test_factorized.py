@@ -19,7 +19,7 @@ from trakjax import flax as trakjax_flax
 def task_setup(task, params, grad_wrt=None):
     """(output_fn, diff leaves, canonical paths) of a task."""
     mask = featurize.select_parameters(params, grad_wrt)
-    output_fn, diff = factorized.task_output_fn(task, params, mask)
+    output_fn, diff = featurize.task_output_fn(task, params, mask)
     paths = [p for p, m in zip(factorized.canonical_paths(params), mask, strict=True) if m]
     return output_fn, diff, paths
 
@@ -431,7 +431,7 @@ def test_unclassifiable_parameters_go_dense_and_are_listed():
     assert "mul" in by_path["gain"].reason
     assert "custom_jvp_call" in by_path["slope"].reason
     assert "two parameters" in by_path["u"].reason and "two parameters" in by_path["v"].reason
-    table = str(factorized.describe_factorization(task, params, (x[0], 0), factor_dims=3, proj_dim=20))
+    table = str(featurize.describe_factorization(task, params, (x[0], 0), factor_dims=3, proj_dim=20))
     for path in ("gain", "slope", "u ", "v "):
         assert any(line.startswith(path) and "dense" in line for line in table.splitlines())
     assert f"K_fac = {plan.k_fac}" in table
@@ -456,7 +456,7 @@ def test_grouped_convolutions_and_other_gathers_go_dense():
         return (h + picked[:4, 0]) @ p["head"]
 
     task = tasks.image_classification(apply)
-    report = factorized.describe_factorization(task, params, (x, 0), factor_dims=3)
+    report = featurize.describe_factorization(task, params, (x, 0), factor_dims=3)
     by_path = {leaf.path: leaf for leaf in report.plan.leaves}
     assert "grouped or depthwise convolution (feature_group_count=2" in by_path["conv/params/kernel"].reason
     assert "gather that is not a lookup of whole rows" in by_path["table"].reason
@@ -471,7 +471,7 @@ def test_nothing_to_factorize_is_a_clear_error():
     with pytest.raises(ValueError, match="no differentiated parameter can be factorized") as err:
         factorized.plan_factorization(output_fn, diff, example, paths=paths)
     assert "scale (3,): used element-wise by mul" in str(err.value) and "shift" in str(err.value)
-    report = str(factorized.describe_factorization(task, params, example))
+    report = str(featurize.describe_factorization(task, params, example))
     assert "nothing can be factorized" in report
 
 

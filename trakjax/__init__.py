@@ -34,6 +34,7 @@ from trakjax import (
     data,
     errors,
     evaluation,
+    factorized,
     featurize,
     pipeline,
     projection,
@@ -49,7 +50,7 @@ from trakjax import (
 from trakjax.attribution import attribute, self_influence
 from trakjax.config import Config, ResultSettings, RunSettings
 from trakjax.errors import TrakjaxError
-from trakjax.featurize import per_example_features, per_example_grads
+from trakjax.featurize import describe_factorization, per_example_features, per_example_grads
 from trakjax.projection import project
 from trakjax.randomness import CONTRACT_VERSION
 from trakjax.scoring_fn import TrainFeatures, scorer, train_features
@@ -69,7 +70,9 @@ __all__ = [
     "attribute",
     "checkpoints",
     "data",
+    "describe_factorization",
     "errors",
+    "factorized",
     "evaluation",
     "featurize",
     "gram",

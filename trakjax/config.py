@@ -37,12 +37,16 @@ import numpy as np
 
 from trakjax import projection, randomness, sharding
 from trakjax.errors import ArgumentTypeError, InvalidArgumentError
+from trakjax.factorized_plan import check_factor_dims
 
 DEFAULT_PROJ_DIM = 2048
 """k for random projections when ``proj_dim`` is ``None``."""
 AUTO = "auto"
 """``lambda_reg="auto"``: λ chosen per checkpoint without retraining (:mod:`trakjax.solve`)."""
-PROJECTIONS = randomness.PROJECTION_KINDS
+PROJECTIONS = (*randomness.PROJECTION_KINDS, "factorized")
+DEFAULT_FACTOR_DIMS = (64, 64)
+"""Factor sizes (k_in, k_out) of ``projection="factorized"`` when ``factor_dims`` is ``None``."""
+FACTOR_KINDS = ("rademacher", "normal")
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "high", "default")
 BACKENDS = ("xla", "pallas", "auto")
@@ -146,9 +150,15 @@ class ResultSettings:
 
     Attributes:
       projection: ``"rademacher"`` or ``"normal"`` (random R, the contract of
-        :mod:`trakjax.randomness`), or ``"identity"`` (R = I, k = P).
+        :mod:`trakjax.randomness`), ``"identity"`` (R = I, k = P), or ``"factorized"`` (per-layer
+        Kronecker projections of gradients never built, :mod:`trakjax.factorized`).
       proj_dim: k; ``None`` means :data:`DEFAULT_PROJ_DIM` for random projections and P for
-        ``"identity"`` (which also accepts P itself).
+        ``"identity"`` (which also accepts P itself). For ``"factorized"``, the final dimension
+        (no second projection when it is at least K_fac, the factorized features' count), or
+        ``"all"`` to keep all K_fac features.
+      factor_dims: ``"factorized"`` only: factor sizes, an int for both sides or a pair
+        ``(k_in, k_out)`` (``None``: :data:`DEFAULT_FACTOR_DIMS`).
+      factor_kind: ``"factorized"`` only: the factors' entries, ``"rademacher"`` or ``"normal"``.
       seed: the projection seed, in [0, 2⁶⁴) (also seeds tasks' PRNG keys).
       lambda_reg: ``"auto"`` (also written ``None``) for λ chosen per checkpoint without
         retraining (:func:`trakjax.solve.auto_lambda`), or an absolute float ≥ 0 (the reference
@@ -169,14 +179,24 @@ class ResultSettings:
     dtype: str = "float32"
     precision: str = "highest"
     reference_compat: bool = False
+    factor_dims: int | tuple[int, int] | None = None
+    factor_kind: str = "rademacher"
 
     def __post_init__(self):
         fix = object.__setattr__
         fix(self, "projection", check_choice("projection", self.projection, PROJECTIONS))
-        if self.proj_dim is not None:
+        factorized = self.projection == "factorized"
+        if self.proj_dim == "all" and isinstance(self.proj_dim, str):
+            if not factorized:
+                raise InvalidArgumentError(
+                    f"proj_dim='all' keeps every factorized feature: it needs projection='factorized', "
+                    f"got projection={self.projection!r}"
+                )
+        elif self.proj_dim is not None:
             if is_int(self.proj_dim) and self.proj_dim < 1:
                 raise InvalidArgumentError(f"proj_dim must be >= 1, got {self.proj_dim}")
             fix(self, "proj_dim", check_int("proj_dim", self.proj_dim))
+        self._check_factor_settings(factorized)
         fix(self, "seed", check_int("seed", self.seed, 0, 2**64))
         fix(self, "lambda_reg", check_lambda(self.lambda_reg))
         fix(self, "grad_wrt", check_grad_wrt(self.grad_wrt))
@@ -185,6 +205,19 @@ class ResultSettings:
         if not isinstance(self.reference_compat, bool | np.bool_):
             raise ArgumentTypeError(f"reference_compat must be a bool, got {self.reference_compat!r}")
         fix(self, "reference_compat", bool(self.reference_compat))
+
+    def _check_factor_settings(self, factorized: bool) -> None:
+        fix = object.__setattr__
+        if not factorized:
+            if self.factor_dims is not None:
+                raise InvalidArgumentError(
+                    f"factor_dims={self.factor_dims!r} applies to projection='factorized' only, "
+                    f"got projection={self.projection!r}"
+                )
+            return
+        dims = DEFAULT_FACTOR_DIMS if self.factor_dims is None else self.factor_dims
+        fix(self, "factor_dims", check_factor_dims(dims))
+        fix(self, "factor_kind", check_choice("factor_kind", self.factor_kind, FACTOR_KINDS))
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -197,19 +230,25 @@ class ResultSettings:
         Raises:
           InvalidArgumentError: for ``"identity"`` with a ``proj_dim`` other than P.
         """
-        proj_dim = self.proj_dim
-        if proj_dim is None and self.projection != "identity":
-            proj_dim = DEFAULT_PROJ_DIM
-        return projection.check_kind_and_dim(self.projection, proj_dim, num_params)
+        if self.projection == "factorized":
+            raise InvalidArgumentError(
+                "projection='factorized' has no fixed k: its final dimension comes from the "
+                "factorization plan (trakjax.featurize.prepare_checkpoint)"
+            )
+        return projection.check_kind_and_dim(self.projection, self.requested_dim, num_params)
+
+    @property
+    def requested_dim(self) -> int | str | None:
+        """``proj_dim`` with ``None`` resolved for random projections (None stays for identity)."""
+        if self.proj_dim is None and self.projection != "identity":
+            return DEFAULT_PROJ_DIM
+        return self.proj_dim
 
     def record(self) -> dict:
         """The JSON record stores keep (the reference's absolute λ, or null for ``"auto"``)."""
-        proj_dim = self.proj_dim
-        if proj_dim is None and self.projection != "identity":
-            proj_dim = DEFAULT_PROJ_DIM
-        return {
+        record = {
             "projection": self.projection,
-            "proj_dim": proj_dim,
+            "proj_dim": self.requested_dim,
             "seed": self.seed,
             "contract_version": randomness.CONTRACT_VERSION,
             "grad_wrt": describe_grad_wrt(self.grad_wrt),
@@ -218,6 +257,10 @@ class ResultSettings:
             "dtype": self.dtype,
             "precision": self.precision,
         }
+        if self.projection == "factorized":  # dense records stay those of trakjax 0.1
+            record.update(contract_version=randomness.FACTOR_CONTRACT_VERSION,
+                          factor_dims=list(self.factor_dims), factor_kind=self.factor_kind)
+        return record
 
 
 @dataclasses.dataclass(frozen=True)

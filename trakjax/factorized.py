@@ -37,12 +37,13 @@ Division of labour (pure functions; the caller owns configuration, batching, mes
    :data:`trakjax.randomness.FACTOR_CONTRACT_VERSION`).
 3. :func:`factorized_features` -> ``(outputs (B,), features (B, final_dim))``: pure, jit/vmap and
    shard_map compatible.
-4. :func:`describe_factorization` -> :class:`FactorizationReport`, whose ``str()`` is a table.
+4. :class:`FactorizationReport`, whose ``str()`` is a table (what
+   :func:`trakjax.featurize.describe_factorization` returns for a task).
 5. :func:`activation_bytes_per_example`: a per-example memory bound for micro-batch sizing.
 
 ``output_fn(diff_leaves: list, example, key) -> scalar`` is the output of ONE example with
-everything else (fixed leaves, the task's aux state) closed over; :func:`task_output_fn` builds
-it from a :class:`~trakjax.tasks.Task`.
+everything else (fixed leaves, the task's aux state) closed over;
+:func:`trakjax.featurize.output_fn` builds it from a :class:`~trakjax.tasks.Task`.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ import numpy as np
 from trakjax import factorized_compat as compat
 from trakjax import projection as projection_lib
 from trakjax import randomness
+from trakjax.errors import InvalidArgumentError
 from trakjax.factorized_analysis import Analysis, analyze
 from trakjax.factorized_eval import Context, LeafArrays, evaluate
 from trakjax.factorized_plan import FactorPlan, LeafPlan, c_side, resolve
+from trakjax.factorized_report import format_report
 from trakjax.factorized_taps import TapConfig
 
 FACTOR_KINDS = ("rademacher", "normal")
@@ -86,28 +89,11 @@ def trace_output(output_fn: Callable, diff_leaves: Sequence, example, key=None):
     structs = jax.tree_util.tree_map(_struct, (list(diff_leaves), example, key))
     closed = jax.make_jaxpr(lambda d, e, k: output_fn(d, e, k))(*structs)
     if len(closed.out_avals) != 1 or closed.out_avals[0].shape != ():
-        raise ValueError(
+        raise InvalidArgumentError(
             "output_fn(diff_leaves, example, key) must return one scalar for one example; got "
             f"{[tuple(a.shape) for a in closed.out_avals]}"
         )
     return closed
-
-
-def task_output_fn(task, params, mask, state=None) -> tuple[Callable, list]:
-    """``(output_fn, diff_leaves)`` for a trakjax Task: the fixed leaves and ``state.aux`` are
-    closed over, ``key`` is the example's PRNG key (or None)."""
-    from trakjax.featurize import merge_parameters, split_parameters
-    from trakjax.tasks import TaskState
-
-    state = TaskState() if state is None else state
-    treedef = jax.tree_util.tree_structure(params)
-    diff, fixed = split_parameters(params, mask)
-
-    def output_fn(diff_leaves, example, key):
-        merged = merge_parameters(treedef, mask, diff_leaves, fixed)
-        return task.output(merged, example, TaskState(state.aux, key))
-
-    return output_fn, diff
 
 
 # --------------------------------------------------------------------------- canonical paths
@@ -152,10 +138,10 @@ def canonical_paths(params) -> list[str]:
 def _check_paths(paths, diff_leaves) -> list[str]:
     paths = list(paths)
     if len(paths) != len(diff_leaves) or not all(isinstance(p, str) for p in paths):
-        raise ValueError(f"paths must be one canonical path string per differentiated leaf "
+        raise InvalidArgumentError(f"paths must be one canonical path string per differentiated leaf "
                          f"({len(diff_leaves)}), got {paths!r}")
     if len(set(paths)) != len(paths):
-        raise ValueError(f"paths must be unique (they key the factor matrices), got {paths!r}")
+        raise InvalidArgumentError(f"paths must be unique (they key the factor matrices), got {paths!r}")
     return paths
 
 
@@ -245,7 +231,7 @@ def factor_matrices(
     (hashing costs about as much as the multiply: materializing is much faster when it fits).
     """
     if kind not in FACTOR_KINDS:
-        raise ValueError(f"kind must be one of {FACTOR_KINDS} for the factorized family, got {kind!r}")
+        raise InvalidArgumentError(f"kind must be one of {FACTOR_KINDS} for the factorized family, got {kind!r}")
     randomness.check_seed_and_model_id(seed, model_id)
     leaves = []
     for leaf in plan.leaves:
@@ -349,7 +335,7 @@ def factorized_features(
     analysis = analyze(closed, len(diff_leaves))
     again = resolve(analysis, [leaf.path for leaf in plan.leaves], plan.factor_dims, plan.proj_dim)
     if _structure(again) != _structure(plan):
-        raise ValueError("factorized_features: the plan does not match this output function "
+        raise InvalidArgumentError("factorized_features: the plan does not match this output function "
                          "(recompute it with plan_factorization for these leaves and shapes)")
     ctx = Context(analysis, tap_configs(plan, analysis, precision), frozenset(plan.order))
     values, z_grads, dense_grads = jax.vmap(
@@ -416,47 +402,15 @@ class FactorizationReport(NamedTuple):
     plan: FactorPlan
 
     def __str__(self) -> str:
-        from trakjax.factorized_report import format_report
-
         return format_report(self.plan)
 
 
-def describe_factorization(
-    task,
-    params,
-    example,
-    *,
-    grad_wrt=None,
-    factor_dims=64,
-    proj_dim: int | str = 2048,
-    state=None,
-) -> FactorizationReport:
-    """Describe the factorized family's treatment of every differentiated leaf of a task.
-
-    Args:
-      task: a :class:`~trakjax.tasks.Task`.
-      params: one checkpoint's parameter pytree.
-      example: ONE example (no batch axis).
-      grad_wrt: see :func:`trakjax.featurize.select_parameters`.
-      factor_dims, proj_dim: as in :func:`plan_factorization`.
-      state: :class:`~trakjax.tasks.TaskState` (its ``aux`` for tasks with ``init``; a key is
-        made up for tracing tasks that sample).
-
-    Returns:
-      A :class:`FactorizationReport`; unlike :func:`plan_factorization` it does not raise when
-      nothing can be factorized (the table then lists every leaf's reason).
-    """
-    from trakjax.featurize import select_parameters
-    from trakjax.tasks import TaskState
-
-    state = TaskState() if state is None else state
-    mask = select_parameters(params, grad_wrt)
-    output_fn, diff = task_output_fn(task, params, mask, state)
-    paths = [p for p, m in zip(canonical_paths(params), mask, strict=True) if m]
-    key = state.key
-    if key is None and task.uses_key:
-        key = jax.random.key(0)
-    analysis = analyze(trace_output(output_fn, diff, example, key), len(diff))
+def describe(output_fn: Callable, diff_leaves: Sequence, example, key=None, *, paths: Sequence[str],
+             factor_dims=64, proj_dim: int | str = 2048) -> FactorizationReport:
+    """The :class:`FactorizationReport` of an output function: :func:`plan_factorization`'s
+    decisions, without raising when nothing can be factorized (the table gives each reason)."""
+    paths = _check_paths(paths, diff_leaves)
+    analysis = analyze(trace_output(output_fn, diff_leaves, example, key), len(paths))
     return FactorizationReport(resolve(analysis, paths, factor_dims, proj_dim, require_factorized=False))
 
 
@@ -519,10 +473,9 @@ __all__ = [
     "activation_bytes_per_example",
     "block_scale",
     "canonical_paths",
-    "describe_factorization",
+    "describe",
     "factor_matrices",
     "factorized_features",
     "plan_factorization",
-    "task_output_fn",
     "trace_output",
 ]

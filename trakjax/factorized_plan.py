@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
 from trakjax.factorized_analysis import Analysis
 
 
@@ -126,14 +127,14 @@ def check_factor_dims(factor_dims) -> tuple[int, int]:
 
     def one(value):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise TypeError(f"factor_dims must be {valid}; got factor_dims={factor_dims!r}")
+            raise ArgumentTypeError(f"factor_dims must be {valid}; got factor_dims={factor_dims!r}")
         if value < 1:
-            raise ValueError(f"factor_dims must be {valid}; got factor_dims={factor_dims!r}")
+            raise InvalidArgumentError(f"factor_dims must be {valid}; got factor_dims={factor_dims!r}")
         return int(value)
 
     if isinstance(factor_dims, tuple | list):
         if len(factor_dims) != 2:
-            raise ValueError(f"factor_dims must be {valid}; got factor_dims={factor_dims!r} "
+            raise InvalidArgumentError(f"factor_dims must be {valid}; got factor_dims={factor_dims!r} "
                              f"of length {len(factor_dims)}")
         return one(factor_dims[0]), one(factor_dims[1])
     return one(factor_dims), one(factor_dims)
@@ -144,9 +145,9 @@ def check_proj_dim(proj_dim) -> int | str:
     if proj_dim == "all" and isinstance(proj_dim, str):
         return "all"
     if isinstance(proj_dim, bool) or not isinstance(proj_dim, int | np.integer):
-        raise TypeError(f"proj_dim must be a positive int or 'all' for the factorized family, got {proj_dim!r}")
+        raise ArgumentTypeError(f"proj_dim must be a positive int or 'all' for the factorized family, got {proj_dim!r}")
     if proj_dim < 1:
-        raise ValueError(f"proj_dim must be a positive int or 'all', got {proj_dim}")
+        raise InvalidArgumentError(f"proj_dim must be a positive int or 'all', got {proj_dim}")
     return int(proj_dim)
 
 
@@ -266,7 +267,7 @@ def resolve(st: Analysis, paths, factor_dims, proj_dim, *, require_factorized: b
     order = tuple(sorted((p.index for p in plans if p.treatment == "factorized"), key=lambda i: plans[i].path))
     if not order and require_factorized:
         lines = "\n".join(f"  {p.path} {p.shape}: {p.reason}" for p in plans)
-        raise ValueError(
+        raise InvalidArgumentError(
             "projection='factorized': no differentiated parameter can be factorized (none is "
             f"reached only through contractions with activations):\n{lines}\n"
             "Use a dense projection (projection='rademacher' or 'normal') for this model."

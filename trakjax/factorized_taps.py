@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from trakjax.errors import ArgumentTypeError
 from trakjax.factorized_analysis import ConvGeometry, DotGeometry, GatherGeometry
 from trakjax.projection import matmul_precision
 
@@ -101,7 +102,7 @@ def site_inputs(cfg: TapConfig, x, p_c) -> jax.Array:
     elif isinstance(geo, GatherGeometry):
         u = _gather_inputs(geo, x, p_c)
     else:
-        raise TypeError(f"unknown site geometry {type(geo).__name__}")
+        raise ArgumentTypeError(f"unknown site geometry {type(geo).__name__}")
     return _bias_input(cfg, u, p_c)
 
 

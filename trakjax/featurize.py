@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import backends, randomness
+from trakjax import backends, factorized, randomness
 from trakjax import data as data_lib
 from trakjax import projection as projection_lib
 from trakjax import sharding as sharding_lib
@@ -45,7 +45,7 @@ TARGET_SPLIT = 1
 __all__ = [
     "DEFAULT_GRAD_MEMORY_BYTES", "DEFAULT_MATRIX_CACHE_BYTES", "TARGET_SPLIT", "TRAIN_SPLIT",
     "BatchFeatures", "Checkpoint", "FeatureSpec", "Features", "FeaturizeConfig", "GradWrt",
-    "featurize", "featurize_batch", "merge_parameters", "parameter_paths", "per_example_features",
+    "describe_factorization", "featurize", "one_example", "output_fn", "task_output_fn", "featurize_batch", "merge_parameters", "parameter_paths", "per_example_features",
     "per_example_grads", "prepare_checkpoint", "select_parameters", "split_parameters", "task_key",
 ]
 
@@ -147,19 +147,33 @@ def check_scalar_output(task: Task, value, example) -> None:
         )
 
 
+def output_fn(task: Task, treedef, mask, fixed, aux=None) -> Callable:
+    """``output(diff_leaves, example, key) -> ()``: the task's output of ONE example as a function
+    of the differentiated leaves, the fixed leaves and the task's ``aux`` closed over."""
+
+    def output(diff_leaves, example, key):
+        params = merge_parameters(treedef, mask, diff_leaves, fixed)
+        value = task.output(params, example, TaskState(aux, key))
+        check_scalar_output(task, value, example)
+        return value
+
+    return output
+
+
+def task_output_fn(task: Task, params, mask, state: TaskState | None = None) -> tuple[Callable, list]:
+    """``(output_fn, diff_leaves)`` of ``params`` under ``mask`` (see :func:`output_fn`)."""
+    state = TaskState() if state is None else state
+    diff, fixed = split_parameters(params, mask)
+    return output_fn(task, jax.tree_util.tree_structure(params), tuple(mask), fixed, state.aux), diff
+
+
 def value_and_grads(task: Task, treedef, mask, diff, fixed, batch, state: TaskState):
     """``(outputs (B,), gradient leaves (B, *leaf_shape))`` of the differentiated leaves ``diff``.
 
     ``jax.vmap(jax.value_and_grad(output))`` over the batch, the fixed leaves closed over as
     constants; ``state.key``, if given, is a (B,) batch of keys.
     """
-
-    def output(diff_leaves, example, key):
-        params = merge_parameters(treedef, mask, diff_leaves, fixed)
-        value = task.output(params, example, TaskState(state.aux, key))
-        check_scalar_output(task, value, example)
-        return value
-
+    output = output_fn(task, treedef, mask, fixed, state.aux)
     key_axis = None if state.key is None else 0
     return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)
 
@@ -203,11 +217,14 @@ class FeatureSpec(NamedTuple):
     Attributes:
       treedef: pytree structure of the parameters.
       mask: which leaves are differentiated.
-      kind: ``"rademacher"``, ``"normal"`` or ``"identity"``.
-      proj_dim: effective k.
+      kind: ``"rademacher"``, ``"normal"`` or ``"identity"``; the factors' kind for the
+        factorized family.
+      proj_dim: effective k (the final dimension for the factorized family).
       chunk_rows: rows of R per generated chunk (``None``: the default).
       precision: matmul precision policy of the projection.
       backend: ``"xla"`` or ``"pallas"``.
+      plan: the :class:`~trakjax.factorized_plan.FactorPlan` for ``projection="factorized"``,
+        else None.
     """
 
     treedef: Any
@@ -217,22 +234,71 @@ class FeatureSpec(NamedTuple):
     chunk_rows: int | None
     precision: str
     backend: str
+    plan: Any = None
 
 
 def per_example_features(task: Task, spec: FeatureSpec, diff, fixed, batch, state: TaskState,
                          proj_key=None, blocks=None):
     """The per-example step: ``(φ (B, k) float32, outputs (B,))``; pure and jit-compatible.
 
-    φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P for the differentiated leaves ``diff`` (the fixed ones closed
-    over), with R_m the contract's matrix of ``proj_key`` (or ``blocks``, R materialized), on
-    ``spec.backend``.
+    Dense family: φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P for the differentiated leaves ``diff`` (the
+    fixed ones closed over), with R_m the contract's matrix of ``proj_key`` (or ``blocks``, R
+    materialized), on ``spec.backend``. Factorized family (``spec.plan``): the Kronecker-projected
+    features of :func:`trakjax.factorized.factorized_features`, ``blocks`` holding the checkpoint's
+    :class:`~trakjax.factorized.Factors`.
     """
+    if spec.plan is not None:
+        output = output_fn(task, spec.treedef, spec.mask, fixed, state.aux)
+        outputs, features = factorized.factorized_features(
+            output, diff, batch, state.key, spec.plan, blocks, kind=spec.kind,
+            precision=spec.precision, chunk_rows=spec.chunk_rows,
+        )
+        return features, outputs
     outputs, grads = value_and_grads(task, spec.treedef, spec.mask, diff, fixed, batch, state)
     features = backends.project(
         grads, kind=spec.kind, proj_dim=spec.proj_dim, key=proj_key, blocks=blocks,
         chunk_rows=spec.chunk_rows, precision=spec.precision, backend=spec.backend,
     )
     return features, outputs
+
+
+def describe_factorization(
+    task: Task,
+    params,
+    example,
+    *,
+    grad_wrt: GradWrt = None,
+    factor_dims=64,
+    proj_dim: int | str = 2048,
+    state: TaskState | None = None,
+) -> factorized.FactorizationReport:
+    """How ``projection="factorized"`` treats every differentiated leaf of a task; print it.
+
+    Each leaf is factorized (its sides' factor sizes, random or identity, slices for stacked
+    layers or heads, a folded bias, the sites it is used at) or goes to the dense remainder
+    (with the reason: used element-wise, inside a custom rule, a partial slice, ...).
+
+    Args:
+      task: a :class:`~trakjax.tasks.Task`.
+      params: one checkpoint's parameter pytree.
+      example: ONE example (no batch axis).
+      grad_wrt: see :func:`select_parameters`.
+      factor_dims: an int for both sides or a pair (k_in, k_out).
+      proj_dim: the final dimension or ``"all"``.
+      state: :class:`~trakjax.tasks.TaskState` (its ``aux`` for tasks with ``init``; a key is
+        made up for tasks that sample).
+
+    Returns:
+      A :class:`~trakjax.factorized.FactorizationReport` (``str()`` is a table). Unlike the
+      featurization it does not raise when nothing can be factorized: the table says why.
+    """
+    state = TaskState() if state is None else state
+    mask = select_parameters(params, grad_wrt)
+    output, diff = task_output_fn(task, params, mask, state)
+    paths = [p for p, m in zip(factorized.canonical_paths(params), mask, strict=True) if m]
+    key = state.key if state.key is not None or not task.uses_key else jax.random.key(0)
+    return factorized.describe(output, diff, example, key, paths=paths, factor_dims=factor_dims,
+                               proj_dim=proj_dim)
 
 
 # --------------------------------------------------------------------------- per-checkpoint featurizer
@@ -353,13 +419,66 @@ def _task_state(task: Task, params, init_data):
     return task.init(params, init_data)
 
 
-def _micro_batch(config: Config, diff, devices: int, share: int) -> int:
+def _micro_batch(config: Config, example_bytes: int, devices: int, share: int) -> int:
     """Examples per jitted step: the batch size, capped so that a micro-batch of per-example
-    gradients fits the (per-device) budget, and a multiple of the device count."""
-    grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in diff)
-    per_device = max(1, config.run.grad_memory_bytes // share // max(grad_bytes, 1))
+    memory (gradients, or activations for the factorized family) fits the per-device budget, and
+    a multiple of the device count."""
+    per_device = max(1, config.run.grad_memory_bytes // share // max(example_bytes, 1))
     micro = int(min(sharding_lib.round_up(config.run.batch_size, devices), per_device * devices))
     return sharding_lib.round_up(micro, devices)
+
+
+def one_example(data) -> Any:
+    """The first example of a data set (arrays, or a callable's first batch) as
+    ``jax.ShapeDtypeStruct`` leaves without the example axis: what the factorization traces."""
+    batch = data if not callable(data) else next(iter(data()))
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), batch)
+
+
+class _Projection(NamedTuple):
+    """One checkpoint's projection: the final k, the dense R's key and materialized blocks (or
+    the factorized family's Factors in ``blocks``), the plan, and the per-example bytes."""
+
+    proj_dim: int
+    key: Any
+    blocks: Any
+    plan: Any
+    example_bytes: int
+
+
+def _dense_projection(config: Config, layout, model_id: int, backend: str, share: int, diff) -> _Projection:
+    result = config.result
+    proj_dim = result.projection_dim(layout.total)
+    key = blocks = None
+    if result.projection != "identity":
+        key = jnp.uint32(randomness.stream_key(result.seed, model_id, result.projection))
+        if backend == "xla" and layout.total * proj_dim * 4 * share <= config.run.matrix_cache_bytes:
+            blocks = _make_blocks_fn(layout, result.projection, proj_dim)(key)
+    grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in diff)
+    return _Projection(proj_dim, key, blocks, None, grad_bytes)
+
+
+def _factorized_projection(task, params, mask, diff, fixed, aux, config: Config, model_id: int,
+                           example, share: int) -> _Projection:
+    """Plan the factorization from one example's trace, then the checkpoint's factor matrices."""
+    result = config.result
+    if example is None:
+        raise InvalidArgumentError(
+            "projection='factorized' traces the model on one example to find its layers: pass the "
+            "training data (init_data) or an example"
+        )
+    output = output_fn(task, jax.tree_util.tree_structure(params), mask, fixed, aux)
+    key = jax.random.key(0) if task.uses_key else None
+    paths = [p for p, m in zip(factorized.canonical_paths(params), mask, strict=True) if m]
+    plan = factorized.plan_factorization(output, diff, example, key, paths=paths,
+                                         factor_dims=result.factor_dims, proj_dim=result.requested_dim)
+    if not plan.second_stage and result.proj_dim != "all":
+        logger.info("projection='factorized': proj_dim=%s ≥ K_fac=%d, so all %d factorized features "
+                    "are kept (no second projection)", result.requested_dim, plan.k_fac, plan.k_fac)
+    factors = factorized.factor_matrices(plan, seed=result.seed, model_id=model_id, kind=result.factor_kind,
+                                         matrix_cache_bytes=config.run.matrix_cache_bytes // share)
+    example_bytes = factorized.activation_bytes_per_example(output, diff, example, key, plan=plan)
+    return _Projection(plan.final_dim, None, factors, plan, example_bytes)
 
 
 def prepare_checkpoint(
@@ -368,6 +487,7 @@ def prepare_checkpoint(
     config: Config,
     model_id: int = 0,
     init_data: Any = None,
+    example: Any = None,
 ) -> Checkpoint:
     """Do the per-checkpoint work once: split parameters, task state, projection key and matrix.
 
@@ -377,7 +497,9 @@ def prepare_checkpoint(
       config: the run's :class:`~trakjax.Config`.
       model_id: the checkpoint's id in [0, 2³²); it selects the projection matrix.
       init_data: the training data (pytree with a leading example axis) handed to
-        ``task.init`` when the task has one.
+        ``task.init`` when the task has one; its first example also serves ``example``.
+      example: one example (no example axis; arrays or ``jax.ShapeDtypeStruct``) for the
+        factorized family to trace the model on (default: ``init_data``'s first).
 
     Returns:
       A :class:`Checkpoint` for :func:`featurize_batch`.
@@ -389,28 +511,29 @@ def prepare_checkpoint(
     diff = [jnp.asarray(x) for x in diff]
     fixed = [jnp.asarray(x) if hasattr(x, "shape") else x for x in fixed]
     layout = projection_lib.parameter_layout(diff)
-    proj_dim = result.projection_dim(layout.total)
     backend = backends.resolve(run.backend)
     mesh = run.mesh
     devices = sharding_lib.mesh_size(mesh)
     # Simulated CPU devices of one process share host memory: split the budgets between them.
     share = devices if sharding_lib.cpu_devices_share_memory(mesh) else 1
-    proj_key = blocks = None
-    if result.projection != "identity":
-        proj_key = jnp.uint32(randomness.stream_key(result.seed, model_id, result.projection))
-        if backend == "xla" and layout.total * proj_dim * 4 * share <= run.matrix_cache_bytes:
-            blocks = _make_blocks_fn(layout, result.projection, proj_dim)(proj_key)
     aux = _task_state(task, params, init_data)
-    micro_batch = _micro_batch(config, diff, devices, share)
+    if result.projection == "factorized":
+        example = example if example is not None or init_data is None else one_example(init_data)
+        projected = _factorized_projection(task, params, mask, diff, fixed, aux, config, model_id, example, share)
+    else:
+        projected = _dense_projection(config, layout, model_id, backend, share, diff)
+    micro_batch = _micro_batch(config, projected.example_bytes, devices, share)
+    blocks = projected.blocks
     if devices > 1:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         diff, fixed, blocks, aux = jax.device_put((diff, fixed, blocks, aux), replicated)
-    spec = FeatureSpec(jax.tree_util.tree_structure(params), mask, result.projection, proj_dim,
-                       run.chunk_rows, result.precision, backend)
+    spec = FeatureSpec(jax.tree_util.tree_structure(params), mask, result.factor_kind if projected.plan
+                       else result.projection, projected.proj_dim, run.chunk_rows, result.precision,
+                       backend, projected.plan)
     step_mesh = mesh if devices > 1 else None
     return Checkpoint(
         model_id=int(model_id), seed=result.seed, params=params, mask=mask, diff=diff, fixed=fixed,
-        layout=layout, proj_dim=proj_dim, proj_key=proj_key, blocks=blocks, aux=aux,
+        layout=layout, proj_dim=projected.proj_dim, proj_key=projected.key, blocks=blocks, aux=aux,
         micro_batch=micro_batch, devices=devices, spec=spec,
         train_step=_make_step(task, spec, step_mesh, True),
         target_step=_make_step(task, spec, step_mesh, False),

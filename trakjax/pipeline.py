@@ -147,7 +147,7 @@ def check_targets_fit(task: Task, params, train, targets) -> None:
 
 
 def checkpoint_kernel(local_phi, settings: ResultSettings, *, proj_dim: int, num_examples: int,
-                      num_params: int, mesh=None) -> solve_lib.KernelSolve:
+                      num_params: int, num_features: int | None = None, mesh=None) -> solve_lib.KernelSolve:
     """Solve one checkpoint's kernel from this process's rows of Φ.
 
     The Gram of ``local_phi`` ((n_local, k), any float dtype, possibly no rows) is summed over
@@ -161,7 +161,7 @@ def checkpoint_kernel(local_phi, settings: ResultSettings, *, proj_dim: int, num
     return solve_lib.solve(
         sharding_lib.process_sum(local), settings.lambda_reg,
         reference_compat=settings.reference_compat, num_examples=num_examples,
-        num_params=num_params, storage_dtype=settings.storage_dtype,
+        num_params=num_params, storage_dtype=settings.storage_dtype, num_features=num_features,
     )
 
 
@@ -225,6 +225,7 @@ def solved_checkpoints(
         kernel = checkpoint_kernel(
             phi, config.result, proj_dim=checkpoint.proj_dim, mesh=config.run.mesh,
             num_examples=num_train if num_train is not None else phi.shape[0], num_params=num_params,
+            num_features=None if checkpoint.spec.plan is None else checkpoint.spec.plan.k_fac,
         )
         features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=config.run.mesh), storage)
         details = CheckpointDetails(model_id, kernel.lambda_reg, kernel.rank, kernel.condition,

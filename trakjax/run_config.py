@@ -10,11 +10,13 @@ module next to the file imports; ``~`` is expanded everywhere::
     checkpoints = ["ckpt/0", "ckpt/1"]  # orbax checkpoint directories; model_id = position (required)
     output = "out"                      # output directory (required)
 
-    proj_dim = 2048                     # k
+    proj_dim = 2048                     # k ("all" with projection = "factorized": every feature)
     seed = 0                            # projection seed
     lambda = "auto"                     # or an absolute λ such as 0.01 (default: "auto")
     batch_size = 64                     # examples per featurize step
-    projection = "rademacher"           # or "normal"
+    projection = "rademacher"           # or "normal", "factorized" (per-layer Kronecker projections)
+    factor_dims = 64                    # factorized only: factor sizes, or [k_in, k_out]
+    factor_kind = "rademacher"          # factorized only: or "normal"
     dtype = "float32"                   # feature storage: or "bfloat16", "float16"
     precision = "highest"               # projection matmuls: or "high", "default"
     backend = "auto"                    # projection backend: or "xla", "pallas"
@@ -121,6 +123,21 @@ def _integer(low: int):
     return check
 
 
+def _proj_dim(value, base):
+    if value == "all":
+        return value
+    return _integer(1)(value, base)
+
+
+def _factor_dims(value, base):
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        return tuple(value)
+    raise _Invalid(f"must be a positive integer or a pair [k_in, k_out] of them, got {value!r}")
+
+
 def _lambda(value, base):
     if value == "auto":
         return value
@@ -201,11 +218,13 @@ KEYS: dict[str, Key] = {
     "output": Key(_output),
     "data": Key(_data),
     "model_kwargs": Key(_table(optional=True), None),
-    "proj_dim": Key(_integer(1), 2048, "proj_dim"),
+    "proj_dim": Key(_proj_dim, 2048, "proj_dim"),
     "seed": Key(_integer(0), 0, "seed"),
     "lambda": Key(_lambda, "auto", "lambda_reg"),
     "batch_size": Key(_integer(1), 64, "batch_size"),
-    "projection": Key(_choice(("rademacher", "normal")), "rademacher", "projection"),
+    "projection": Key(_choice(("rademacher", "normal", "factorized")), "rademacher", "projection"),
+    "factor_dims": Key(_factor_dims, None, "factor_dims"),
+    "factor_kind": Key(_choice(("rademacher", "normal")), "rademacher", "factor_kind"),
     "dtype": Key(_choice(("float32", "bfloat16", "float16")), "float32", "dtype"),
     "precision": Key(_choice(("highest", "high", "default")), "highest", "precision"),
     "backend": Key(_choice(("auto", "xla", "pallas")), "auto", "backend"),

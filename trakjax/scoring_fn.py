@@ -91,6 +91,8 @@ class TrainFeatures(NamedTuple):
       aux: tuple of M per-checkpoint task states (``task.init``'s output, or ``None``).
       lambda_reg: (M,) float32, the λ_m used (for the record).
       contract: the static :class:`FeatureContract`.
+      factors: for ``projection="factorized"``, each checkpoint's
+        :class:`~trakjax.factorized.Factors` (its factor matrices); else M ``None``.
     """
 
     features: jax.Array
@@ -98,6 +100,7 @@ class TrainFeatures(NamedTuple):
     aux: tuple
     lambda_reg: jax.Array
     contract: FeatureContract
+    factors: tuple = ()
 
 
 def train_features(
@@ -128,13 +131,14 @@ def train_features(
             f"train_features holds every training example's features in one process, but "
             f"jax.distributed runs {jax.process_count()} processes; use trakjax.attribute there"
         )
-    kept = []  # per checkpoint: (F_m, q^m, aux_m, λ_m, model_id); Φ_m is dropped at once
+    kept = []  # per checkpoint: (F_m, q^m, aux_m, λ_m, model_id, factors); Φ_m is dropped at once
     first = None
     for solved in solved_checkpoints(task, checkpoints, train, config, model_ids):
         first = first or solved.checkpoint
+        factors = solved.checkpoint.blocks if solved.checkpoint.spec.plan is not None else None
         kept.append((solved.features, np.asarray(solved.out_to_loss, np.float32), solved.checkpoint.aux,
-                     solved.details.lambda_reg, solved.details.model_id))
-    features, out_to_loss, auxes, lambdas, ids = zip(*kept, strict=True)
+                     solved.details.lambda_reg, solved.details.model_id, factors))
+    features, out_to_loss, auxes, lambdas, ids, factors = zip(*kept, strict=True)
     params = checkpoints[0]
     contract = FeatureContract(
         contract_version=randomness.CONTRACT_VERSION,
@@ -154,6 +158,7 @@ def train_features(
         aux=tuple(auxes),
         lambda_reg=jnp.asarray(np.asarray(lambdas, np.float32)),
         contract=contract,
+        factors=tuple(factors),
     )
 
 
@@ -247,6 +252,7 @@ def target_features(
     *,
     aux: Any = None,
     model_id: int = 0,
+    factors: Any = None,
 ) -> jax.Array:
     """Ψ (B, k) float32 of a batch at one checkpoint's parameters; pure and jit-compatible.
 
@@ -258,9 +264,9 @@ def target_features(
     split_key = featurize_lib.task_key(contract.seed, model_id, featurize_lib.TARGET_SPLIT)
     state = TaskState(aux, featurize_lib.example_keys(task, split_key, indices))
     key = None
-    if contract.kind != "identity":
+    if contract.spec.plan is None and contract.kind != "identity":
         key = jnp.uint32(randomness.stream_key(contract.seed, model_id, contract.kind))
-    psi, _ = featurize_lib.per_example_features(task, contract.spec, diff, fixed, batch, state, key)
+    psi, _ = featurize_lib.per_example_features(task, contract.spec, diff, fixed, batch, state, key, factors)
     if contract.dtype != "float32":
         psi = psi.astype(jnp.dtype(contract.dtype)).astype(jnp.float32)
     return psi
@@ -315,9 +321,9 @@ def score(task: Task, train_features: TrainFeatures, params, batch, indices=None
 
     def parts():
         for m, (one, model_id) in enumerate(zip(per_checkpoint, contract.model_ids, strict=True)):
-            psi = target_features(
-                task, contract, one, batch, indices, aux=train_features.aux[m], model_id=model_id
-            )
+            factors = train_features.factors[m] if train_features.factors else None
+            psi = target_features(task, contract, one, batch, indices, aux=train_features.aux[m],
+                                  model_id=model_id, factors=factors)
             part = jnp.matmul(train_features.features[m], psi.T, precision=jax.lax.Precision.HIGHEST)
             yield part, train_features.out_to_loss[m]
 

@@ -179,6 +179,8 @@ class TRAKer:
         self._store = None
         if (self.save_dir / store_lib.METADATA_FILE).exists():
             self._store = store_lib.Store.open(self.save_dir, self._store_config())
+        self._example = None if init_data is None else featurize_lib.one_example(init_data)
+        self._pending: tuple | None = None  # a load or scoring start waiting for an example
         self._checkpoint: featurize_lib.Checkpoint | None = None
         self._train_arrays: store_lib.TrainArrays | None = None
         self._target_arrays: store_lib.TargetArrays | None = None
@@ -218,11 +220,15 @@ class TRAKer:
             )
         return checkpoint
 
+    def _needs_example(self) -> bool:
+        """The factorized family traces the model on one example, which no call has shown yet."""
+        return self.config.result.projection == "factorized" and self._example is None
+
     def _prepare(self, checkpoint, model_id: int):
         """Restore and prepare ``checkpoint``, then check its tree against the store's."""
         params = self._resolve_checkpoint(checkpoint)
         prepared = featurize_lib.prepare_checkpoint(
-            self.task, params, self.config, model_id, init_data=self.init_data
+            self.task, params, self.config, model_id, init_data=self.init_data, example=self._example
         )
         tree = trees.tree_record(params)
         try:
@@ -245,6 +251,14 @@ class TRAKer:
             registered model_id resumes, and its weights must match the stored fingerprint.
         """
         model_id = _check_model_id(model_id)
+        self._checkpoint = self._train_arrays = None
+        self._last_ind = 0
+        if self._needs_example():  # registered at the first featurize call, from its batch
+            self._pending = ("train", self._resolve_checkpoint(checkpoint), model_id)
+            return
+        self._register(checkpoint, model_id)
+
+    def _register(self, checkpoint, model_id: int) -> None:
         params, prepared, tree = self._prepare(checkpoint, model_id)
         paths = featurize_lib.parameter_paths(params)
         differentiated = {
@@ -252,11 +266,25 @@ class TRAKer:
             "num_params": int(prepared.layout.total),
             "proj_dim": int(prepared.proj_dim),
         }
+        if prepared.spec.plan is not None:
+            differentiated["k_fac"] = int(prepared.spec.plan.k_fac)
         weights = self.store.fingerprint_of(params, model_id)
         self.store.register_model(model_id, weights, tree, differentiated)
         self._checkpoint = prepared
         self._train_arrays = self.store.train_arrays(model_id)
-        self._last_ind = 0
+        self._pending = None
+
+    def _resume_pending(self, batch) -> None:
+        """Finish a load_checkpoint/start_scoring_checkpoint deferred until a batch showed an
+        example (the factorized family's first call)."""
+        if self._pending is None:
+            return
+        self._example = featurize_lib.one_example(batch)
+        kind, *args = self._pending
+        if kind == "train":
+            self._register(*args)
+        else:
+            self._start_scoring(*args)
 
     # ----------------------------------------------------------------- featurizing
 
@@ -302,6 +330,8 @@ class TRAKer:
         Examples already featurized are skipped without computing anything; a partly featurized
         batch computes only its missing rows.
         """
+        if self._pending is not None and self._pending[0] == "train":
+            self._resume_pending(batch)
         if self._checkpoint is None:
             raise InvalidArgumentError(
                 "no checkpoint is loaded; call load_checkpoint(checkpoint, model_id) before featurize"
@@ -377,7 +407,8 @@ class TRAKer:
         differentiated = self.store.parameters()["differentiated"]
         return checkpoint_kernel(
             phi[start:stop], self.config.result, proj_dim=phi.shape[1], num_examples=phi.shape[0],
-            num_params=int(differentiated["num_params"]), mesh=self.mesh,
+            num_params=int(differentiated["num_params"]), num_features=differentiated.get("k_fac"),
+            mesh=self.mesh,
         )
 
     def _write_features(self, model_id: int, phi, kernel: solve_lib.KernelSolve) -> None:
@@ -434,12 +465,21 @@ class TRAKer:
                     f"experiment {exp_name!r} has num_targets={stored}, this call has "
                     f"num_targets={num_targets}; use another exp_name for other targets"
                 )
-        params, prepared, _ = self._prepare(checkpoint, model_id)
+        self._scoring = self._target_arrays = None
+        self._last_ind_target = 0
+        job = (exp_name, self._resolve_checkpoint(checkpoint), model_id, num_targets, targets_fingerprint)
+        if self._needs_example():  # prepared at the first score call, from its batch
+            self._pending = ("score", *job)
+            return
+        self._start_scoring(*job)
+
+    def _start_scoring(self, exp_name, params, model_id, num_targets, targets_fingerprint) -> None:
+        params, prepared, _ = self._prepare(params, model_id)
         self.store.check_weights(model_id, self.store.fingerprint_of(params, model_id))
         self.store.register_target_model(exp_name, num_targets, model_id, targets_fingerprint)
         self._scoring = (exp_name, prepared)
         self._target_arrays = self.store.target_arrays(exp_name, model_id)
-        self._last_ind_target = 0
+        self._pending = None
 
     def score(self, batch, inds=None, num_samples: int | None = None) -> None:
         """Featurize targets at the scoring checkpoint (ψ), written to the store.
@@ -447,6 +487,8 @@ class TRAKer:
         ``inds`` are target indices in [0, num_targets); ``num_samples`` takes the next ones
         since :meth:`start_scoring_checkpoint`. Done targets are skipped.
         """
+        if self._pending is not None and self._pending[0] == "score":
+            self._resume_pending(batch)
         if self._scoring is None:
             raise InvalidArgumentError(
                 "call start_scoring_checkpoint(exp_name, checkpoint, model_id, num_targets) before score"
@@ -597,6 +639,8 @@ class TRAKer:
             raise InvalidArgumentError(f"train has {n} examples but train_set_size is {self.train_set_size}")
         num_targets = data_lib.num_examples(targets, "targets")
         progress = self.config.run.progress if progress is None else bool(progress)
+        if self._example is None:
+            self._example = featurize_lib.one_example(train)
         check_targets_fit(self.task, self._resolve_checkpoint(checkpoints[0]), train, targets)
         inputs = {"train": trees.fingerprint(train), "targets": trees.fingerprint(targets)}
         self._refuse_changed_inputs(checkpoints, ids, experiment, num_targets, inputs, overwrite)

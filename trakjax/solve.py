@@ -265,29 +265,33 @@ def _cholesky_inverse(gram_matrix: np.ndarray, lam: float) -> np.ndarray | None:
     return inverse_lower.T @ inverse_lower
 
 
-def _singular_error(spec: Spectrum, lambda_reg, num_examples, num_params) -> NumericalError:
+def _rank_bounds(k: int, num_examples, num_params, num_features) -> dict[str, int]:
+    """What bounds the rank of ΦᵀΦ: k, N, P and (factorized family) K_fac, where known."""
+    named = (("k", k), ("N", num_examples), ("P", num_params), ("K_fac", num_features))
+    return {name: int(value) for name, value in named if value is not None}
+
+
+def _singular_error(spec: Spectrum, lambda_reg, bounds: dict[str, int], num_examples) -> NumericalError:
     k = spec.eigenvalues.shape[0]
-    bounds = [f"k={k}"] + [f"{name}={value}" for name, value in (("N", num_examples), ("P", num_params))
-                           if value is not None]
-    structural = min([k] + [b for b in (num_examples, num_params) if b is not None])
+    structural = min(bounds.values())
     auto = (f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N = {auto_lambda(spec, num_examples):.4g}"
             if num_examples is not None else f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N")
     return NumericalError(
         f"lambda_reg={lambda_reg} leaves ΦᵀΦ + λI singular: ΦᵀΦ ({k}×{k}) has numerical rank "
-        f"{min(spec.rank, structural)} < k (its rank is at most min({', '.join(bounds)})). "
+        f"{min(spec.rank, structural)} < k (its rank is at most "
+        f"min({', '.join(f'{n}={v}' for n, v in bounds.items())})). "
         f"Use lambda_reg=None or 'auto' ({auto}) or a lambda_reg well above "
         f"{spec.tolerance:.3g}, or a smaller proj_dim"
     )
 
 
-def _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, num_params) -> KernelSolve:
+def _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds: dict[str, int]) -> KernelSolve:
     """The eigendecomposition path: exact rank detection, λ = 0 allowed on a full-rank Gram."""
     spec = spectrum(gram_matrix, noise)
     k = spec.eigenvalues.shape[0]
     lam = auto_lambda(spec, num_examples) if lambda_reg == AUTO else float(lambda_reg)
-    structural = min([k] + [b for b in (num_examples, num_params) if b is not None])
-    if (spec.rank < k or structural < k) and lam <= spec.tolerance:
-        raise _singular_error(spec, lambda_reg, num_examples, num_params)
+    if (spec.rank < k or min(bounds.values()) < k) and lam <= spec.tolerance:
+        raise _singular_error(spec, lambda_reg, bounds, num_examples)
     shifted = np.clip(spec.eigenvalues, 0.0, None) + lam
     inverse = (spec.eigenvectors / shifted) @ spec.eigenvectors.T
     condition = float(shifted[-1] / shifted[0]) if shifted[0] > 0 else float("inf")
@@ -303,6 +307,7 @@ def solve(
     num_params: int | None = None,
     storage_dtype=np.float32,
     method: str = "auto",
+    num_features: int | None = None,
 ) -> KernelSolve:
     """(ΦᵀΦ + λI)⁻¹ in float64: a Cholesky factorization where λ is well above the Gram's noise,
     else an eigendecomposition with rank detection.
@@ -323,11 +328,13 @@ def solve(
       reference_compat: divide A⁻¹ by mean|A⁻¹|, as the reference library (trak 0.3.2) does; this
         reweights checkpoints in the ensemble average.
       num_examples: N, the rows of Φ: required by ``"auto"``/``None``, and named in error
-        messages (the rank of ΦᵀΦ is at most min(N, P, k)).
+        messages (the rank of ΦᵀΦ is at most min(N, P, K_fac, k)).
       num_params: P (differentiated parameters), likewise.
       storage_dtype: dtype the features were stored in (sets the noise level).
       method: ``"auto"`` (as above) or ``"eigh"`` (always the eigendecomposition, e.g. for rules
         that need the spectrum).
+      num_features: K_fac for the factorized family (features are a linear map of K_fac
+        numbers, which also bounds the rank), likewise.
 
     Returns:
       :class:`KernelSolve`.
@@ -352,7 +359,8 @@ def solve(
         if inverse is not None:
             kernel = KernelSolve(inverse, lam, None, (top + lam) / lam, 1.0, None, "cholesky")
     if kernel is None:
-        kernel = _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, num_params)
+        bounds = _rank_bounds(gram_matrix.shape[0], num_examples, num_params, num_features)
+        kernel = _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds)
     if reference_compat:
         scale = float(np.abs(kernel.inverse).mean())
         kernel = kernel._replace(inverse=kernel.inverse / scale, scale=scale)

@@ -175,7 +175,7 @@ def _fits(value, kind) -> bool:
 
 
 _TREE = {"paths": [_STR], "shapes": [[_INT]], "dtypes": [_STR]}
-_DIFFERENTIATED = {"paths": [_STR], "num_params": _INT, "proj_dim": _INT}
+_DIFFERENTIATED = {"paths": [_STR], "num_params": _INT, "proj_dim": _INT, "k_fac?": _INT}
 _STORE_SCHEMA = {
     "format_version": _INT, "trakjax_version": _STR, "config": dict,
     "parameters": (None, {"tree": _TREE, "differentiated": _DIFFERENTIATED}),

@@ -103,7 +103,7 @@ def floor_rates(task, checkpoint, x, y, batch_size):
 
     @jax.jit
     def grads_only(diff, batch):
-        return featurize._value_and_grads(task, treedef, mask, diff, fixed, batch, tasks.TaskState())
+        return featurize.value_and_grads(task, treedef, mask, diff, fixed, batch, tasks.TaskState())
 
     batch = (jnp.asarray(x[:batch_size]), jnp.asarray(y[:batch_size]))
     t_grads = timed(lambda: jax.block_until_ready(grads_only(diff, batch)), 2)

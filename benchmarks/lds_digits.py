@@ -375,7 +375,6 @@ def main():
                           batch_size=256, backend="xla")
         row["tj_warm_seconds"] = time.perf_counter() - start
         row["tj_auto"] = halves.report_lds(auto_scores)
-        row["rank"] = (min(d.rank for d in details), max(d.rank for d in details))
         try:
             zero = trakjax.attribute(task, checkpoints, train, targets, proj_dim=k, projection="normal",
                                      lambda_reg=0.0, batch_size=256, backend="xla")
@@ -383,6 +382,8 @@ def main():
         except ValueError as err:
             row["tj_zero"] = "raises" if "singular" in str(err) else f"error: {err}"
         eigen = trakjax_eigen(task, checkpoints, train, targets, k)
+        ranks = [int((e.s > solve.rounding_noise() * e.s[-1]).sum()) for e in eigen]  # eigenvalues above the noise
+        row["rank"] = (min(ranks), max(ranks))
         auto_lams = [d.lambda_reg for d in details]
         check = spectral_scores(eigen, auto_lams)
         row["consistency"] = float(np.linalg.norm(check - auto_scores) / np.linalg.norm(check))

@@ -28,8 +28,9 @@ def test_readme_opens_with_the_two_set_up_commands_and_ci_runs_the_test_one():
     assert readme.index(shell[1]) < readme.index("\n\n", readme.index(shell[1])) < len(readme)
     assert "demo" in demo and "[demo]" in demo
     assert "pytest" in test and "[test]" in test
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test in ci, "the CI script must run README's test command verbatim"
+    assert "for version in 3.11 3.12; do" in ci, "CI runs it on the oldest and the newest supported JAX"
     # Nothing but the title precedes the two commands.
     head = readme[:readme.index(shell[1]) + len(shell[1])]
     assert [line for line in head.splitlines() if line and not line.startswith(("```", "#"))] == [demo, test]

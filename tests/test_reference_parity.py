@@ -18,8 +18,10 @@ from sklearn.datasets import load_digits
 import trakjax
 from trakjax import tasks
 
-torch = pytest.importorskip("torch")
-trak = pytest.importorskip("trak")
+_WHY = ("the reference library (torch, traker) is in the test extra on Python 3.11 only, where "
+        "a CPU torch wheel exists")
+torch = pytest.importorskip("torch", reason=_WHY)
+trak = pytest.importorskip("trak", reason=_WHY)
 from trak.projectors import NoOpProjector  # noqa: E402
 
 N_TRAIN, N_TARGET, HIDDEN = 120, 12, 16

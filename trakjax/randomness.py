@@ -272,7 +272,7 @@ _FNV_PRIME = 0x01000193
 def path_hash(path: str) -> int:
     """FNV-1a (32-bit) of ``path``'s UTF-8 bytes, as a Python int."""
     if not isinstance(path, str):
-        raise TypeError(f"path must be a str, got {path!r}")
+        raise ArgumentTypeError(f"path must be a str, got {path!r}")
     h = _FNV_OFFSET
     for byte in path.encode("utf-8"):
         h = ((h ^ byte) * _FNV_PRIME) & _MASK32
@@ -290,7 +290,7 @@ def factor_key(seed: int, model_id: int, kind: str, path: str, slice_index: int,
       side: 0 (the leaf's leading axis group) or 1 (the trailing group).
     """
     if side not in (0, 1):
-        raise ValueError(f"side must be 0 or 1, got {side!r}")
+        raise InvalidArgumentError(f"side must be 0 or 1, got {side!r}")
     hi, lo = split_u64(int(slice_index))
     key = _mix_int(stream_key(seed, model_id, kind) ^ FACTOR_DOMAIN)
     key = _mix_int(key + path_hash(path))
@@ -308,7 +308,7 @@ def second_stage_key(seed: int, model_id: int, kind: str) -> int:
 def factor_matrix(kind: str, key, num_rows: int, k: int) -> jax.Array:
     """Rows 0 .. num_rows − 1 of the factor matrix with (possibly traced) ``key``: (num_rows, k) f32."""
     if num_rows < 1 or k < 1:
-        raise ValueError(f"num_rows and k must be >= 1, got {num_rows}, {k}")
+        raise InvalidArgumentError(f"num_rows and k must be >= 1, got {num_rows}, {k}")
     num_blocks = -(-num_rows // ROWS_PER_BLOCK)
     return aligned_rows(kind, key, 0, 0, num_blocks, k)[:num_rows]
 
@@ -331,4 +331,4 @@ def factor_rows(kind: str, key, rows, k: int) -> jax.Array:
         return rademacher_from_words(word, bit[..., None])
     if kind == "normal":
         return normal_from_words(word, bit[..., None])
-    raise ValueError(f"kind must be 'rademacher' or 'normal', got {kind!r}")
+    raise InvalidArgumentError(f"kind must be 'rademacher' or 'normal', got {kind!r}")

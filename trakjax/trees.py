@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax.errors import InvalidArgumentError
+
 FINGERPRINT_SCHEME = "blake2b-2"
 """The current :func:`fingerprint` scheme: every byte of every leaf."""
 SAMPLED_SCHEME = "blake2b-sampled-1"
@@ -120,7 +122,7 @@ def fingerprint(tree, scheme: str = FINGERPRINT_SCHEME) -> str:
     can still be checked.
     """
     if scheme not in (FINGERPRINT_SCHEME, SAMPLED_SCHEME):
-        raise ValueError(f"unknown fingerprint scheme {scheme!r}")
+        raise InvalidArgumentError(f"unknown fingerprint scheme {scheme!r}")
     digest = hashlib.blake2b(digest_size=16)
     with_path = jax.tree_util.tree_leaves_with_path(tree)
     for path, leaf in with_path:

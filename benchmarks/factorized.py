@@ -1,0 +1,389 @@
+"""The factorized projection family: speed, memory and attribution quality against the dense one.
+
+Modes (each prints a table with the machine; run one, or ``all``):
+
+* ``gpt2``: a GPT-2-small-shaped Flax NNX transformer (12 layers, d = 768, 12 heads, vocab
+  50257, 128 positions, tied embeddings, random init), ``tasks.language_modeling``. Tokens/s of
+  factorized featurization (factor_dims 64, proj_dim 2048, float32) against a plain optax
+  training step (``value_and_grad`` of the mean token cross-entropy + AdamW update) on the same
+  batch, and each one's peak memory, each in its own process (host RSS on CPU; device
+  ``peak_bytes_in_use`` with ``--gpu``). Target: ≥ 1× the training step's tokens/s with peak
+  memory at most the training step's.
+* ``cnn``: the 373k-parameter CNN of featurize_cpu.py (3×3 convolutions of 64/128/256 channels):
+  factorized against dense examples/s at k = 2048 (the convolution kernels factorized through
+  their patches, which are never built).
+* ``mlp50m``: the 50M-parameter MLP of featurize_memory.py (4096 → 4096 → 4096 → 4096) at
+  k = 4096: examples/s and peak RSS of factorized featurization (target ≥ 100 ex/s, ≤ 6 GiB;
+  dense: 0.036 ex/s, benchmarks/README.md).
+* ``lds``: attribution quality on digits, an MLP 64-64-10 and a small CNN, 10 checkpoints each,
+  ``--subsets`` half-subset retrains: factorized at proj_dim 2048 against dense at 2048, paired
+  per target on the report targets (the selection/report split of lds_digits.py), with a
+  bootstrap interval of the mean difference. Target: within 0.01 LDS.
+
+Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|all] [--gpu] [--batch 8] [--layers 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def machine(gpu: bool = False) -> str:
+    import jax
+
+    device = jax.devices()[0].device_kind if gpu else f"{os.cpu_count()} CPUs"
+    return (f"{platform.machine()}, {device}, python {platform.python_version()}, jax {jax.__version__} "
+            f"({jax.default_backend()}); load average {os.getloadavg()[0]:.1f}")
+
+
+def peak_memory_gib(gpu: bool) -> float:
+    """Peak device memory in use (GPU) or this process's peak RSS (VmHWM), GiB."""
+    if gpu:
+        import jax
+
+        return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("VmHWM not found")
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of ``fn`` (which blocks until its result is ready), after a warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+# --------------------------------------------------------------------------- gpt2
+
+
+def gpt2_model(layers: int, d: int, heads: int, vocab: int, positions: int):
+    import jax
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(heads, d, d, decode=False, rngs=rngs)
+            self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+            self.fc = nnx.Linear(d, 4 * d, rngs=rngs)
+            self.proj = nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x, mask):
+            x = x + self.attn(self.ln1(x), mask=mask)
+            return x + self.proj(jax.nn.gelu(self.fc(self.ln2(x))))
+
+    class GPT2(nnx.Module):
+        def __init__(self, rngs):
+            self.wte = nnx.Embed(vocab, d, rngs=rngs)
+            self.wpe = nnx.Param(jax.random.normal(rngs.params(), (positions, d)) * 0.01)
+            self.blocks = nnx.List([Block(rngs) for _ in range(layers)])
+            self.ln_f = nnx.LayerNorm(d, rngs=rngs)
+
+        def __call__(self, ids):
+            x = self.wte(ids) + self.wpe[...][: ids.shape[-1]]
+            mask = nnx.make_causal_mask(ids)
+            for block in self.blocks:
+                x = block(x, mask)
+            return self.wte.attend(self.ln_f(x))  # tied output head
+
+    return GPT2(nnx.Rngs(0))
+
+
+def gpt2_child(variant: str, spec: dict) -> dict:
+    """One variant ("train" or "factorized") in this process: tokens/s and peak memory."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import trakjax
+    from trakjax import featurize, tasks
+
+    model = trakjax.flax.from_nnx(gpt2_model(spec["layers"], spec["d"], spec["heads"], spec["vocab"], spec["positions"]))
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(model.params["params"]))
+    ids = np.random.default_rng(0).integers(0, spec["vocab"], (spec["batch"], spec["positions"])).astype(np.int32)
+    tokens = ids.size
+    if variant == "train":
+        optimizer = optax.adamw(1e-4)
+        params, state = model.params["params"], optimizer.init(model.params["params"])
+        fixed = model.params["state"]
+
+        @jax.jit
+        def step(params, state, ids):
+            def loss(p):
+                logits = model.apply_fn({"params": p, "state": fixed}, ids)[:, :-1]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, state = optimizer.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, value
+
+        batch = jnp.asarray(ids)
+        carry = [params, state]
+
+        def run():
+            carry[0], carry[1], value = step(carry[0], carry[1], batch)
+            jax.block_until_ready(value)
+
+        seconds = timed(run, spec["repeats"])
+    else:
+        task = tasks.language_modeling(model.apply_fn)
+        config = trakjax.Config.create(projection="factorized", factor_dims=64, proj_dim=2048,
+                                       batch_size=spec["batch"], grad_wrt=["params"], backend="xla",
+                                       grad_memory_bytes=2**40)
+        checkpoint = featurize.prepare_checkpoint(task, model.params, config, 0, example=ids[0])
+        seconds = timed(lambda: featurize.featurize_batch(task, checkpoint, ids, with_out_to_loss=False),
+                        spec["repeats"])
+        plan = checkpoint.spec.plan
+        extra = {"k_fac": plan.k_fac, "factorized_leaves": len(plan.order), "dense_leaves": len(plan.dense)}
+    return {"variant": variant, "tokens_per_s": tokens / seconds, "seconds": seconds,
+            "peak_gib": peak_memory_gib(spec["gpu"]), "num_params": int(num_params),
+            **(extra if variant != "train" else {})}
+
+
+def gpt2(args) -> None:
+    spec = dict(layers=args.layers, d=args.d, heads=args.heads, vocab=args.vocab, positions=args.positions,
+                batch=args.batch, repeats=args.repeats, gpu=args.gpu)
+    results = {v: run_child("gpt2", v, spec) for v in ("train", "factorized")}
+    train, fact = results["train"], results["factorized"]
+    print(f"\n{machine(args.gpu)}")
+    print(f"GPT-2-shaped NNX transformer: {spec['layers']} layers, d = {spec['d']}, {spec['heads']} heads, "
+          f"vocab {spec['vocab']}, {spec['positions']} positions, tied embeddings; {train['num_params'] / 1e6:.1f}M "
+          f"parameters; batch {spec['batch']} × {spec['positions']} tokens; factor_dims 64, proj_dim 2048 "
+          f"(K_fac = {fact['k_fac']}, {fact['factorized_leaves']} leaves factorized, {fact['dense_leaves']} dense)\n")
+    memory = "peak device memory" if args.gpu else "peak RSS"
+    print(f"| step | tokens/s | s per batch | {memory} GiB |")
+    print("|---|---|---|---|")
+    for name, r in (("training step (value_and_grad + AdamW)", train), ("factorized featurization", fact)):
+        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['seconds']:.2f} | {r['peak_gib']:.2f} |")
+    print(f"\nfactorized / training step: {fact['tokens_per_s'] / train['tokens_per_s']:.2f}× tokens/s, "
+          f"{fact['peak_gib'] / train['peak_gib']:.2f}× memory")
+
+
+# --------------------------------------------------------------------------- cnn and mlp50m
+
+
+def featurize_rate(task, params, x, y, batch: int, repeats: int, **settings) -> tuple[float, object]:
+    import trakjax
+    from trakjax import featurize
+
+    config = trakjax.Config.create(batch_size=batch, backend="xla", **settings)
+    checkpoint = featurize.prepare_checkpoint(task, params, config, 0, (x, y))
+    seconds = timed(lambda: featurize.featurize_batch(task, checkpoint, (x[:batch], y[:batch])), repeats)
+    return batch / seconds, checkpoint
+
+
+def cnn(args) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from trakjax import tasks
+
+    sys.path.insert(0, str(HERE))
+    from featurize_cpu import CNN
+
+    model = CNN()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.cnn_batch, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, args.cnn_batch).astype(np.int32)
+    task = tasks.image_classification(model.apply)
+    dense, _ = featurize_rate(task, params, x, y, args.cnn_batch, args.repeats, proj_dim=2048)
+    fact, checkpoint = featurize_rate(task, params, x, y, args.cnn_batch, args.repeats, proj_dim=2048,
+                                      projection="factorized", factor_dims=64)
+    plan = checkpoint.spec.plan
+    print(f"\n{machine()}")
+    print(f"CNN of 373,386 parameters on 32×32×3, batch {args.cnn_batch}, k = 2048; factorized: factor_dims 64, "
+          f"K_fac = {plan.k_fac}, factorized leaves {[plan.leaves[i].path for i in plan.order]}\n")
+    print("| projection | examples/s |")
+    print("|---|---|")
+    print(f"| dense (Rademacher, R materialized) | {dense:.1f} |")
+    print(f"| factorized (convolution kernels through their patches) | {fact:.1f} |")
+    print(f"\nfactorized / dense: {fact / dense:.2f}×")
+
+
+def mlp50m_child(spec: dict) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from trakjax import tasks
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(2):
+                x = nn.relu(nn.Dense(4096)(x))
+            return nn.Dense(4096)(x)
+
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4096)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(spec["batch"], 4096)).astype(np.float32)
+    y = rng.integers(0, 4096, spec["batch"]).astype(np.int32)
+    rate, checkpoint = featurize_rate(tasks.image_classification(model.apply), params, x, y, spec["batch"],
+                                      spec["repeats"], proj_dim=4096, projection="factorized", factor_dims=64)
+    return {"examples_per_s": rate, "peak_gib": peak_memory_gib(False), "k_fac": checkpoint.spec.plan.k_fac,
+            "num_params": int(sum(v.size for v in jax.tree_util.tree_leaves(params)))}
+
+
+def mlp50m(args) -> None:
+    r = run_child("mlp50m", "factorized", {"batch": args.mlp_batch, "repeats": args.repeats})
+    print(f"\n{machine()}")
+    print(f"MLP 4096 → 4096 → 4096 → 4096 ({r['num_params'] / 1e6:.1f}M parameters), k = 4096, batch "
+          f"{args.mlp_batch}; factorized: factor_dims 64, K_fac = {r['k_fac']}\n")
+    print("| projection | examples/s | peak RSS GiB |")
+    print("|---|---|---|")
+    print("| dense (benchmarks/README.md, featurize_memory.py) | 0.036 | 3.56 |")
+    print(f"| factorized | {r['examples_per_s']:.1f} | {r['peak_gib']:.2f} |")
+
+
+# --------------------------------------------------------------------------- lds
+
+
+def lds(args) -> None:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import trakjax
+    from trakjax import evaluation, tasks
+
+    sys.path.insert(0, str(HERE))
+    from lds_digits import LR, MLP, Halves, digits
+
+    class SmallCNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], 8, 8, 1)
+            x = nn.relu(nn.Conv(8, (3, 3), padding="SAME")(x))
+            x = nn.relu(nn.Conv(8, (3, 3), strides=2, padding="SAME")(x))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    train, targets = digits(1000)
+    rows = []
+    for name, model in (("MLP 64-64-10", MLP(64)), ("CNN 2×conv8", SmallCNN())):
+        optimizer = optax.adam(LR)
+
+        def init(key, model=model):
+            return model.init(key, jnp.zeros((1, 64), jnp.float32))
+
+        trainer = jax.jit(lambda key, model=model, init=init, optimizer=optimizer: _fit(
+            model, init, optimizer, train, args.steps, key))
+        checkpoints = [trainer(jax.random.fold_in(jax.random.key(1000), m)) for m in range(10)]
+        masks = evaluation.subset_masks(1000, args.subsets, 0.5, seed=0)
+        margins = evaluation.retrain_margins(init, model.apply, optimizer, args.steps, train, targets, masks,
+                                             seed=1, chunk_size=50)
+        halves = Halves(masks, margins)
+        task = tasks.image_classification(model.apply)
+        common = dict(proj_dim=2048, batch_size=256, backend="xla")
+        dense = trakjax.attribute(task, checkpoints, train, targets, projection="rademacher", **common)
+        fact = trakjax.attribute(task, checkpoints, train, targets, projection="factorized", factor_dims=64, **common)
+        a, b = halves.report_lds(dense), halves.report_lds(fact)
+        diff = paired_difference(fact, dense, halves)
+        rows.append((name, a, b, diff))
+        print(f"{name}: dense {a.mean:.3f}, factorized {b.mean:.3f}, paired difference {diff[0]:+.4f} "
+              f"[{diff[1]:+.4f}, {diff[2]:+.4f}]", flush=True)
+    print(f"\n{machine()}")
+    print(f"LDS on digits: N = 1000, 797 targets (report half: 398), {args.subsets} half-subset retrains, 10 "
+          f"checkpoints, {args.steps} full-batch Adam steps; k = 2048, λ auto\n")
+    print("| model | dense LDS | factorized LDS | factorized − dense (paired, 95% CI) |")
+    print("|---|---|---|---|")
+    for name, a, b, (mean, low, high) in rows:
+        print(f"| {name} | {a.mean:.3f} [{a.ci_low:.3f}, {a.ci_high:.3f}] | {b.mean:.3f} [{b.ci_low:.3f}, "
+              f"{b.ci_high:.3f}] | {mean:+.4f} [{low:+.4f}, {high:+.4f}] |")
+
+
+def _fit(model, init, optimizer, train, steps, key):
+    import jax
+    import optax
+
+    params = init(key)
+    state = optimizer.init(params)
+
+    def step(carry, _):
+        p, s = carry
+        grads = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(q, train[0]), train[1]).mean())(p)
+        updates, s = optimizer.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, state), None, length=steps)
+    return params
+
+
+def paired_difference(a, b, halves, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over report targets of LDS(a) − LDS(b), per target, and its 95% bootstrap interval."""
+    from trakjax import evaluation
+
+    report = halves.report
+    predicted_a = halves.masks.astype(np.float64) @ a[:, report]
+    predicted_b = halves.masks.astype(np.float64) @ b[:, report]
+    actual = halves.margins[:, report]
+    per_target = (evaluation.spearman_columns(predicted_a, actual)
+                  - evaluation.spearman_columns(predicted_b, actual))
+    rng = np.random.default_rng(seed)
+    boots = [per_target[rng.integers(0, per_target.size, per_target.size)].mean() for _ in range(n_boot)]
+    return float(per_target.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def run_child(mode: str, variant: str, spec: dict) -> dict:
+    """Run one measurement in a fresh process (its own peak memory); returns its JSON result."""
+    done = subprocess.run([sys.executable, __file__, "child", mode, variant, json.dumps(spec)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} {variant} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{mode} {variant}: {result}", flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "child":
+        mode, variant, spec = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+        result = gpt2_child(variant, spec) if mode == "gpt2" else mlp50m_child(spec)
+        print(json.dumps(result))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", default="all", choices=["gpt2", "cnn", "mlp50m", "lds", "all"])
+    parser.add_argument("--gpu", action="store_true", help="report device memory (run on a GPU)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="GPT-2 sequences per batch")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--positions", type=int, default=128)
+    parser.add_argument("--cnn-batch", type=int, default=64)
+    parser.add_argument("--mlp-batch", type=int, default=256)
+    parser.add_argument("--subsets", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    modes = ["gpt2", "cnn", "mlp50m", "lds"] if args.mode == "all" else [args.mode]
+    for mode in modes:
+        {"gpt2": gpt2, "cnn": cnn, "mlp50m": mlp50m, "lds": lds}[mode](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,681 @@
+"""Retraining-free λ rules for TRAK across model families: LDS against the best grid λ.
+
+What it measures: for each setting (data set × model × training recipe) and each projection
+dimension k (and the identity projection, k = P), the linear datamodeling score (LDS) of TRAK
+scores at
+
+* every λ of a log grid λ = c · trace(Φ_mᵀΦ_m)/N (per checkpoint m), c = 10^-3 … 10^2;
+* today's ``lambda_reg="auto"`` (λ = 0.3 · trace/N, :func:`trakjax.solve.auto_lambda`);
+* each retraining-free candidate rule (:data:`RULES`), among them the rule chosen for
+  :mod:`trakjax.regularization`.
+
+How: targets are split as in ``benchmarks/lds_digits.py`` (even-indexed targets pick the best
+grid c, odd-indexed targets report). Each row of the tables gives, on the report targets, the LDS
+of the best grid c, of today's auto and of each rule, and the paired difference rule − best grid
+(mean over report targets, with a 95% paired bootstrap interval over targets).
+
+* settings (``--settings``, all data ship with scikit-learn):
+  ``mlp64`` digits MLP 64-64-10, 200 full-batch Adam steps (exactly ``lds_digits.py``'s run);
+  ``mlp32`` 64-32-10; ``mlp64-early`` / ``mlp32-early`` the same stopped after 50 steps;
+  ``cnn`` two 3×3 convolutions (8, 16 channels) + 2×2 average pool + dense on the 8×8 digits;
+  ``lr-digits`` / ``lr-wine`` multinomial logistic regression (softmax, L2 penalty 1/(2N)‖W‖²,
+  sklearn's C = 1) on digits and on wine (standardized); ``logreg-bc`` binary logistic
+  regression (``trakjax.tasks.binary_classification``) on breast_cancer (standardized).
+* checkpoints: neural nets differ by seed (10 seeds, as lds_digits.py); the convex models would be
+  identical across seeds (zero init, trained to convergence), so their checkpoints differ by a
+  bootstrap of the training set (multinomial example weights, seed m).
+* ground truth: ``--subsets`` random half-subsets (:func:`trakjax.evaluation.subset_masks`, seed
+  0), one model retrained per subset with the setting's recipe on the full (unweighted) subset
+  (:func:`trakjax.evaluation.retrain_margins`, vmapped; seed 1), target margins recorded.
+* features: trakjax's public API (``featurize.prepare_checkpoint`` / ``featurize.featurize`` with
+  ``FeaturizeConfig(projection="normal")`` as lds_digits.py, or ``"identity"``), once per
+  (setting, k, checkpoint); the λ grid and every rule are evaluated from one float64
+  eigendecomposition per checkpoint (of ΦᵀΦ, or of ΦΦᵀ when k > N: same non-zero spectrum and
+  the same scores), mathematically the scores of :func:`trakjax.attribute` with a float
+  ``lambda_reg`` (checked against it once per run, printed).
+
+Caching: retrained margins and per-checkpoint spectra go to ``--cache`` (default ``out/lambda_cache``,
+git-ignored), so a rerun only evaluates rules. ``--leave-one-out`` adds, for each one-constant
+family, the constant fit on the other settings (selection targets) and reported on the held-out one.
+
+Run:  python benchmarks/lambda_rules.py [--settings mlp64 cnn ...] [--proj-dims 128 512 2048 id]
+      [--subsets 200] [--quick] [--cache out/lambda_cache] [--leave-one-out]
+
+Time (2-core x86_64 CPU, shared): about 45 minutes for everything from an empty cache (ground
+truth about 15 min, featurization and eigendecompositions about 20 min), 3 to 5 minutes from a
+warm cache; ``--quick`` (two small settings, k = 128 and identity, 60 subsets) about 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_breast_cancer, load_digits, load_wine
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import trakjax  # noqa: E402
+from trakjax import evaluation, featurize, regularization, solve, tasks  # noqa: E402
+
+GRID = tuple(float(c) for c in np.round(10.0 ** np.arange(-3.0, 2.01, 0.25), 6))
+"""λ / (trace(ΦᵀΦ)/N), per checkpoint: 10^-3 … 10^2 in steps of 10^0.25."""
+SUBSET_FRACTION = 0.5
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+def digits_data(n_train=1000, target_start=1000):
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    y = y.astype(np.int32)
+    return (x[:n_train], y[:n_train]), (x[target_start:], y[target_start:])
+
+
+def standardized(loader, n_train, seed=0):
+    """A shuffled (the sklearn files are sorted by class) train/target split, standardized on train."""
+    x, y = loader(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    x, y = x[order].astype(np.float64), y[order].astype(np.int32)
+    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-12
+    x = ((x - mean) / std).astype(np.float32)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+class MLP(nn.Module):
+    hidden: int
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.relu(nn.Dense(self.hidden, name="Dense_0")(x))
+        return nn.Dense(self.classes, name="Dense_1")(hidden)
+
+
+class CNN(nn.Module):
+    """Two 3×3 convolutions (8, 16 channels, ReLU), 2×2 average pool, dense: 3,818 parameters."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], 8, 8, 1))
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class Linear(nn.Module):
+    """Logistic regression: softmax over ``classes`` logits, or one logit (``classes=1``)."""
+
+    classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        z = nn.Dense(self.classes, kernel_init=nn.initializers.zeros)(x)
+        return z[:, 0] if self.classes == 1 else z
+
+
+@dataclass
+class Setting:
+    name: str
+    description: str
+    model: nn.Module
+    data: Callable
+    steps: int
+    lr: float
+    checkpoints: int
+    convex: bool = False  # checkpoints by bootstrap instead of by seed; L2 penalty in the loss
+    binary: bool = False
+    l2: float = 0.0       # penalty (l2/2)·‖kernel‖² added to the mean loss
+
+    @functools.cached_property
+    def splits(self):
+        return self.data()
+
+    @property
+    def train(self):
+        return self.splits[0]
+
+    @property
+    def targets(self):
+        return self.splits[1]
+
+    @property
+    def n(self):
+        return int(self.train[1].shape[0])
+
+    def init(self, key):
+        return self.model.init(key, jnp.zeros((1, self.train[0].shape[1]), jnp.float32))
+
+    @property
+    def task(self):
+        if self.binary:
+            return tasks.binary_classification(self.model.apply)
+        return tasks.image_classification(self.model.apply)
+
+    def per_example_loss(self):
+        apply_fn, l2, binary = self.model.apply, self.l2, self.binary
+
+        def loss(params, batch):
+            x, y = batch
+            logits = apply_fn(params, x)
+            if binary:
+                sign = 2.0 * y.astype(jnp.float32) - 1.0
+                out = jax.nn.softplus(-sign * logits)
+            else:
+                out = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            if l2:
+                kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(params)
+                           if "kernel" in jax.tree_util.keystr(path)]
+                out = out + 0.5 * l2 * sum(jnp.sum(k * k) for k in kernels)
+            return out
+
+        return loss
+
+    def target_output(self):
+        apply_fn = self.model.apply
+        if self.binary:
+            return lambda params, t: (2.0 * t[1].astype(jnp.float32) - 1.0) * apply_fn(params, t[0])
+        return evaluation.classification_margins(apply_fn)
+
+    def num_params(self):
+        return int(sum(x.size for x in jax.tree_util.tree_leaves(self.init(jax.random.key(0)))))
+
+
+def _settings():
+    n_wine, n_bc = 100, 400
+    return {
+        "mlp64": Setting("mlp64", "digits MLP 64-64-10, 200 Adam steps", MLP(64), digits_data, 200, 1e-2, 10),
+        "mlp32": Setting("mlp32", "digits MLP 64-32-10, 200 Adam steps", MLP(32), digits_data, 200, 1e-2, 10),
+        "mlp64-early": Setting("mlp64-early", "digits MLP 64-64-10, early-stopped (50 steps)", MLP(64),
+                               digits_data, 50, 1e-2, 10),
+        "mlp32-early": Setting("mlp32-early", "digits MLP 64-32-10, early-stopped (50 steps)", MLP(32),
+                               digits_data, 50, 1e-2, 10),
+        "cnn": Setting("cnn", "digits CNN conv8-conv16-pool-dense, 200 Adam steps", CNN(), digits_data, 200,
+                       1e-2, 10),
+        "lr-digits": Setting("lr-digits", "digits multinomial logistic regression, L2 1/N", Linear(10),
+                             digits_data, 500, 5e-2, 8, convex=True, l2=1e-3),
+        "lr-wine": Setting("lr-wine", "wine multinomial logistic regression, L2 1/N",
+                           Linear(3), lambda: standardized(load_wine, n_wine), 500, 5e-2, 8, convex=True,
+                           l2=1.0 / n_wine),
+        "logreg-bc": Setting("logreg-bc", "breast_cancer binary logistic regression, L2 1/N",
+                             Linear(1), lambda: standardized(load_breast_cancer, n_bc), 500, 5e-2, 8,
+                             convex=True, binary=True, l2=1.0 / n_bc),
+    }
+
+
+SETTINGS = _settings()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_checkpoints(setting: Setting, seed=1000):
+    """M checkpoints: seeds (neural nets) or bootstrap example weights (convex models)."""
+    optimizer = optax.adam(setting.lr)
+    loss_fn = setting.per_example_loss()
+    data = jax.tree_util.tree_map(jnp.asarray, setting.train)
+    n = setting.n
+
+    @jax.jit
+    def fit(key, weights):
+        params = setting.init(key)
+        state = optimizer.init(params)
+
+        def step(carry, _):
+            p, s = carry
+            grads = jax.grad(lambda q: jnp.sum(loss_fn(q, data) * weights) / jnp.sum(weights))(p)
+            updates, s = optimizer.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), None
+
+        (params, _), _ = jax.lax.scan(step, (params, state), None, length=setting.steps)
+        return params
+
+    out = []
+    for m in range(setting.checkpoints):
+        if setting.convex:
+            counts = np.random.default_rng(seed + m).multinomial(n, np.full(n, 1.0 / n))
+            weights = jnp.asarray(counts, jnp.float32)
+        else:
+            weights = jnp.ones(n, jnp.float32)
+        out.append(fit(jax.random.fold_in(jax.random.key(seed), m), weights))
+    return out
+
+
+def ground_truth(setting: Setting, subsets: int, cache: str):
+    path = os.path.join(cache, f"truth_{setting.name}_S{subsets}.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        return z["masks"], z["margins"], float(z["seconds"])
+    masks = evaluation.subset_masks(setting.n, subsets, SUBSET_FRACTION, seed=0)
+    start = time.perf_counter()
+    margins = evaluation.retrain_margins(
+        setting.init, setting.model.apply, optax.adam(setting.lr), setting.steps, setting.train,
+        setting.targets, masks, seed=1, per_example_loss=setting.per_example_loss(),
+        target_output=setting.target_output(), chunk_size=50,
+    )
+    seconds = time.perf_counter() - start
+    np.savez(path, masks=masks, margins=margins, seconds=seconds)
+    return masks, margins, seconds
+
+
+# --------------------------------------------------------------------------- spectra
+
+
+@dataclass
+class Spectral:
+    """One checkpoint's features in the eigenbasis of ΦᵀΦ (float64 eigendecomposition).
+
+    Scores at λ: Σ_j a_j b_jᵀ / (s_j + λ) with a_j = Φ v_j (N,), b_j = Ψ v_j (T,), over the
+    positive eigenvalues s_j (directions with s_j = 0 contribute nothing to Φ A⁻¹ Ψᵀ).
+    """
+
+    s: np.ndarray          # (r,) positive eigenvalues of ΦᵀΦ, ascending
+    a: np.ndarray          # (N, r)
+    b: np.ndarray          # (T, r)
+    q: np.ndarray          # (N,) out-to-loss terms of this checkpoint
+    f: np.ndarray          # (N,) train outputs (margins)
+    row_sq: np.ndarray     # (N,) ‖φ_i‖²
+    target_sq: np.ndarray  # (T,) ‖ψ_j‖²
+    k: int
+    p: int
+    gram_top: float        # largest eigenvalue of ΦᵀΦ
+    gram_negative: float   # |most negative| computed eigenvalue of the k×k Gram (0 if not computed)
+    frob_sq: float         # ‖ΦᵀΦ‖_F² = Σ s²
+    seconds: float         # eigendecomposition time
+
+    @property
+    def n(self):
+        return self.a.shape[0]
+
+    @property
+    def trace(self):
+        return float(self.row_sq.sum())
+
+    @property
+    def tolerance(self):
+        """solve.spectrum's rank tolerance (float32 features)."""
+        return max(EPS32 * self.gram_top, 4.0 * self.gram_negative)
+
+
+def spectral(phi, psi, q, f):
+    phi = np.asarray(phi, np.float64)
+    psi = np.asarray(psi, np.float64)
+    n, k = phi.shape
+    start = time.perf_counter()
+    negative = 0.0
+    if k <= n:
+        s, v = np.linalg.eigh(phi.T @ phi)
+        negative = max(0.0, -float(s[0]))
+        top = float(s[-1])
+        keep = s > 1e-13 * top
+        s, v = s[keep], v[:, keep]
+        a, b = phi @ v, psi @ v
+    else:  # the N×N kernel ΦΦᵀ = U S Uᵀ: Φ v_j = √s_j u_j, Ψ v_j = Ψ Φᵀ u_j / √s_j
+        s, u = np.linalg.eigh(phi @ phi.T)
+        top = float(s[-1])
+        keep = s > 1e-13 * top
+        s, u = s[keep], u[:, keep]
+        root = np.sqrt(s)
+        a = u * root
+        b = (psi @ (phi.T @ u)) / root
+    seconds = time.perf_counter() - start
+    row_sq = (phi * phi).sum(1)
+    return Spectral(s, a, b, np.asarray(q, np.float64), np.asarray(f, np.float64), row_sq,
+                    (psi * psi).sum(1), k, 0, top, negative, float((s * s).sum()), seconds)
+
+
+def featurized(setting: Setting, checkpoints, k, cache, model_ids=None):
+    """Spectral data of every checkpoint at projection k (``"id"``: identity), cached."""
+    tag = "id" if k == "id" else str(k)
+    path = os.path.join(cache, f"spec_{setting.name}_k{tag}.npz")
+    m = len(checkpoints)
+    if os.path.exists(path):
+        z = np.load(path)
+        if int(z["m"]) == m:
+            out = []
+            for i in range(m):
+                fields = {name: z[f"{i}_{name}"] for name in ("s", "a", "b", "q", "f", "row_sq", "target_sq")}
+                scalars = {name: float(z[f"{i}_{name}"]) for name in ("gram_top", "gram_negative", "frob_sq",
+                                                                        "seconds")}
+                out.append(Spectral(**{key: np.asarray(val, np.float64) for key, val in fields.items()},
+                                    k=int(z[f"{i}_k"]), p=int(z[f"{i}_p"]), **scalars))
+            return out, float(z["featurize_seconds"])
+    task = setting.task
+    if k == "id":
+        config = featurize.FeaturizeConfig(projection="identity", proj_dim=None, batch_size=256, backend="xla")
+    else:
+        config = featurize.FeaturizeConfig(projection="normal", proj_dim=int(k), batch_size=256, backend="xla")
+    out, featurize_seconds = [], 0.0
+    for model_id, params in enumerate(checkpoints):
+        start = time.perf_counter()
+        checkpoint = featurize.prepare_checkpoint(task, params, config, model_id, setting.train)
+        tr = featurize.featurize(task, checkpoint, setting.train, batch_size=256)
+        tg = featurize.featurize(task, checkpoint, setting.targets, batch_size=256,
+                                 split=featurize.TARGET_SPLIT, with_out_to_loss=False)
+        featurize_seconds += time.perf_counter() - start
+        spec = spectral(tr.features, tg.features, tr.out_to_loss, tr.outputs)
+        spec.k = int(checkpoint.proj_dim)
+        spec.p = int(checkpoint.layout.total)
+        out.append(spec)
+    arrays = {"m": m, "featurize_seconds": featurize_seconds}
+    for i, spec in enumerate(out):
+        for name in ("s", "a", "b", "q", "f", "row_sq", "target_sq"):
+            arrays[f"{i}_{name}"] = getattr(spec, name).astype(np.float32 if name in ("a", "b") else np.float64)
+        for name in ("k", "p", "gram_top", "gram_negative", "frob_sq", "seconds"):
+            arrays[f"{i}_{name}"] = getattr(spec, name)
+    np.savez(path, **arrays)
+    return out, featurize_seconds
+
+
+# --------------------------------------------------------------------------- LDS evaluation
+
+
+class Evaluator:
+    """Per-target LDS of TRAK scores at per-checkpoint (or per-checkpoint-and-target) λ."""
+
+    def __init__(self, specs, masks, margins):
+        self.specs = specs
+        self.m = len(specs)
+        self.q_bar = np.mean([sp.q for sp in specs], axis=0)
+        weighted = masks.astype(np.float64) * self.q_bar[None, :]
+        self.ma = [weighted @ sp.a for sp in specs]  # (S, r): masks @ (q̄ ⊙ a)
+        self.margins = margins
+        t = margins.shape[1]
+        self.select = np.arange(0, t, 2)
+        self.report = np.arange(1, t, 2)
+        self.margin_ranks = evaluation.rank_average(margins.astype(np.float64))
+
+    def predicted(self, lambdas):
+        """masks @ S: (S, T). ``lambdas``: M floats, or M arrays of T (one λ per target)."""
+        total = 0.0
+        for ma, sp, lam in zip(self.ma, self.specs, lambdas, strict=True):
+            lam = np.asarray(lam, np.float64)
+            if lam.ndim == 0:
+                total = total + (ma / (sp.s + lam)) @ sp.b.T
+            else:
+                total = total + ma @ (sp.b / (sp.s[None, :] + lam[:, None])).T
+        return total / self.m
+
+    def per_target(self, lambdas):
+        """(T,) Spearman correlation of predicted and retrained margins over subsets."""
+        return evaluation.spearman_columns(self.predicted(lambdas), self.margins)
+
+    def scores(self, lambdas):
+        """The (N, T) score matrix (for the consistency check)."""
+        total = 0.0
+        for sp, lam in zip(self.specs, lambdas, strict=True):
+            total = total + (sp.a / (sp.s + lam)) @ sp.b.T
+        return total / self.m * self.q_bar[:, None]
+
+
+def paired_ci(diff, n_boot=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, (n_boot, diff.size))
+    means = diff[idx].mean(1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+# --------------------------------------------------------------------------- candidate rules
+
+
+def floor(sp):
+    return 10.0 * sp.tolerance
+
+
+def lam_trace(c):
+    return lambda sp: max(c * sp.trace / sp.n, floor(sp))
+
+
+def lam_df(fraction, of="rank"):
+    def rule(sp):
+        target = fraction * (sp.s.size if of == "rank" else sp.n)
+        return max(regularization.lambda_for_dof(sp.s, target), floor(sp))
+    return rule
+
+
+RULES: dict[str, Callable] = {}
+"""name -> rule(Spectral) -> λ (float) or (T,) array; filled by :func:`build_rules`."""
+
+
+def build_rules():
+    rules = {}
+    rules["auto 0.3·tr/N (today)"] = lam_trace(solve.AUTO_LAMBDA_FRACTION)
+
+    # The chosen rule, as shipped in trakjax.regularization (statistics: trace, q, N).
+    def chosen(sp):
+        return regularization.auto_lambda(
+            trace=sp.trace, num_examples=sp.n, out_to_loss=sp.q, tolerance=sp.tolerance,
+        )
+    rules["chosen (trakjax.regularization)"] = chosen
+
+    # q̄ family: c = a · q̄ (mean out-to-loss of the checkpoint), and c = a·√q̄.
+    for a in (3.0, 10.0):
+        rules[f"q̄: c = {a:g}·q̄"] = lambda sp, a=a: max(a * sp.q.mean() * sp.trace / sp.n, floor(sp))
+    for a in (1.0, 2.0):
+        rules[f"q̄: c = {a:g}·√q̄"] = lambda sp, a=a: max(a * np.sqrt(sp.q.mean()) * sp.trace / sp.n, floor(sp))
+    # Curvature-weighted trace: λ = c · Σ h_i‖φ_i‖² / N, h = q(1 − q) (the Gauss-Newton weights).
+    for a in (1.0, 3.0):
+        rules[f"GN: {a:g}·Σq(1−q)‖φ‖²/N"] = (
+            lambda sp, a=a: max(a * float((sp.q * (1 - sp.q) * sp.row_sq).sum()) / sp.n, floor(sp)))
+    # Effective degrees of freedom.
+    for fraction in (0.1, 0.2):
+        rules[f"df = {fraction:g}·rank"] = lam_df(fraction, "rank")
+    rules["df = N/8"] = lam_df(1 / 8, "n")
+    # Spectrum summaries that need no eigendecomposition.
+    rules["0.05·λ_max"] = lambda sp: max(0.05 * sp.s[-1], floor(sp))
+    rules["0.3·‖G‖_F²/tr (tr/r_eff)"] = lambda sp: max(0.3 * sp.frob_sq / sp.trace, floor(sp))
+    # Surrogate indicator ξ (per target), see trakjax.regularization.surrogate_indicator.
+    rules["ξ per target"] = lambda sp: regularization.xi_lambda_per_target(sp.s, sp.b, sp.trace / sp.n,
+                                                                            floor(sp))
+    return rules
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--proj-dims", nargs="+", default=["128", "512", "2048", "id"],
+                        help="ints, or 'id' for the identity projection (k = P)")
+    parser.add_argument("--subsets", type=int, default=200)
+    parser.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                        "out", "lambda_cache"))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: lr-wine and logreg-bc, k = 128 and identity, 60 subsets")
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="also fit each one-constant family on the other settings")
+    parser.add_argument("--no-check", action="store_true", help="skip the check against trakjax.attribute")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.settings = ["lr-wine", "logreg-bc"]
+        args.proj_dims = ["128", "id"]
+        args.subsets = 60
+    args.proj_dims = [k if k == "id" else int(k) for k in args.proj_dims]
+    return args
+
+
+def consistency_check(setting, checkpoints, evaluator, specs, k):
+    """Spectral scores against trakjax.attribute at the same absolute λ per checkpoint."""
+    lam = float(np.median([solve.AUTO_LAMBDA_FRACTION * sp.trace / sp.n for sp in specs]))
+    kwargs = dict(projection="identity") if k == "id" else dict(projection="normal", proj_dim=k)
+    reference = trakjax.attribute(setting.task, checkpoints, setting.train, setting.targets,
+                                  lambda_reg=lam, batch_size=256, backend="xla", **kwargs)
+    mine = evaluator.scores([lam] * len(specs))
+    return float(np.linalg.norm(mine - reference) / np.linalg.norm(mine))
+
+
+def evaluate_setting(setting, checkpoints, masks, margins, k, cache, rules):
+    specs, feat_seconds = featurized(setting, checkpoints, k, cache)
+    ev = Evaluator(specs, masks, margins)
+    grid = {c: ev.per_target([max(c * sp.trace / sp.n, floor(sp)) for sp in specs]) for c in GRID}
+    best_c = max(GRID, key=lambda c: np.nanmean(grid[c][ev.select]))
+    rule_lds, rule_lams = {}, {}
+    for name, rule in rules.items():
+        lams = [rule(sp) for sp in specs]
+        rule_lds[name] = ev.per_target(lams)
+        rule_lams[name] = float(np.median([np.median(np.asarray(x) / (sp.trace / sp.n))
+                                           for x, sp in zip(lams, specs, strict=True)]))
+    stats = dict(
+        q_bar=float(ev.q_bar.mean()),
+        rank=int(np.median([sp.s.size for sp in specs])),
+        k=specs[0].k, p=specs[0].p, n=specs[0].n,
+        r_eff=float(np.median([sp.trace ** 2 / sp.frob_sq for sp in specs])),
+        eig_seconds=float(np.mean([sp.seconds for sp in specs])),
+        featurize_seconds=feat_seconds,
+    )
+    return dict(k=k, ev=ev, specs=specs, grid=grid, best_c=best_c, rules=rule_lds, rule_c=rule_lams,
+                stats=stats)
+
+
+def fmt_diff(diff):
+    mean, low, high = paired_ci(diff)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def print_setting(setting, rows, rule_names):
+    print(f"\n## {setting.name}: {setting.description}")
+    first = rows[0]["stats"]
+    print(f"N = {first['n']}, P = {first['p']}, {len(rows[0]['specs'])} checkpoints, "
+          f"q̄ = {first['q_bar']:.4f}, report targets {rows[0]['ev'].report.size}")
+    print("\n| k | rank | best grid c | LDS best grid | " + " | ".join(rule_names) + " |")
+    print("|---|---|---|---|" + "---|" * len(rule_names))
+    for row in rows:
+        rep = row["ev"].report
+        best = row["grid"][row["best_c"]][rep]
+        cells = []
+        for name in rule_names:
+            lds = row["rules"][name][rep]
+            cells.append(f"{np.nanmean(lds):.3f} ({fmt_diff(lds - best)}; c≈{row['rule_c'][name]:.3g})")
+        k = "id" if row["k"] == "id" else row["k"]
+        print(f"| {k} ({row['stats']['k']}) | {row['stats']['rank']} | {row['best_c']:g} | "
+              f"{np.nanmean(best):.3f} | " + " | ".join(cells) + " |")
+    print("\nLDS (report targets) at every grid c:")
+    print("| k | " + " | ".join(f"{c:g}" for c in GRID) + " |")
+    print("|---|" + "---|" * len(GRID))
+    for row in rows:
+        rep = row["ev"].report
+        print(f"| {row['k']} | " + " | ".join(f"{np.nanmean(row['grid'][c][rep]):.3f}" for c in GRID) + " |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.cache, exist_ok=True)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}, "
+          f"jax {jax.__version__} ({jax.default_backend()}); subsets {args.subsets}; grid c = "
+          f"{GRID[0]:g} … {GRID[-1]:g} (×10^0.25)")
+    rules = build_rules()
+    RULES.update(rules)
+    summary, all_rows = [], {}
+    wall = time.perf_counter()
+    checked = args.no_check
+    for name in args.settings:
+        setting = SETTINGS[name]
+        start = time.perf_counter()
+        checkpoints = train_checkpoints(setting)
+        masks, margins, truth_seconds = ground_truth(setting, args.subsets, args.cache)
+        print(f"\n[{name}] checkpoints {time.perf_counter() - start:.1f} s (ground truth "
+              f"{truth_seconds:.1f} s when computed)", flush=True)
+        rows = []
+        for k in args.proj_dims:
+            start = time.perf_counter()
+            row = evaluate_setting(setting, checkpoints, masks, margins, k, args.cache, rules)
+            if not checked:
+                row["consistency"] = consistency_check(setting, checkpoints, row["ev"], row["specs"], k)
+                print(f"  consistency with trakjax.attribute (k={k}): relative error {row['consistency']:.1e}")
+                checked = True
+            rows.append(row)
+            print(f"  k={k}: best c {row['best_c']:g}, eigh {row['stats']['eig_seconds']:.2f} s/checkpoint, "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+        all_rows[name] = rows
+        print_setting(setting, rows, list(rules))
+        for row in rows:
+            rep = row["ev"].report
+            best = row["grid"][row["best_c"]][rep]
+            summary.append((name, row["k"], row["best_c"], float(np.nanmean(best)),
+                            {r: float(np.nanmean(row["rules"][r][rep])) for r in rules},
+                            {r: paired_ci(row["rules"][r][rep] - best) for r in rules}, row["stats"]))
+
+    print("\n## Summary: LDS (report targets); difference to the best grid λ, paired, mean over targets")
+    names = list(rules)
+    print("| setting | k | q̄ | best c | best grid | " + " | ".join(names) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(names))
+    for name, k, best_c, best, lds, diff, stats in summary:
+        print(f"| {name} | {k} | {stats['q_bar']:.3f} | {best_c:g} | {best:.3f} | "
+              + " | ".join(f"{lds[r]:.3f} ({diff[r][0]:+.3f})" for r in names) + " |")
+    print("\nWorst paired difference to the best grid per rule (and how many rows are within 0.01):")
+    for r in names:
+        worst = min(summary, key=lambda row: row[5][r][0])
+        within = sum(row[5][r][0] >= -0.01 for row in summary)
+        print(f"  {r:36} worst {worst[5][r][0]:+.3f} ({worst[0]}, k={worst[1]}); within 0.01: {within}/{len(summary)}")
+    if args.leave_one_out:
+        leave_one_out(all_rows)
+    print(f"\nwall time {time.perf_counter() - wall:.0f} s")
+    return all_rows
+
+
+# --------------------------------------------------------------------------- leave one setting out
+
+FAMILIES = {
+    "c·tr/N": lambda sp, c: c * sp.trace / sp.n,
+    "c·q̄·tr/N": lambda sp, c: c * sp.q.mean() * sp.trace / sp.n,
+    "c·√q̄·tr/N": lambda sp, c: c * np.sqrt(sp.q.mean()) * sp.trace / sp.n,
+    "c·Σq(1−q)‖φ‖²/N": lambda sp, c: c * float((sp.q * (1 - sp.q) * sp.row_sq).sum()) / sp.n,
+    "c·λ_max": lambda sp, c: c * sp.s[-1],
+    "c·‖G‖_F²/tr": lambda sp, c: c * sp.frob_sq / sp.trace,
+}
+FAMILY_GRID = tuple(float(c) for c in 10.0 ** np.arange(-4.0, 2.01, 0.125))
+
+
+def leave_one_out(all_rows):
+    """For each family: its constant chosen on the other settings' selection targets (max of the
+    worst regret against each row's best grid, selection targets), reported on the held-out setting."""
+    print("\n## Leave one setting out: each family's constant fit on the other settings")
+    cache = {}
+    for fam, rule in FAMILIES.items():
+        for name, rows in all_rows.items():
+            for row in rows:
+                ev = row["ev"]
+                best_sel = np.nanmean(row["grid"][row["best_c"]][ev.select])
+                sel, rep = [], []
+                for c in FAMILY_GRID:
+                    lds = ev.per_target([max(rule(sp, c), floor(sp)) for sp in row["specs"]])
+                    sel.append(np.nanmean(lds[ev.select]) - best_sel)
+                    rep.append(lds[ev.report])
+                cache[fam, name, row["k"]] = (np.array(sel), rep)
+    names = list(all_rows)
+    print("| family | " + " | ".join(names) + " | worst |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for fam in FAMILIES:
+        cells, worst = [], 0.0
+        for held in names:
+            regrets = np.array([cache[fam, n, row["k"]][0] for n in names if n != held for row in all_rows[n]])
+            c_index = int(np.argmax(regrets.min(axis=0)))
+            diffs = []
+            for row in all_rows[held]:
+                rep = row["ev"].report
+                best = row["grid"][row["best_c"]][rep]
+                diffs.append(np.nanmean(cache[fam, held, row["k"]][1][c_index] - best))
+            cells.append(f"c={FAMILY_GRID[c_index]:.3g}: " + "/".join(f"{d:+.3f}" for d in diffs))
+            worst = min(worst, min(diffs))
+        print(f"| {fam} | " + " | ".join(cells) + f" | {worst:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()

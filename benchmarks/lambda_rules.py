@@ -21,9 +21,11 @@ of the best grid c, of today's auto and of each rule, and the paired difference 
   ``lr-digits`` / ``lr-wine`` multinomial logistic regression (softmax, L2 penalty 1/(2N)‖W‖²,
   sklearn's C = 1) on digits and on wine (standardized); ``logreg-bc`` binary logistic
   regression (``trakjax.tasks.binary_classification``) on breast_cancer (standardized).
-* checkpoints: neural nets differ by seed (10 seeds, as lds_digits.py); the convex models would be
-  identical across seeds (zero init, trained to convergence), so their checkpoints differ by a
-  bootstrap of the training set (multinomial example weights, seed m).
+* checkpoints: neural nets differ by seed (10 seeds, as lds_digits.py). The convex models have one
+  optimum (zero init, trained to convergence): their 8 checkpoints are that model 8 times, which
+  differ only by their projection matrices (with the identity projection, one model).
+  ``logreg-bc-boot`` instead trains its 8 checkpoints on bootstrap resamples (multinomial example
+  weights, seed m), a stress test of the statistics the implied-ridge rule reads.
 * ground truth: ``--subsets`` random half-subsets (:func:`trakjax.evaluation.subset_masks`, seed
   0), one model retrained per subset with the setting's recipe on the full (unweighted) subset
   (:func:`trakjax.evaluation.retrain_margins`, vmapped; seed 1), target margins recorded.
@@ -107,15 +109,37 @@ class MLP(nn.Module):
         return nn.Dense(self.classes, name="Dense_1")(hidden)
 
 
+def patches3x3(x):
+    """(B, H, W, C) -> (B, H, W, 9C): the 3×3 neighbourhoods ('SAME' zero padding)."""
+    h, w = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate([padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1)
+
+
+class Conv3x3(nn.Module):
+    """A 3×3 'SAME' convolution written as patches × kernel: the same layer as ``nn.Conv(features,
+    (3, 3))`` (kernel (3, 3, C_in, C_out), bias), computed as a matmul, which XLA's CPU backend runs
+    much faster than a convolution once retraining vmaps it over hundreds of models."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        c_in = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c_in, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return patches3x3(x) @ kernel.reshape(9 * c_in, self.features) + bias
+
+
 class CNN(nn.Module):
-    """Two 3×3 convolutions (8, 16 channels, ReLU), 2×2 average pool, dense: 3,818 parameters."""
+    """3×3 convolution (8 channels, ReLU), 2×2 average pool, 3×3 convolution (16, ReLU), 2×2
+    average pool, dense: 1,898 parameters."""
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape((x.shape[0], 8, 8, 1))
-        x = nn.relu(nn.Conv(8, (3, 3))(x))
-        x = nn.relu(nn.Conv(16, (3, 3))(x))
-        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = nn.avg_pool(nn.relu(Conv3x3(8)(x)), (2, 2), (2, 2))
+        x = nn.avg_pool(nn.relu(Conv3x3(16)(x)), (2, 2), (2, 2))
         return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
@@ -139,9 +163,16 @@ class Setting:
     steps: int
     lr: float
     checkpoints: int
-    convex: bool = False  # checkpoints by bootstrap instead of by seed; L2 penalty in the loss
+    convex: bool = False     # one optimum (zero init, trained to convergence), used M times
+    bootstrap: bool = False  # checkpoints trained on bootstrap resamples of the training set
     binary: bool = False
-    l2: float = 0.0       # penalty (l2/2)·‖kernel‖² added to the mean loss
+    l2: float = 0.0          # penalty (l2/2)·‖kernel‖² added to the mean loss
+    classes: int = 10
+
+    @property
+    def output_offset(self):
+        """f₀: the margin of the untrained model (uniform probabilities), −log(C − 1); 0 for one logit."""
+        return 0.0 if self.binary else regularization.margin_offset(self.classes)
 
     @functools.cached_property
     def splits(self):
@@ -206,16 +237,20 @@ def _settings():
                                digits_data, 50, 1e-2, 10),
         "mlp32-early": Setting("mlp32-early", "digits MLP 64-32-10, early-stopped (50 steps)", MLP(32),
                                digits_data, 50, 1e-2, 10),
-        "cnn": Setting("cnn", "digits CNN conv8-conv16-pool-dense, 200 Adam steps", CNN(), digits_data, 200,
+        "cnn": Setting("cnn", "digits CNN conv8-pool-conv16-pool-dense, 200 Adam steps", CNN(), digits_data, 200,
                        1e-2, 10),
         "lr-digits": Setting("lr-digits", "digits multinomial logistic regression, L2 1/N", Linear(10),
                              digits_data, 500, 5e-2, 8, convex=True, l2=1e-3),
         "lr-wine": Setting("lr-wine", "wine multinomial logistic regression, L2 1/N",
                            Linear(3), lambda: standardized(load_wine, n_wine), 500, 5e-2, 8, convex=True,
-                           l2=1.0 / n_wine),
+                           l2=1.0 / n_wine, classes=3),
         "logreg-bc": Setting("logreg-bc", "breast_cancer binary logistic regression, L2 1/N",
                              Linear(1), lambda: standardized(load_breast_cancer, n_bc), 500, 5e-2, 8,
-                             convex=True, binary=True, l2=1.0 / n_bc),
+                             convex=True, binary=True, l2=1.0 / n_bc, classes=2),
+        "logreg-bc-boot": Setting("logreg-bc-boot", "breast_cancer binary logistic regression, L2 1/N, "
+                                  "checkpoints on bootstrap resamples", Linear(1),
+                                  lambda: standardized(load_breast_cancer, n_bc), 500, 5e-2, 8, convex=True,
+                                  bootstrap=True, binary=True, l2=1.0 / n_bc, classes=2),
     }
 
 
@@ -226,7 +261,8 @@ SETTINGS = _settings()
 
 
 def train_checkpoints(setting: Setting, seed=1000):
-    """M checkpoints: seeds (neural nets) or bootstrap example weights (convex models)."""
+    """M checkpoints: by seed (neural nets); for convex models the one optimum M times (they differ
+    only by their projection matrices), or M bootstrap resamples (``bootstrap``)."""
     optimizer = optax.adam(setting.lr)
     loss_fn = setting.per_example_loss()
     data = jax.tree_util.tree_map(jnp.asarray, setting.train)
@@ -246,9 +282,11 @@ def train_checkpoints(setting: Setting, seed=1000):
         (params, _), _ = jax.lax.scan(step, (params, state), None, length=setting.steps)
         return params
 
+    if setting.convex and not setting.bootstrap:
+        return [fit(jax.random.key(seed), jnp.ones(n, jnp.float32))] * setting.checkpoints
     out = []
     for m in range(setting.checkpoints):
-        if setting.convex:
+        if setting.bootstrap:
             counts = np.random.default_rng(seed + m).multinomial(n, np.full(n, 1.0 / n))
             weights = jnp.asarray(counts, jnp.float32)
         else:
@@ -399,7 +437,6 @@ class Evaluator:
         t = margins.shape[1]
         self.select = np.arange(0, t, 2)
         self.report = np.arange(1, t, 2)
-        self.margin_ranks = evaluation.rank_average(margins.astype(np.float64))
 
     def predicted(self, lambdas):
         """masks @ S: (S, T). ``lambdas``: M floats, or M arrays of T (one λ per target)."""
@@ -416,6 +453,11 @@ class Evaluator:
         """(T,) Spearman correlation of predicted and retrained margins over subsets."""
         return evaluation.spearman_columns(self.predicted(lambdas), self.margins)
 
+    def per_target_coefficients(self, coefficients):
+        """LDS per target of scores Σ_m (q̄ ⊙ a_m) C_m / M for (r, T) coefficient matrices C_m."""
+        total = sum(ma @ c for ma, c in zip(self.ma, coefficients, strict=True)) / self.m
+        return evaluation.spearman_columns(total, self.margins)
+
     def scores(self, lambdas):
         """The (N, T) score matrix (for the consistency check)."""
         total = 0.0
@@ -425,6 +467,7 @@ class Evaluator:
 
 
 def paired_ci(diff, n_boot=2000, seed=0):
+    diff = diff[np.isfinite(diff)]
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, diff.size, (n_boot, diff.size))
     means = diff[idx].mean(1)
@@ -435,54 +478,93 @@ def paired_ci(diff, n_boot=2000, seed=0):
 
 
 def floor(sp):
+    """Today's floor: 10× solve.spectrum's rank tolerance."""
     return 10.0 * sp.tolerance
 
 
-def lam_trace(c):
-    return lambda sp: max(c * sp.trace / sp.n, floor(sp))
+def ridge_stats(sp, output_offset):
+    """:class:`trakjax.regularization.RidgeStatistics` from the spectral form (‖aᵀq‖ = ‖Φᵀq‖)."""
+    h = sp.q * (1.0 - sp.q)
+    return regularization.RidgeStatistics(sp.n, sp.trace, float(sp.row_sq @ h), sp.a.T @ sp.q,
+                                          float(sp.q @ (sp.f - output_offset)))
 
 
-def lam_df(fraction, of="rank"):
-    def rule(sp):
-        target = fraction * (sp.s.size if of == "rank" else sp.n)
-        return max(regularization.lambda_for_dof(sp.s, target), floor(sp))
-    return rule
+def lambda_for_dof(s, target):
+    """λ with Σ s/(s+λ) = target (bisection in log λ)."""
+    lo, hi = 1e-14 * s[-1], 1e8 * s[-1]
+    for _ in range(200):
+        mid = np.sqrt(lo * hi)
+        if (s / (s + mid)).sum() > target:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.sqrt(lo * hi))
 
 
-RULES: dict[str, Callable] = {}
-"""name -> rule(Spectral) -> λ (float) or (T,) array; filled by :func:`build_rules`."""
+def xi_per_target(sp, lam0, rho, alpha=regularization.SUBSET_FRACTION, subsets=100, seed=7,
+                  span=np.arange(-1.0, 1.01, 0.25)):
+    """Per-target λ by a retraining-free surrogate indicator ξ_j(λ) (derived here; see the md).
+
+    ξ_j(λ) = Pearson correlation, over random half-subsets (drawn here, never retrained), between
+    TRAK's predicted effect Σ_{i∈S} q_i φ_iᵀ(ΦᵀΦ + λI)⁻¹ψ_j and the one-step-Newton effect of the
+    linearized model under the implied ridge, Σ_{i∈S} q_i φ_iᵀ(α Σ_l h_l φ_l φ_lᵀ + ρ̂ I)⁻¹ψ_j.
+    λ_j maximizes ξ_j over lam0 · 10^span. Cost: a second (h-weighted) Gram and one solve per
+    target on top of an eigendecomposition.
+    """
+    masks = evaluation.subset_masks(sp.n, subsets, 0.5, seed=seed).astype(np.float64)
+    ma = (masks * sp.q[None, :]) @ sp.a                      # (S', r)
+    hv = sp.a.T @ (sp.a * (sp.q * (1 - sp.q))[:, None])       # V ᵀ(Σ h φφᵀ)V in the eigenbasis
+    newton = ma @ np.linalg.solve(alpha * hv + rho * np.eye(hv.shape[0]), sp.b.T)   # (S', T)
+    newton = newton - newton.mean(0)
+    best, best_value = np.full(sp.b.shape[0], lam0), np.full(sp.b.shape[0], -np.inf)
+    for e in span:
+        lam = lam0 * 10.0 ** e
+        pred = (ma / (sp.s + lam)) @ sp.b.T
+        pred = pred - pred.mean(0)
+        xi = (pred * newton).sum(0) / np.sqrt((pred * pred).sum(0) * (newton * newton).sum(0))
+        better = xi > best_value
+        best[better], best_value[better] = lam, xi[better]
+    return best
 
 
-def build_rules():
+def gn_coefficients(sp, rho, alpha=regularization.SUBSET_FRACTION):
+    """(r, T): the h-weighted kernel (α Σ h φφᵀ + ρ̂ I)⁻¹ in the eigenbasis (a diagnostic estimator)."""
+    hv = sp.a.T @ (sp.a * (sp.q * (1 - sp.q))[:, None])
+    return np.linalg.solve(alpha * hv + rho * np.eye(hv.shape[0]), sp.b.T)
+
+
+def build_rules(setting):
+    """name -> rule(Spectral) -> λ (a float, or (T,) for per-target rules)."""
+    f0 = setting.output_offset
     rules = {}
-    rules["auto 0.3·tr/N (today)"] = lam_trace(solve.AUTO_LAMBDA_FRACTION)
+    rules["auto 0.3·tr/N (today)"] = lambda sp: max(solve.AUTO_LAMBDA_FRACTION * sp.trace / sp.n, floor(sp))
+    # The chosen rule, as shipped: λ = ρ̂ / (α h̄).
+    rules["implied ridge ρ̂/(αh̄) (chosen)"] = lambda sp: regularization.auto_lambda(
+        ridge_stats(sp, f0), tolerance=sp.tolerance)
+    # Its ablations: f₀ = 0; no curvature correction (λ = ρ̂/α).
+    rules["implied ridge, f₀ = 0"] = lambda sp: regularization.auto_lambda(ridge_stats(sp, 0.0),
+                                                                           tolerance=sp.tolerance)
+    rules["ρ̂/α (no h̄)"] = lambda sp: max(regularization.implied_ridge(ridge_stats(sp, f0)) / 0.5, floor(sp))
+    # q̄ family (c grows with the mean out-to-loss term), constant from the digits MLPs.
+    rules["q̄: c = 3·√q̄"] = lambda sp: max(3.0 * np.sqrt(sp.q.mean()) * sp.trace / sp.n, floor(sp))
+    rules["q̄: c = 0.2 + 10·q̄"] = lambda sp: max((0.2 + 10.0 * sp.q.mean()) * sp.trace / sp.n, floor(sp))
+    # Effective degrees of freedom (need the spectrum).
+    rules["df = 0.2·rank"] = lambda sp: max(lambda_for_dof(sp.s, 0.2 * sp.s.size), floor(sp))
+    rules["df = N/8"] = lambda sp: max(lambda_for_dof(sp.s, sp.n / 8), floor(sp))
+    # Spectrum summaries without an eigendecomposition (power iteration / Frobenius norm),
+    # constants from the digits MLP 64-64-10.
+    rules["0.002·λ_max"] = lambda sp: max(0.002 * sp.s[-1], floor(sp))
+    rules["0.0035·‖G‖_F²/tr"] = lambda sp: max(0.0035 * sp.frob_sq / sp.trace, floor(sp))
 
-    # The chosen rule, as shipped in trakjax.regularization (statistics: trace, q, N).
-    def chosen(sp):
-        return regularization.auto_lambda(
-            trace=sp.trace, num_examples=sp.n, out_to_loss=sp.q, tolerance=sp.tolerance,
-        )
-    rules["chosen (trakjax.regularization)"] = chosen
-
-    # q̄ family: c = a · q̄ (mean out-to-loss of the checkpoint), and c = a·√q̄.
-    for a in (3.0, 10.0):
-        rules[f"q̄: c = {a:g}·q̄"] = lambda sp, a=a: max(a * sp.q.mean() * sp.trace / sp.n, floor(sp))
-    for a in (1.0, 2.0):
-        rules[f"q̄: c = {a:g}·√q̄"] = lambda sp, a=a: max(a * np.sqrt(sp.q.mean()) * sp.trace / sp.n, floor(sp))
-    # Curvature-weighted trace: λ = c · Σ h_i‖φ_i‖² / N, h = q(1 − q) (the Gauss-Newton weights).
-    for a in (1.0, 3.0):
-        rules[f"GN: {a:g}·Σq(1−q)‖φ‖²/N"] = (
-            lambda sp, a=a: max(a * float((sp.q * (1 - sp.q) * sp.row_sq).sum()) / sp.n, floor(sp)))
-    # Effective degrees of freedom.
-    for fraction in (0.1, 0.2):
-        rules[f"df = {fraction:g}·rank"] = lam_df(fraction, "rank")
-    rules["df = N/8"] = lam_df(1 / 8, "n")
-    # Spectrum summaries that need no eigendecomposition.
-    rules["0.05·λ_max"] = lambda sp: max(0.05 * sp.s[-1], floor(sp))
-    rules["0.3·‖G‖_F²/tr (tr/r_eff)"] = lambda sp: max(0.3 * sp.frob_sq / sp.trace, floor(sp))
-    # Surrogate indicator ξ (per target), see trakjax.regularization.surrogate_indicator.
-    rules["ξ per target"] = lambda sp: regularization.xi_lambda_per_target(sp.s, sp.b, sp.trace / sp.n,
-                                                                            floor(sp))
+    # Per target: the surrogate indicator ξ around the implied-ridge λ.
+    def xi(sp):
+        stats = ridge_stats(sp, f0)
+        lam0 = regularization.auto_lambda(stats, tolerance=sp.tolerance)
+        rho = regularization.implied_ridge(stats)
+        if not np.isfinite(rho):
+            return lam0
+        return np.maximum(xi_per_target(sp, lam0, rho), floor(sp))
+    rules["ξ per target (surrogate)"] = xi
     return rules
 
 
@@ -492,7 +574,7 @@ def build_rules():
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--proj-dims", nargs="+", default=["128", "512", "2048", "id"],
+    parser.add_argument("--proj-dims", nargs="+", default=["128", "512", "1024", "2048", "id"],
                         help="ints, or 'id' for the identity projection (k = P)")
     parser.add_argument("--subsets", type=int, default=200)
     parser.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
@@ -501,6 +583,7 @@ def parse_args(argv=None):
                         help="smoke run: lr-wine and logreg-bc, k = 128 and identity, 60 subsets")
     parser.add_argument("--leave-one-out", action="store_true",
                         help="also fit each one-constant family on the other settings")
+    parser.add_argument("--no-xi", action="store_true", help="skip the per-target ξ rule (the slowest)")
     parser.add_argument("--no-check", action="store_true", help="skip the check against trakjax.attribute")
     args = parser.parse_args(argv)
     if args.quick:
@@ -521,26 +604,53 @@ def consistency_check(setting, checkpoints, evaluator, specs, k):
     return float(np.linalg.norm(mine - reference) / np.linalg.norm(mine))
 
 
+def per_target_headroom(ev, specs, best_c):
+    """Per-target oracle: each target's grid c picked on one half of the subsets and scored on the
+    other (both ways), against the global best c scored the same way. An upper bound on what a
+    per-target rule could gain."""
+    s = ev.margins.shape[0]
+    halves = (np.arange(0, s, 2), np.arange(1, s, 2))
+    preds = {c: ev.predicted([max(c * sp.trace / sp.n, floor(sp)) for sp in specs]) for c in GRID}
+    rho = {c: [evaluation.spearman_columns(preds[c][h], ev.margins[h]) for h in halves] for c in GRID}
+    oracle, glob = [], []
+    for fit, score in ((0, 1), (1, 0)):
+        table = np.stack([rho[c][fit] for c in GRID])          # (grid, T)
+        choice = np.argmax(np.nan_to_num(table, nan=-2), axis=0)
+        scored = np.stack([rho[c][score] for c in GRID])
+        oracle.append(scored[choice, np.arange(choice.size)])
+        glob.append(rho[best_c][score])
+    return np.mean(oracle, 0), np.mean(glob, 0)
+
+
 def evaluate_setting(setting, checkpoints, masks, margins, k, cache, rules):
     specs, feat_seconds = featurized(setting, checkpoints, k, cache)
     ev = Evaluator(specs, masks, margins)
     grid = {c: ev.per_target([max(c * sp.trace / sp.n, floor(sp)) for sp in specs]) for c in GRID}
     best_c = max(GRID, key=lambda c: np.nanmean(grid[c][ev.select]))
-    rule_lds, rule_lams = {}, {}
+    rule_lds, rule_c, rule_seconds = {}, {}, {}
     for name, rule in rules.items():
+        start = time.perf_counter()
         lams = [rule(sp) for sp in specs]
+        rule_seconds[name] = (time.perf_counter() - start) / len(specs)
         rule_lds[name] = ev.per_target(lams)
-        rule_lams[name] = float(np.median([np.median(np.asarray(x) / (sp.trace / sp.n))
-                                           for x, sp in zip(lams, specs, strict=True)]))
+        rule_c[name] = float(np.median([np.median(np.asarray(x) / (sp.trace / sp.n))
+                                        for x, sp in zip(lams, specs, strict=True)]))
+    diagnostics = {}
+    f0 = setting.output_offset
+    rhos = [regularization.implied_ridge(ridge_stats(sp, f0)) for sp in specs]
+    if all(np.isfinite(rhos)):
+        diagnostics["h-weighted kernel at ρ̂"] = ev.per_target_coefficients(
+            [gn_coefficients(sp, rho) for sp, rho in zip(specs, rhos, strict=True)])
+    oracle, glob = per_target_headroom(ev, specs, best_c)
     stats = dict(
         q_bar=float(ev.q_bar.mean()),
         rank=int(np.median([sp.s.size for sp in specs])),
         k=specs[0].k, p=specs[0].p, n=specs[0].n,
-        r_eff=float(np.median([sp.trace ** 2 / sp.frob_sq for sp in specs])),
         eig_seconds=float(np.mean([sp.seconds for sp in specs])),
         featurize_seconds=feat_seconds,
     )
-    return dict(k=k, ev=ev, specs=specs, grid=grid, best_c=best_c, rules=rule_lds, rule_c=rule_lams,
+    return dict(k=k, ev=ev, specs=specs, grid=grid, best_c=best_c, rules=rule_lds, rule_c=rule_c,
+                rule_seconds=rule_seconds, diagnostics=diagnostics, oracle=oracle, oracle_global=glob,
                 stats=stats)
 
 
@@ -550,10 +660,12 @@ def fmt_diff(diff):
 
 
 def print_setting(setting, rows, rule_names):
-    print(f"\n## {setting.name}: {setting.description}")
     first = rows[0]["stats"]
+    print(f"\n### {setting.name}: {setting.description}\n")
     print(f"N = {first['n']}, P = {first['p']}, {len(rows[0]['specs'])} checkpoints, "
-          f"q̄ = {first['q_bar']:.4f}, report targets {rows[0]['ev'].report.size}")
+          f"q̄ = {first['q_bar']:.4f}, {rows[0]['ev'].report.size} report targets, "
+          f"{rows[0]['ev'].margins.shape[0]} retrained subsets. Cells: LDS (paired difference to the best grid "
+          "λ [95% bootstrap CI]; median c = λ/(tr/N) the rule chose).")
     print("\n| k | rank | best grid c | LDS best grid | " + " | ".join(rule_names) + " |")
     print("|---|---|---|---|" + "---|" * len(rule_names))
     for row in rows:
@@ -562,16 +674,27 @@ def print_setting(setting, rows, rule_names):
         cells = []
         for name in rule_names:
             lds = row["rules"][name][rep]
-            cells.append(f"{np.nanmean(lds):.3f} ({fmt_diff(lds - best)}; c≈{row['rule_c'][name]:.3g})")
-        k = "id" if row["k"] == "id" else row["k"]
-        print(f"| {k} ({row['stats']['k']}) | {row['stats']['rank']} | {row['best_c']:g} | "
+            cells.append(f"{np.nanmean(lds):.3f} ({fmt_diff(lds - best)}; c {row['rule_c'][name]:.3g})")
+        print(f"| {row['k']} ({row['stats']['k']}) | {row['stats']['rank']} | {row['best_c']:g} | "
               f"{np.nanmean(best):.3f} | " + " | ".join(cells) + " |")
-    print("\nLDS (report targets) at every grid c:")
+    print("\nLDS (report targets) at every grid c:\n")
     print("| k | " + " | ".join(f"{c:g}" for c in GRID) + " |")
     print("|---|" + "---|" * len(GRID))
     for row in rows:
         rep = row["ev"].report
         print(f"| {row['k']} | " + " | ".join(f"{np.nanmean(row['grid'][c][rep]):.3f}" for c in GRID) + " |")
+    print("\nDiagnostics (report targets): per-target oracle c (picked on half the subsets, scored on the "
+          "other, both ways) vs the global best c scored the same way; the h-weighted kernel "
+          "(α Σ h φφᵀ + ρ̂ I)⁻¹ in place of TRAK's (ΦᵀΦ + λI)⁻¹:")
+    for row in rows:
+        rep = row["ev"].report
+        gain = row["oracle"][rep] - row["oracle_global"][rep]
+        line = (f"  k={row['k']}: per-target oracle {np.nanmean(row['oracle'][rep]):.3f} vs global "
+                f"{np.nanmean(row['oracle_global'][rep]):.3f} ({fmt_diff(gain)})")
+        for name, lds in row["diagnostics"].items():
+            best = row["grid"][row["best_c"]][rep]
+            line += f"; {name} {np.nanmean(lds[rep]):.3f} ({fmt_diff(lds[rep] - best)})"
+        print(line)
 
 
 def main(argv=None):
@@ -580,18 +703,22 @@ def main(argv=None):
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}, "
           f"jax {jax.__version__} ({jax.default_backend()}); subsets {args.subsets}; grid c = "
           f"{GRID[0]:g} … {GRID[-1]:g} (×10^0.25)")
-    rules = build_rules()
-    RULES.update(rules)
     summary, all_rows = [], {}
     wall = time.perf_counter()
     checked = args.no_check
+    names = None
     for name in args.settings:
         setting = SETTINGS[name]
+        rules = build_rules(setting)
+        if args.no_xi:
+            rules = {r: f for r, f in rules.items() if not r.startswith("ξ")}
+        names = list(rules)
         start = time.perf_counter()
         checkpoints = train_checkpoints(setting)
+        trained = time.perf_counter() - start
         masks, margins, truth_seconds = ground_truth(setting, args.subsets, args.cache)
-        print(f"\n[{name}] checkpoints {time.perf_counter() - start:.1f} s (ground truth "
-              f"{truth_seconds:.1f} s when computed)", flush=True)
+        print(f"\n[{name}] checkpoints trained in {trained:.1f} s; ground truth {truth_seconds:.1f} s "
+              "(when computed; cached)", flush=True)
         rows = []
         for k in args.proj_dims:
             start = time.perf_counter()
@@ -601,29 +728,30 @@ def main(argv=None):
                 print(f"  consistency with trakjax.attribute (k={k}): relative error {row['consistency']:.1e}")
                 checked = True
             rows.append(row)
-            print(f"  k={k}: best c {row['best_c']:g}, eigh {row['stats']['eig_seconds']:.2f} s/checkpoint, "
-                  f"{time.perf_counter() - start:.1f} s", flush=True)
+            print(f"  k={k}: best c {row['best_c']:g}; featurize {row['stats']['featurize_seconds']:.1f} s, "
+                  f"eigh {row['stats']['eig_seconds']:.2f} s per checkpoint; {time.perf_counter() - start:.1f} s",
+                  flush=True)
         all_rows[name] = rows
-        print_setting(setting, rows, list(rules))
+        print_setting(setting, rows, names)
         for row in rows:
             rep = row["ev"].report
             best = row["grid"][row["best_c"]][rep]
             summary.append((name, row["k"], row["best_c"], float(np.nanmean(best)),
-                            {r: float(np.nanmean(row["rules"][r][rep])) for r in rules},
-                            {r: paired_ci(row["rules"][r][rep] - best) for r in rules}, row["stats"]))
+                            {r: float(np.nanmean(row["rules"][r][rep])) for r in names},
+                            {r: paired_ci(row["rules"][r][rep] - best) for r in names}, row["stats"]))
 
-    print("\n## Summary: LDS (report targets); difference to the best grid λ, paired, mean over targets")
-    names = list(rules)
+    print("\n### Summary: LDS (report targets) and paired difference to the best grid λ\n")
     print("| setting | k | q̄ | best c | best grid | " + " | ".join(names) + " |")
     print("|---|---|---|---|---|" + "---|" * len(names))
     for name, k, best_c, best, lds, diff, stats in summary:
         print(f"| {name} | {k} | {stats['q_bar']:.3f} | {best_c:g} | {best:.3f} | "
               + " | ".join(f"{lds[r]:.3f} ({diff[r][0]:+.3f})" for r in names) + " |")
-    print("\nWorst paired difference to the best grid per rule (and how many rows are within 0.01):")
+    print("\nWorst paired difference to the best grid per rule (rows within 0.01 of it):\n")
     for r in names:
         worst = min(summary, key=lambda row: row[5][r][0])
         within = sum(row[5][r][0] >= -0.01 for row in summary)
-        print(f"  {r:36} worst {worst[5][r][0]:+.3f} ({worst[0]}, k={worst[1]}); within 0.01: {within}/{len(summary)}")
+        print(f"  {r:34} worst {worst[5][r][0]:+.3f} ({worst[0]}, k={worst[1]}); within 0.01: "
+              f"{within}/{len(summary)}")
     if args.leave_one_out:
         leave_one_out(all_rows)
     print(f"\nwall time {time.perf_counter() - wall:.0f} s")
@@ -633,29 +761,30 @@ def main(argv=None):
 # --------------------------------------------------------------------------- leave one setting out
 
 FAMILIES = {
-    "c·tr/N": lambda sp, c: c * sp.trace / sp.n,
-    "c·q̄·tr/N": lambda sp, c: c * sp.q.mean() * sp.trace / sp.n,
-    "c·√q̄·tr/N": lambda sp, c: c * np.sqrt(sp.q.mean()) * sp.trace / sp.n,
-    "c·Σq(1−q)‖φ‖²/N": lambda sp, c: c * float((sp.q * (1 - sp.q) * sp.row_sq).sum()) / sp.n,
-    "c·λ_max": lambda sp, c: c * sp.s[-1],
-    "c·‖G‖_F²/tr": lambda sp, c: c * sp.frob_sq / sp.trace,
+    "c·tr/N": lambda sp, c, f0: c * sp.trace / sp.n,
+    "c·√q̄·tr/N": lambda sp, c, f0: c * np.sqrt(sp.q.mean()) * sp.trace / sp.n,
+    "c·q̄·tr/N": lambda sp, c, f0: c * sp.q.mean() * sp.trace / sp.n,
+    "c·λ_max": lambda sp, c, f0: c * sp.s[-1],
+    "c·‖G‖_F²/tr": lambda sp, c, f0: c * sp.frob_sq / sp.trace,
+    "c·ρ̂/h̄": lambda sp, c, f0: c * regularization.auto_lambda(ridge_stats(sp, f0)) * 0.5,
 }
 FAMILY_GRID = tuple(float(c) for c in 10.0 ** np.arange(-4.0, 2.01, 0.125))
 
 
 def leave_one_out(all_rows):
-    """For each family: its constant chosen on the other settings' selection targets (max of the
-    worst regret against each row's best grid, selection targets), reported on the held-out setting."""
-    print("\n## Leave one setting out: each family's constant fit on the other settings")
+    """For each family: its constant chosen on the other settings' selection targets (best worst-case
+    regret against each row's best grid λ), reported on the held-out setting's report targets."""
+    print("\n### Leave one setting out: each family's constant fit on the other settings\n")
     cache = {}
     for fam, rule in FAMILIES.items():
         for name, rows in all_rows.items():
+            f0 = SETTINGS[name].output_offset
             for row in rows:
                 ev = row["ev"]
                 best_sel = np.nanmean(row["grid"][row["best_c"]][ev.select])
                 sel, rep = [], []
                 for c in FAMILY_GRID:
-                    lds = ev.per_target([max(rule(sp, c), floor(sp)) for sp in row["specs"]])
+                    lds = ev.per_target([max(rule(sp, c, f0), floor(sp)) for sp in row["specs"]])
                     sel.append(np.nanmean(lds[ev.select]) - best_sel)
                     rep.append(lds[ev.report])
                 cache[fam, name, row["k"]] = (np.array(sel), rep)
@@ -672,7 +801,7 @@ def leave_one_out(all_rows):
                 rep = row["ev"].report
                 best = row["grid"][row["best_c"]][rep]
                 diffs.append(np.nanmean(cache[fam, held, row["k"]][1][c_index] - best))
-            cells.append(f"c={FAMILY_GRID[c_index]:.3g}: " + "/".join(f"{d:+.3f}" for d in diffs))
+            cells.append(f"c={FAMILY_GRID[c_index]:.3g}: worst {min(diffs):+.3f}")
             worst = min(worst, min(diffs))
         print(f"| {fam} | " + " | ".join(cells) + f" | {worst:+.3f} |")
 

@@ -533,13 +533,16 @@ def gn_coefficients(sp, rho, alpha=regularization.SUBSET_FRACTION):
     return np.linalg.solve(alpha * hv + rho * np.eye(hv.shape[0]), sp.b.T)
 
 
+CHOSEN = "implied ridge ρ̂/(αh̄) (chosen)"
+
+
 def build_rules(setting):
     """name -> rule(Spectral) -> λ (a float, or (T,) for per-target rules)."""
     f0 = setting.output_offset
     rules = {}
     rules["auto 0.3·tr/N (today)"] = lambda sp: max(solve.AUTO_LAMBDA_FRACTION * sp.trace / sp.n, floor(sp))
     # The chosen rule, as shipped: λ = ρ̂ / (α h̄).
-    rules["implied ridge ρ̂/(αh̄) (chosen)"] = lambda sp: regularization.auto_lambda(
+    rules[CHOSEN] = lambda sp: regularization.auto_lambda(
         ridge_stats(sp, f0), tolerance=sp.tolerance)
     # Its ablations: f₀ = 0; no curvature correction (λ = ρ̂/α).
     rules["implied ridge, f₀ = 0"] = lambda sp: regularization.auto_lambda(ridge_stats(sp, 0.0),
@@ -738,14 +741,25 @@ def main(argv=None):
             best = row["grid"][row["best_c"]][rep]
             summary.append((name, row["k"], row["best_c"], float(np.nanmean(best)),
                             {r: float(np.nanmean(row["rules"][r][rep])) for r in names},
-                            {r: paired_ci(row["rules"][r][rep] - best) for r in names}, row["stats"]))
+                            {r: paired_ci(row["rules"][r][rep] - best) for r in names}, row["stats"],
+                            {r: row["rules"][r][rep] for r in names}))
 
     print("\n### Summary: LDS (report targets) and paired difference to the best grid λ\n")
     print("| setting | k | q̄ | best c | best grid | " + " | ".join(names) + " |")
     print("|---|---|---|---|---|" + "---|" * len(names))
-    for name, k, best_c, best, lds, diff, stats in summary:
+    for name, k, best_c, best, lds, diff, stats, _ in summary:
         print(f"| {name} | {k} | {stats['q_bar']:.3f} | {best_c:g} | {best:.3f} | "
               + " | ".join(f"{lds[r]:.3f} ({diff[r][0]:+.3f})" for r in names) + " |")
+    chosen, today = CHOSEN, "auto 0.3·tr/N (today)"
+    if chosen in names and today in names:
+        print("\nThe chosen rule against today's auto, paired on the same report targets "
+              "(mean [95% bootstrap CI]):\n")
+        print("| setting | k | today's auto | chosen | chosen − today |")
+        print("|---|---|---|---|---|")
+        for name, k, _, _, _, _, _, rows_by_rule in summary:
+            diff = rows_by_rule[chosen] - rows_by_rule[today]
+            print(f"| {name} | {k} | {np.nanmean(rows_by_rule[today]):.3f} | "
+                  f"{np.nanmean(rows_by_rule[chosen]):.3f} | {fmt_diff(diff)} |")
     print("\nWorst paired difference to the best grid per rule (rows within 0.01 of it):\n")
     for r in names:
         worst = min(summary, key=lambda row: row[5][r][0])

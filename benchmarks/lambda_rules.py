@@ -782,18 +782,22 @@ FAMILIES = {
     "c·‖G‖_F²/tr": lambda sp, c, f0: c * sp.frob_sq / sp.trace,
     "c·ρ̂/h̄": lambda sp, c, f0: c * regularization.auto_lambda(ridge_stats(sp, f0)) * 0.5,
 }
-FAMILY_GRID = tuple(float(c) for c in 10.0 ** np.arange(-4.0, 2.01, 0.125))
+FAMILY_GRID = tuple(float(c) for c in 10.0 ** np.arange(-4.0, 2.01, 0.25))
+LOO_DIMS = (128, 2048, "id")
 
 
 def leave_one_out(all_rows):
     """For each family: its constant chosen on the other settings' selection targets (best worst-case
-    regret against each row's best grid λ), reported on the held-out setting's report targets."""
+    regret against each row's best grid λ), reported on the held-out setting's report targets;
+    rows k = 128, 2048 and identity (:data:`LOO_DIMS`)."""
     print("\n### Leave one setting out: each family's constant fit on the other settings\n")
     cache = {}
     for fam, rule in FAMILIES.items():
         for name, rows in all_rows.items():
             f0 = SETTINGS[name].output_offset
             for row in rows:
+                if row["k"] not in LOO_DIMS:
+                    continue
                 ev = row["ev"]
                 best_sel = np.nanmean(row["grid"][row["best_c"]][ev.select])
                 sel, rep = [], []
@@ -808,10 +812,13 @@ def leave_one_out(all_rows):
     for fam in FAMILIES:
         cells, worst = [], 0.0
         for held in names:
-            regrets = np.array([cache[fam, n, row["k"]][0] for n in names if n != held for row in all_rows[n]])
+            regrets = np.array([cache[fam, n, row["k"]][0] for n in names if n != held
+                                for row in all_rows[n] if row["k"] in LOO_DIMS])
             c_index = int(np.argmax(regrets.min(axis=0)))
             diffs = []
             for row in all_rows[held]:
+                if row["k"] not in LOO_DIMS:
+                    continue
                 rep = row["ev"].report
                 best = row["grid"][row["best_c"]][rep]
                 diffs.append(np.nanmean(cache[fam, held, row["k"]][1][c_index] - best))

@@ -168,6 +168,7 @@ class Setting:
     binary: bool = False
     l2: float = 0.0          # penalty (l2/2)·‖kernel‖² added to the mean loss
     classes: int = 10
+    batch: int | None = None  # minibatch size (examples drawn with replacement); None: full batch
 
     @property
     def output_offset(self):
@@ -233,6 +234,8 @@ def _settings():
     return {
         "mlp64": Setting("mlp64", "digits MLP 64-64-10, 200 Adam steps", MLP(64), digits_data, 200, 1e-2, 10),
         "mlp32": Setting("mlp32", "digits MLP 64-32-10, 200 Adam steps", MLP(32), digits_data, 200, 1e-2, 10),
+        "mlp64-sgd": Setting("mlp64-sgd", "digits MLP 64-64-10, 1000 minibatch Adam steps (batch 64)",
+                             MLP(64), digits_data, 1000, 1e-2, 10, batch=64),
         "mlp64-early": Setting("mlp64-early", "digits MLP 64-64-10, early-stopped (50 steps)", MLP(64),
                                digits_data, 50, 1e-2, 10),
         "mlp32-early": Setting("mlp32-early", "digits MLP 64-32-10, early-stopped (50 steps)", MLP(32),
@@ -270,16 +273,25 @@ def train_checkpoints(setting: Setting, seed=1000):
 
     @jax.jit
     def fit(key, weights):
-        params = setting.init(key)
+        # Full batch: init from ``key`` itself (lds_digits.py's checkpoints); minibatch: split it.
+        init_key, sample_key = (key, key) if setting.batch is None else jax.random.split(key)
+        params = setting.init(init_key)
         state = optimizer.init(params)
+        probs = weights / jnp.sum(weights)
 
-        def step(carry, _):
+        def objective(p, step_key):
+            if setting.batch is None:
+                return jnp.sum(loss_fn(p, data) * probs)
+            idx = jax.random.choice(step_key, n, (setting.batch,), replace=True, p=probs)
+            return jnp.mean(loss_fn(p, jax.tree_util.tree_map(lambda x: x[idx], data)))
+
+        def step(carry, step_key):
             p, s = carry
-            grads = jax.grad(lambda q: jnp.sum(loss_fn(q, data) * weights) / jnp.sum(weights))(p)
+            grads = jax.grad(objective)(p, step_key)
             updates, s = optimizer.update(grads, s, p)
             return (optax.apply_updates(p, updates), s), None
 
-        (params, _), _ = jax.lax.scan(step, (params, state), None, length=setting.steps)
+        (params, _), _ = jax.lax.scan(step, (params, state), jax.random.split(sample_key, setting.steps))
         return params
 
     if setting.convex and not setting.bootstrap:
@@ -305,7 +317,7 @@ def ground_truth(setting: Setting, subsets: int, cache: str):
     margins = evaluation.retrain_margins(
         setting.init, setting.model.apply, optax.adam(setting.lr), setting.steps, setting.train,
         setting.targets, masks, seed=1, per_example_loss=setting.per_example_loss(),
-        target_output=setting.target_output(), chunk_size=50,
+        target_output=setting.target_output(), batch_size=setting.batch, chunk_size=50,
     )
     seconds = time.perf_counter() - start
     np.savez(path, masks=masks, margins=margins, seconds=seconds)

@@ -495,10 +495,30 @@ def floor(sp):
 
 
 def ridge_stats(sp, output_offset):
-    """:class:`trakjax.regularization.RidgeStatistics` from the spectral form (‖aᵀq‖ = ‖Φᵀq‖)."""
+    """:class:`trakjax.regularization.RidgeStatistics` in ΦᵀΦ's eigenbasis (g = aᵀq, Φᵀ(f − f₀) =
+    aᵀ(f − f₀) as coordinates on the v_j; the Gram there is diag(s))."""
     h = sp.q * (1.0 - sp.q)
     return regularization.RidgeStatistics(sp.n, sp.trace, float(sp.row_sq @ h), sp.a.T @ sp.q,
-                                          float(sp.q @ (sp.f - output_offset)))
+                                          sp.a.T @ (sp.f - output_offset))
+
+
+def chosen_lambda(sp, output_offset):
+    """The shipped rule, :func:`trakjax.regularization.auto_lambda`, on the eigenbasis Gram diag(s)."""
+    return regularization.auto_lambda(np.diag(sp.s), ridge_stats(sp, output_offset), tolerance=sp.tolerance)
+
+
+def implied_rho(sp, output_offset):
+    start = regularization.START_FRACTION * sp.trace / sp.n
+    return regularization.implied_ridge(np.diag(sp.s), ridge_stats(sp, output_offset), start)
+
+
+def norm_form_lambda(sp, output_offset):
+    """The ablation ρ̂ = ‖Φᵀq‖² / qᵀ(f − f₀) (equal in exact arithmetic, squares gradient noise)."""
+    g = sp.a.T @ sp.q
+    rho = float(g @ g) / float(sp.q @ (sp.f - output_offset))
+    h_bar = float(sp.row_sq @ (sp.q * (1 - sp.q))) / sp.trace
+    lam = rho / (regularization.SUBSET_FRACTION * h_bar)
+    return max(lam, floor(sp)) if np.isfinite(lam) and lam > 0 else max(0.3 * sp.trace / sp.n, floor(sp))
 
 
 def lambda_for_dof(s, target):
@@ -553,13 +573,12 @@ def build_rules(setting):
     f0 = setting.output_offset
     rules = {}
     rules["auto 0.3·tr/N (today)"] = lambda sp: max(solve.AUTO_LAMBDA_FRACTION * sp.trace / sp.n, floor(sp))
-    # The chosen rule, as shipped: λ = ρ̂ / (α h̄).
-    rules[CHOSEN] = lambda sp: regularization.auto_lambda(
-        ridge_stats(sp, f0), tolerance=sp.tolerance)
-    # Its ablations: f₀ = 0; no curvature correction (λ = ρ̂/α).
-    rules["implied ridge, f₀ = 0"] = lambda sp: regularization.auto_lambda(ridge_stats(sp, 0.0),
-                                                                           tolerance=sp.tolerance)
-    rules["ρ̂/α (no h̄)"] = lambda sp: max(regularization.implied_ridge(ridge_stats(sp, f0)) / 0.5, floor(sp))
+    # The chosen rule, as shipped: λ = ρ̂ / (α h̄), ρ̂ = gᵀd/dᵀd.
+    rules[CHOSEN] = lambda sp: chosen_lambda(sp, f0)
+    # Its ablations: f₀ = 0; the gradient-norm form of ρ̂; no curvature correction (λ = ρ̂/α).
+    rules["implied ridge, f₀ = 0"] = lambda sp: chosen_lambda(sp, 0.0)
+    rules["ρ̂ = ‖g‖²/qᵀ(f−f₀) form"] = lambda sp: norm_form_lambda(sp, f0)
+    rules["ρ̂/α (no h̄)"] = lambda sp: max(np.nan_to_num(implied_rho(sp, f0) / 0.5, nan=0.0), floor(sp))
     # q̄ family (c grows with the mean out-to-loss term), constant from the digits MLPs.
     rules["q̄: c = 3·√q̄"] = lambda sp: max(3.0 * np.sqrt(sp.q.mean()) * sp.trace / sp.n, floor(sp))
     rules["q̄: c = 0.2 + 10·q̄"] = lambda sp: max((0.2 + 10.0 * sp.q.mean()) * sp.trace / sp.n, floor(sp))
@@ -573,9 +592,8 @@ def build_rules(setting):
 
     # Per target: the surrogate indicator ξ around the implied-ridge λ.
     def xi(sp):
-        stats = ridge_stats(sp, f0)
-        lam0 = regularization.auto_lambda(stats, tolerance=sp.tolerance)
-        rho = regularization.implied_ridge(stats)
+        lam0 = chosen_lambda(sp, f0)
+        rho = implied_rho(sp, f0)
         if not np.isfinite(rho):
             return lam0
         return np.maximum(xi_per_target(sp, lam0, rho), floor(sp))
@@ -652,7 +670,7 @@ def evaluate_setting(setting, checkpoints, masks, margins, k, cache, rules):
                                         for x, sp in zip(lams, specs, strict=True)]))
     diagnostics = {}
     f0 = setting.output_offset
-    rhos = [regularization.implied_ridge(ridge_stats(sp, f0)) for sp in specs]
+    rhos = [implied_rho(sp, f0) for sp in specs]
     if all(np.isfinite(rhos)):
         diagnostics["h-weighted kernel at ρ̂"] = ev.per_target_coefficients(
             [gn_coefficients(sp, rho) for sp, rho in zip(specs, rhos, strict=True)])
@@ -792,7 +810,7 @@ FAMILIES = {
     "c·q̄·tr/N": lambda sp, c, f0: c * sp.q.mean() * sp.trace / sp.n,
     "c·λ_max": lambda sp, c, f0: c * sp.s[-1],
     "c·‖G‖_F²/tr": lambda sp, c, f0: c * sp.frob_sq / sp.trace,
-    "c·ρ̂/h̄": lambda sp, c, f0: c * regularization.auto_lambda(ridge_stats(sp, f0)) * 0.5,
+    "c·ρ̂/h̄": lambda sp, c, f0: c * chosen_lambda(sp, f0) * regularization.SUBSET_FRACTION,
 }
 FAMILY_GRID = tuple(float(c) for c in 10.0 ** np.arange(-4.0, 2.01, 0.25))
 LOO_DIMS = (128, 2048, "id")

@@ -4,10 +4,16 @@ What it measures: for each setting (data set × model × training recipe) and ea
 dimension k (and the identity projection, k = P), the linear datamodeling score (LDS) of TRAK
 scores at
 
-* every λ of a log grid λ = c · trace(Φ_mᵀΦ_m)/N (per checkpoint m), c = 10^-3 … 10^2;
+* every λ of a log grid λ = c · trace(Φ_mᵀΦ_m)/N (per checkpoint m), c = 10^-3 … 10^2 in steps
+  of 10^0.25;
 * today's ``lambda_reg="auto"`` (λ = 0.3 · trace/N, :func:`trakjax.solve.auto_lambda`);
-* each retraining-free candidate rule (:data:`RULES`), among them the rule chosen for
-  :mod:`trakjax.regularization`.
+* each retraining-free candidate rule (:func:`build_rules`): the implied-ridge rule chosen for
+  :func:`trakjax.regularization.auto_lambda` and its ablations, rules in the mean out-to-loss
+  term q̄, effective degrees of freedom, λ_max and ‖ΦᵀΦ‖_F²/trace multiples, and a per-target
+  surrogate indicator ξ;
+
+plus two diagnostics that are not λ rules: a per-target oracle c (the headroom of any per-target
+rule) and the h-weighted kernel (α Σ h φφᵀ + ρ̂I)⁻¹ in place of TRAK's (ΦᵀΦ + λI)⁻¹.
 
 How: targets are split as in ``benchmarks/lds_digits.py`` (even-indexed targets pick the best
 grid c, odd-indexed targets report). Each row of the tables gives, on the report targets, the LDS
@@ -16,9 +22,11 @@ of the best grid c, of today's auto and of each rule, and the paired difference 
 
 * settings (``--settings``, all data ship with scikit-learn):
   ``mlp64`` digits MLP 64-64-10, 200 full-batch Adam steps (exactly ``lds_digits.py``'s run);
-  ``mlp32`` 64-32-10; ``mlp64-early`` / ``mlp32-early`` the same stopped after 50 steps;
-  ``cnn`` two 3×3 convolutions (8, 16 channels) + 2×2 average pool + dense on the 8×8 digits;
-  ``lr-digits`` / ``lr-wine`` multinomial logistic regression (softmax, L2 penalty 1/(2N)‖W‖²,
+  ``mlp32`` 64-32-10; ``mlp64-sgd`` 64-64-10 trained with minibatches (1000 Adam steps of 64
+  examples drawn with replacement); ``mlp64-early`` / ``mlp32-early`` stopped after 50 steps;
+  ``cnn`` 3×3 conv (8) → 2×2 avg pool → 3×3 conv (16) → 2×2 avg pool → dense, 200 full-batch
+  Adam steps (convolutions written as patch matmuls, which vmapped retraining runs fast on CPU);
+  ``lr-digits`` / ``lr-wine`` multinomial logistic regression (softmax, L2 penalty (1/2N)‖W‖²,
   sklearn's C = 1) on digits and on wine (standardized); ``logreg-bc`` binary logistic
   regression (``trakjax.tasks.binary_classification``) on breast_cancer (standardized).
 * checkpoints: neural nets differ by seed (10 seeds, as lds_digits.py). The convex models have one
@@ -41,11 +49,13 @@ git-ignored), so a rerun only evaluates rules. ``--leave-one-out`` adds, for eac
 family, the constant fit on the other settings (selection targets) and reported on the held-out one.
 
 Run:  python benchmarks/lambda_rules.py [--settings mlp64 cnn ...] [--proj-dims 128 512 2048 id]
-      [--subsets 200] [--quick] [--cache out/lambda_cache] [--leave-one-out]
+      [--subsets 200] [--quick] [--cache out/lambda_cache] [--leave-one-out] [--no-xi]
 
-Time (2-core x86_64 CPU, shared): about 45 minutes for everything from an empty cache (ground
-truth about 15 min, featurization and eigendecompositions about 20 min), 3 to 5 minutes from a
-warm cache; ``--quick`` (two small settings, k = 128 and identity, 60 subsets) about 2 minutes.
+Time (2-core x86_64 CPU shared with other jobs): about 25 minutes from an empty cache (the
+ground truth about 11 minutes, 9 of them the CNN's 200 retrained models; featurization and
+eigendecompositions about 5), about 8 minutes from a warm cache plus 2 for ``--leave-one-out``;
+``--quick`` (lr-wine and logreg-bc, k = 128 and identity, 60 subsets) about 15 seconds.
+Results are in ``benchmarks/lambda_rules.md``.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ Time (2-core x86_64 CPU shared with other jobs): about 25 minutes from an empty 
 ground truth about 11 minutes, 9 of them the CNN's 200 retrained models; featurization and
 eigendecompositions about 5), about 8 minutes from a warm cache plus 2 for ``--leave-one-out``;
 ``--quick`` (lr-wine and logreg-bc, k = 128 and identity, 60 subsets) about 15 seconds.
-Results are in ``benchmarks/lambda_rules.md``.
+Results are in benchmarks/README.md ("lambda_rules.py").
 """
 
 from __future__ import annotations

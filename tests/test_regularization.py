@@ -157,3 +157,95 @@ def test_margin_offset_and_errors():
         regularization.auto_lambda(gram, stats._replace(trace=0.0))
     with pytest.raises(ValueError, match="gram must be"):
         regularization.auto_lambda(gram[:3, :3], stats)
+
+
+def test_attribute_auto_is_the_implied_ridge_rule_on_its_features():
+    """trakjax.attribute's λ under "auto" equals regularization.auto_lambda evaluated in float64
+    on the same checkpoint's features, q, outputs, f₀ = −log(C − 1) and h = q(1 − q)."""
+    import trakjax
+    from trakjax import featurize, solve, tasks
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 90).astype(np.int32)
+    task = tasks.image_classification(lambda p, z: z @ p["w"] + p["b"])
+    params = _trained(task, x[:80], y[:80])
+    _, details = trakjax.attribute(task, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
+                                   backend="xla", return_details=True)
+    assert details[0].lambda_rule == "implied ridge"
+    checkpoint = featurize.prepare_checkpoint(task, params, trakjax.Config.create(proj_dim=12, backend="xla"))
+    out = featurize.featurize(task, checkpoint, (x[:80], y[:80]))
+    np.testing.assert_allclose(out.output_offset, -np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(out.curvature, out.out_to_loss * (1 - out.out_to_loss), rtol=1e-6)
+    phi = out.features.astype(np.float64)
+    stats = regularization.ridge_statistics(phi, out.out_to_loss, out.outputs, output_offset=-np.log(2.0))
+    gram = phi.T @ phi
+    top = np.linalg.eigvalsh(gram)[-1]
+    expected = regularization.auto_lambda(gram, stats, tolerance=solve.rounding_noise() * top)
+    assert details[0].lambda_reg == pytest.approx(expected, rel=1e-3)
+    assert details[0].lambda_reg != pytest.approx(0.3 * np.trace(gram) / 80, rel=1e-2)
+    # A task without ridge_terms falls back to the former rule.
+    bare = task._replace(ridge_terms=None)
+    _, bare_details = trakjax.attribute(bare, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
+                                        backend="xla", return_details=True)
+    assert bare_details[0].lambda_rule == "0.3·trace/N"
+    assert bare_details[0].lambda_reg == pytest.approx(0.3 * np.trace(gram) / 80, rel=1e-4)
+
+
+def _trained(task, x, y, steps=300, decay=0.05):
+    """A softmax regression trained by gradient descent with weight decay (a genuine ridge)."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(p):
+        logits = x @ p["w"] + p["b"]
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(y.size), y]) + decay / 2 * jnp.sum(p["w"] ** 2)
+
+    params = {"w": jnp.zeros((x.shape[1], 3)), "b": jnp.zeros(3)}
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda w, g: w - 0.5 * g, p, jax.grad(loss)(p)))
+    for _ in range(steps):
+        params = step(params)
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+def test_each_ready_made_task_gives_its_untrained_output_and_curvature():
+    import jax.numpy as jnp
+
+    from trakjax import tasks
+    from trakjax.tasks import TaskState
+
+    q = jnp.array([0.1, 0.5, 0.9], jnp.float32)
+    logistic = np.asarray(q * (1 - q))
+    x = jnp.ones((3, 4))
+    binary = tasks.binary_classification(lambda p, z: z @ p)
+    offset, h = binary.ridge_terms(jnp.ones(4), (x, jnp.array([0, 1, 1])), TaskState(), q)
+    np.testing.assert_allclose(offset, 0.0)
+    np.testing.assert_allclose(h, logistic, rtol=1e-6)
+    regression = tasks.regression(lambda p, z: z @ p)
+    offset, h = regression.ridge_terms(jnp.ones(4), (x, jnp.zeros(3)), TaskState(), q)
+    np.testing.assert_allclose(offset, 0.0)
+    np.testing.assert_allclose(h, 1.0)
+    # Language modeling: T counted next-token predictions, each margin −log(V − 1) untrained.
+    lm = tasks.language_modeling(lambda p, inputs: jnp.zeros(inputs["input_ids"].shape + (7,)) + p)
+    batch = {"input_ids": jnp.ones((3, 5), jnp.int32),
+             "attention_mask": jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])}
+    offset, h = lm.ridge_terms(jnp.float32(0), batch, TaskState(), q)
+    counted = np.array([4, 2, 0])
+    np.testing.assert_allclose(offset, -counted * np.log(6.0), rtol=1e-6)
+    np.testing.assert_allclose(h, logistic / np.maximum(counted, 1), rtol=1e-6)
+    clip = tasks.clip(lambda p, z: z, lambda p, z: z, temperature=0.1, n_negatives=20)
+    offset, h = clip.ridge_terms(None, (x, x), TaskState(), q)
+    np.testing.assert_allclose(offset, -2 * np.log(20.0), rtol=1e-6)
+    np.testing.assert_allclose(h, logistic / 2, rtol=1e-6)
+    # from_loss: the curvature by autodiff equals the logistic loss's q(1 − q) at its q.
+    def margin(p, example, state):
+        return example[0] @ p
+
+    derived = tasks.from_loss(margin, lambda f, ex, st: jnp.log1p(jnp.exp(-f)), output_offset=-1.5)
+    params = jnp.array([0.3, -0.2, 0.5, 0.1])
+    examples = (jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32), jnp.zeros(3))
+    q_derived = derived.out_to_loss(params, examples, TaskState())
+    offset, h = derived.ridge_terms(params, examples, TaskState(), q_derived)
+    np.testing.assert_allclose(offset, -1.5)
+    np.testing.assert_allclose(h, q_derived * (1 - q_derived), rtol=1e-5)
+    assert tasks.from_loss(margin, lambda f, ex, st: f**2).ridge_terms is None

@@ -389,7 +389,11 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
                 f"task {task.name!r}: out_to_loss must return a (B,) array; got out_to_loss shape "
                 f"{q.shape} for a batch of {features.shape[0]}"
             )
-        return features, outputs.astype(jnp.float32), q
+        offset = curvature = jnp.zeros(outputs.shape, jnp.float32)
+        if with_out_to_loss and task.ridge_terms is not None:
+            offset, curvature = task.ridge_terms(params, batch, state, q)
+        return (features, outputs.astype(jnp.float32), q, jnp.broadcast_to(offset, q.shape).astype(jnp.float32),
+                jnp.broadcast_to(curvature, q.shape).astype(jnp.float32))
 
     if sharding_lib.mesh_size(mesh) == 1:
         return jax.jit(step)
@@ -397,7 +401,7 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
     return jax.jit(
         jax.shard_map(
             step, mesh=mesh, in_specs=(same, same, rows, same, rows, same, same, same),
-            out_specs=(rows, rows, rows), check_vma=False,
+            out_specs=(rows,) * 5, check_vma=False,
         )
     )
 
@@ -541,11 +545,15 @@ def prepare_checkpoint(
 
 
 class BatchFeatures(NamedTuple):
-    """Featurized examples: ``features`` (B, k) φ, ``outputs`` (B,) f, ``out_to_loss`` (B,) q."""
+    """Featurized examples: ``features`` (B, k) φ, ``outputs`` (B,) f, ``out_to_loss`` (B,) q;
+    for training examples of tasks with ``ridge_terms``, ``output_offset`` (B,) f₀ and
+    ``curvature`` (B,) h (zeros otherwise; :mod:`trakjax.regularization`)."""
 
     features: np.ndarray
     outputs: np.ndarray
     out_to_loss: np.ndarray
+    output_offset: np.ndarray | None = None
+    curvature: np.ndarray | None = None
 
 
 def _padded_size(n: int, micro_batch: int, devices: int) -> int:
@@ -620,17 +628,20 @@ def featurize_batch(
             checkpoint.proj_key, checkpoint.blocks,
         )
         parts.append(tuple(np.asarray(x)[: stop - start] for x in out))
-    features, outputs, q = (np.concatenate(p) for p in zip(*parts, strict=True))
+    features, outputs, q, offset, curvature = (np.concatenate(p) for p in zip(*parts, strict=True))
     check_finite(features, outputs, q, indices, checkpoint.model_id, with_out_to_loss)
-    return BatchFeatures(features, outputs, q)
+    return BatchFeatures(features, outputs, q, offset, curvature)
 
 
 class Features(NamedTuple):
-    """Featurized data set: ``features`` (N, k), ``outputs`` (N,), ``out_to_loss`` (N,), float32."""
+    """Featurized data set: ``features`` (N, k), ``outputs`` (N,), ``out_to_loss`` (N,), and
+    ``output_offset``, ``curvature`` (N,) as in :class:`BatchFeatures`; float32."""
 
     features: np.ndarray
     outputs: np.ndarray
     out_to_loss: np.ndarray
+    output_offset: np.ndarray | None = None
+    curvature: np.ndarray | None = None
 
 
 def featurize(

@@ -26,6 +26,7 @@ import numpy as np
 
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
+from trakjax import regularization
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax.config import Config, ResultSettings
@@ -40,6 +41,7 @@ class CheckpointDetails(NamedTuple):
     ``rank`` and ``condition`` are those of :class:`trakjax.solve.KernelSolve`: from the
     eigendecomposition when it ran (λ near the noise, λ = 0), else ``rank`` is ``None`` and
     ``condition`` the estimate (λ̂_max + λ)/λ. The scores never depend on which ran.
+    ``lambda_rule`` says how λ was chosen (:attr:`trakjax.solve.KernelSolve.lambda_rule`).
     """
 
     model_id: int
@@ -48,6 +50,7 @@ class CheckpointDetails(NamedTuple):
     condition: float
     num_params: int
     proj_dim: int
+    lambda_rule: str = "absolute"
 
 
 class Solved(NamedTuple):
@@ -146,22 +149,40 @@ def check_targets_fit(task: Task, params, train, targets) -> None:
         ) from err
 
 
+class RidgeInputs(NamedTuple):
+    """This process's rows of what ``lambda_reg="auto"``'s implied-ridge rule reads besides Φ:
+    q (n,), the outputs' shift from an untrained model's f − f₀ (n,) and the curvature h (n,)."""
+
+    out_to_loss: np.ndarray
+    output_shift: np.ndarray
+    curvature: np.ndarray
+
+
 def checkpoint_kernel(local_phi, settings: ResultSettings, *, proj_dim: int, num_examples: int,
-                      num_params: int, num_features: int | None = None, mesh=None) -> solve_lib.KernelSolve:
+                      num_params: int, num_features: int | None = None, mesh=None,
+                      ridge: RidgeInputs | None = None) -> solve_lib.KernelSolve:
     """Solve one checkpoint's kernel from this process's rows of Φ.
 
     The Gram of ``local_phi`` ((n_local, k), any float dtype, possibly no rows) is summed over
     the mesh's devices, then over processes in float64 (:func:`trakjax.sharding.process_sum`),
-    and solved with ``settings``' λ (:func:`trakjax.solve.solve`).
+    and solved with ``settings``' λ (:func:`trakjax.solve.solve`). With ``ridge`` (the task's
+    ``ridge_terms`` at these rows), the implied-ridge statistics are summed the same way and
+    ``"auto"`` uses them (:mod:`trakjax.regularization`).
     """
     if local_phi.shape[0]:
         local = solve_lib.gram(local_phi, mesh=mesh)
     else:
         local = np.zeros((proj_dim, proj_dim))
+    statistics = None
+    if ridge is not None and settings.lambda_reg == "auto":
+        local_statistics = regularization.ridge_statistics(
+            local_phi, ridge.out_to_loss, ridge.output_shift, curvature=ridge.curvature)
+        statistics = regularization.unpack(sharding_lib.process_sum(regularization.pack(local_statistics)))
     return solve_lib.solve(
         sharding_lib.process_sum(local), settings.lambda_reg,
         reference_compat=settings.reference_compat, num_examples=num_examples,
         num_params=num_params, storage_dtype=settings.storage_dtype, num_features=num_features,
+        ridge=statistics,
     )
 
 
@@ -185,7 +206,7 @@ def _process_share(train) -> tuple[Any, int, int | None]:
 def _featurize_share(task, checkpoint, share, start: int, batch_size: int) -> featurize_lib.Features:
     if share is None:  # more processes than examples: this one has none
         empty = np.zeros(0, np.float32)
-        return featurize_lib.Features(np.zeros((0, checkpoint.proj_dim), np.float32), empty, empty)
+        return featurize_lib.Features(np.zeros((0, checkpoint.proj_dim), np.float32), empty, empty, empty, empty)
     return featurize_lib.featurize(
         task, checkpoint, share, batch_size=batch_size, split=featurize_lib.TRAIN_SPLIT,
         index_offset=start,
@@ -222,14 +243,18 @@ def solved_checkpoints(
         train_features = _featurize_share(task, checkpoint, share, start, config.run.batch_size)
         phi = round_to(train_features.features, storage)
         num_params = checkpoint.layout.total
+        ridge = None
+        if task.ridge_terms is not None:
+            ridge = RidgeInputs(train_features.out_to_loss, train_features.outputs - train_features.output_offset,
+                                train_features.curvature)
         kernel = checkpoint_kernel(
             phi, config.result, proj_dim=checkpoint.proj_dim, mesh=config.run.mesh,
             num_examples=num_train if num_train is not None else phi.shape[0], num_params=num_params,
-            num_features=None if checkpoint.spec.plan is None else checkpoint.spec.plan.k_fac,
+            num_features=None if checkpoint.spec.plan is None else checkpoint.spec.plan.k_fac, ridge=ridge,
         )
         features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=config.run.mesh), storage)
         details = CheckpointDetails(model_id, kernel.lambda_reg, kernel.rank, kernel.condition,
-                                    num_params, checkpoint.proj_dim)
+                                    num_params, checkpoint.proj_dim, kernel.lambda_rule)
         yield Solved(checkpoint, storage, config.run.mesh, phi, features, train_features.out_to_loss, details)
         bar.update(1)
     bar.close()

@@ -34,9 +34,9 @@ at Scale", §3; Koh & Liang, 2017, "Understanding Black-box Predictions via Infl
 Wang et al. (2025, arXiv 2505.24261, "Taming Hyperparameter Sensitivity in Data Attribution:
 Practical Selection Without Costly Retraining") study the same choice and select λ without
 retraining by a surrogate indicator of full-data quantities; their definition was not reachable
-here, and the rule above is derived independently (``benchmarks/lambda_rules.md``).
+here, and the rule above is derived independently (benchmarks/README.md, "lambda_rules.py").
 
-Evidence (``benchmarks/lambda_rules.py``, tables in ``benchmarks/lambda_rules.md``): LDS on held-out
+Evidence (``benchmarks/lambda_rules.py``, tables in benchmarks/README.md): LDS on held-out
 targets against the best λ of a log grid (picked on other targets), paired per target, in ten
 settings at k = 128, 512, 1024, 2048 and with the identity projection (50 rows): digits MLPs
 64-64-10 and 64-32-10 trained full-batch, trained with minibatches and stopped early, a digits
@@ -62,6 +62,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from trakjax.errors import InvalidArgumentError
+
 START_FRACTION = 0.3
 """λ₀ = START_FRACTION · trace(ΦᵀΦ)/N: the ridge of the least-squares fit d (and the fallback λ)."""
 
@@ -75,7 +77,7 @@ def margin_offset(num_classes: int) -> float:
     0 for two classes (and for one logit, :func:`trakjax.tasks.binary_classification`).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        raise InvalidArgumentError(f"num_classes must be an int >= 2, got {num_classes!r}")
     return -float(np.log(num_classes - 1))
 
 
@@ -97,7 +99,20 @@ class RidgeStatistics(NamedTuple):
     output_gradient: np.ndarray
 
 
-def ridge_statistics(features, out_to_loss, outputs, *, output_offset: float = 0.0, curvature=None,
+def pack(stats: RidgeStatistics) -> np.ndarray:
+    """The statistics as one float64 vector (for summing over processes, ``unpack`` to read)."""
+    head = np.array([stats.num_examples, stats.trace, stats.curvature_trace], np.float64)
+    return np.concatenate([head, stats.gradient, stats.output_gradient])
+
+
+def unpack(vector: np.ndarray) -> RidgeStatistics:
+    """Inverse of :func:`pack`; a sum of packed statistics is the statistics of all their rows."""
+    k = (vector.shape[0] - 3) // 2
+    return RidgeStatistics(int(round(vector[0])), float(vector[1]), float(vector[2]),
+                           vector[3 : 3 + k].copy(), vector[3 + k :].copy())
+
+
+def ridge_statistics(features, out_to_loss, outputs, *, output_offset=0.0, curvature=None,
                      block_rows: int = 4096) -> RidgeStatistics:
     """:class:`RidgeStatistics` of (N, k) features Φ, out-to-loss terms q (N,) and outputs f (N,).
 
@@ -105,7 +120,8 @@ def ridge_statistics(features, out_to_loss, outputs, *, output_offset: float = 0
       features: Φ, any float dtype (numpy, memory map or jax); read block by block in float64.
       out_to_loss: q = −∂L/∂f per training example.
       outputs: f per training example.
-      output_offset: f₀, the output of the untrained model (:func:`margin_offset` for margins).
+      output_offset: f₀, the output of the untrained model (:func:`margin_offset` for margins):
+        one float, or (N,) per example (a task's ``ridge_terms``).
       curvature: h_i = ∂²L/∂f² per example; default q(1 − q), exact for the logistic loss of a
         margin or a signed logit (classification). Pass ones for squared error.
       block_rows: rows of Φ per block.
@@ -114,12 +130,12 @@ def ridge_statistics(features, out_to_loss, outputs, *, output_offset: float = 0
     q = np.asarray(out_to_loss, np.float64).reshape(-1)
     f = np.asarray(outputs, np.float64).reshape(-1)
     if q.shape != (n,) or f.shape != (n,):
-        raise ValueError(f"out_to_loss and outputs need {n} entries (the rows of features), got "
+        raise InvalidArgumentError(f"out_to_loss and outputs need {n} entries (the rows of features), got "
                          f"{q.shape[0]} and {f.shape[0]}")
     h = q * (1.0 - q) if curvature is None else np.asarray(curvature, np.float64).reshape(-1)
     if h.shape != (n,):
-        raise ValueError(f"curvature needs {n} entries, got {h.shape[0]}")
-    moved = f - float(output_offset)
+        raise InvalidArgumentError(f"curvature needs {n} entries, got {h.shape[0]}")
+    moved = f - np.asarray(output_offset, np.float64)
     gradient = np.zeros(k, np.float64)
     output_gradient = np.zeros(k, np.float64)
     trace = curvature_trace = 0.0
@@ -163,10 +179,10 @@ def implied_ridge(gram: np.ndarray, stats: RidgeStatistics, start_lambda: float)
     gram = np.asarray(gram, np.float64)
     k = stats.gradient.shape[0]
     if gram.shape != (k, k) or stats.output_gradient.shape != (k,):
-        raise ValueError(f"gram must be ({k}, {k}) and output_gradient ({k},) for a gradient of {k}; "
+        raise InvalidArgumentError(f"gram must be ({k}, {k}) and output_gradient ({k},) for a gradient of {k}; "
                          f"got {gram.shape} and {stats.output_gradient.shape}")
     if not start_lambda > 0:
-        raise ValueError(f"start_lambda must be > 0, got {start_lambda!r}")
+        raise InvalidArgumentError(f"start_lambda must be > 0, got {start_lambda!r}")
     d = _conjugate_gradient(gram, stats.output_gradient, float(start_lambda))
     dd = float(d @ d)
     rho = float(stats.gradient @ d) / dd if dd > 0 else float("nan")
@@ -189,9 +205,9 @@ def auto_lambda(gram: np.ndarray, stats: RidgeStatistics, *, tolerance: float = 
         should predict (1/2 for the LDS's half-subsets).
     """
     if not 0.0 < subset_fraction <= 1.0:
-        raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction!r}")
+        raise InvalidArgumentError(f"subset_fraction must be in (0, 1], got {subset_fraction!r}")
     if stats.num_examples < 1 or not stats.trace > 0:
-        raise ValueError("auto_lambda needs N >= 1 and trace(ΦᵀΦ) > 0 (every projected gradient is zero?)")
+        raise InvalidArgumentError("auto_lambda needs N >= 1 and trace(ΦᵀΦ) > 0 (every projected gradient is zero?)")
     floor = 10.0 * float(tolerance)
     start = START_FRACTION * stats.trace / stats.num_examples
     rho = implied_ridge(gram, stats, start)

@@ -58,7 +58,7 @@ from trakjax import store as store_lib
 from trakjax import trees
 from trakjax.config import Config, check_int
 from trakjax.errors import ArgumentTypeError, InputsChangedError, InvalidArgumentError, StoreError
-from trakjax.pipeline import check_model_ids, check_targets_fit, checkpoint_kernel
+from trakjax.pipeline import RidgeInputs, check_model_ids, check_targets_fit, checkpoint_kernel
 from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
@@ -342,7 +342,8 @@ class TRAKer:
         rows = np.flatnonzero(np.asarray(arrays.done[indices]) == 0)
         if rows.size:
             out = self._featurize_rows(self._checkpoint, batch, indices, rows, featurize_lib.TRAIN_SPLIT)
-            self.store.write_train_rows(arrays, indices[rows], out.features, out.out_to_loss)
+            self.store.write_train_rows(arrays, indices[rows], out.features, out.out_to_loss,
+                                        out.outputs - out.output_offset, out.curvature)
         if num_samples is not None:
             self._last_ind += indices.size
 
@@ -400,34 +401,41 @@ class TRAKer:
                 if not self.store.is_finalized(model_id):
                     self._finalize_one(model_id)
 
-    def _kernel(self, phi) -> solve_lib.KernelSolve:
+    def _kernel(self, arrays: store_lib.TrainArrays) -> solve_lib.KernelSolve:
         """Solve a checkpoint's kernel; under jax.distributed each process adds its own rows'
-        Gram (its :func:`~trakjax.sharding.process_slice`) to the cross-process sum."""
+        Gram (its :func:`~trakjax.sharding.process_slice`) to the cross-process sum. The
+        implied-ridge statistics come from the stored q, f − f₀ and h (a store of trakjax 0.1,
+        without the last two, uses 0.3·trace/N)."""
+        phi = arrays.grads
         start, stop = sharding_lib.process_slice(phi.shape[0])
         differentiated = self.store.parameters()["differentiated"]
+        ridge = None
+        if self.task.ridge_terms is not None and arrays.output_shift is not None:
+            ridge = RidgeInputs(*(np.asarray(a[start:stop]) for a in
+                                  (arrays.out_to_loss, arrays.output_shift, arrays.curvature)))
         return checkpoint_kernel(
             phi[start:stop], self.config.result, proj_dim=phi.shape[1], num_examples=phi.shape[0],
             num_params=int(differentiated["num_params"]), num_features=differentiated.get("k_fac"),
-            mesh=self.mesh,
+            mesh=self.mesh, ridge=ridge,
         )
 
     def _write_features(self, model_id: int, phi, kernel: solve_lib.KernelSolve) -> None:
-        details = {"lambda_reg": kernel.lambda_reg, "rank": kernel.rank,
-                   "condition": kernel.condition, "scale": kernel.scale, "method": kernel.method}
+        details = {"lambda_reg": kernel.lambda_reg, "rank": kernel.rank, "condition": kernel.condition,
+                   "scale": kernel.scale, "method": kernel.method, "lambda_rule": kernel.lambda_rule}
         self.store.write_features(
             model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh), details
         )
 
     def _finalize_one(self, model_id: int) -> None:
-        phi = self.store.train_arrays(model_id, "r").grads
-        self._write_features(model_id, phi, self._kernel(phi))
+        arrays = self.store.train_arrays(model_id, "r")
+        self._write_features(model_id, arrays.grads, self._kernel(arrays))
 
     def _finalize_distributed(self, model_id: int) -> None:
         """Every process reduces the Gram; process 0 writes F; all wait for it."""
-        phi = self.store.train_arrays(model_id, "r").grads
-        kernel = self._kernel(phi)
+        arrays = self.store.train_arrays(model_id, "r")
+        kernel = self._kernel(arrays)
         if jax.process_index() == 0:
-            self._write_features(model_id, phi, kernel)
+            self._write_features(model_id, arrays.grads, kernel)
         _barrier(f"trakjax finalize_features: model {model_id} written")
 
     # ----------------------------------------------------------------- scoring

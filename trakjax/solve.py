@@ -6,23 +6,21 @@ Per checkpoint m (Park et al., 2023, eq. 16)::
     F_m = Φ_m A_m⁻¹             (N, k)
 
 The Gram is accumulated block by block: each block's ΦᵦᵀΦᵦ in float32 at full precision on
-device, the blocks summed in float64 on the host. The solve is an eigendecomposition of the Gram
-in float64, which gives the rank, the condition number and cheap λ sweeps at once: a float32
-Cholesky does not fail reliably on a numerically singular matrix, and ``jnp.linalg`` returns NaN
-rather than raising.
+device, the blocks summed in float64 on the host. The solve is in float64: a Cholesky
+factorization where λ is well above the Gram's rounding noise, else an eigendecomposition that
+gives the rank (a float32 Cholesky does not fail reliably on a numerically singular matrix, and
+``jnp.linalg`` returns NaN rather than raising); see :func:`solve`.
 
 Scale of λ: the non-zero eigenvalues of ΦᵀΦ are about (k/P)·eig(GGᵀ), so a fixed λ means
 something different at each k and P. A float ``lambda_reg`` is absolute (the reference's
 meaning, for parity). ``"auto"`` (also what ``None`` means) chooses λ per checkpoint without
-retraining (:func:`auto_lambda`)::
-
-    λ = AUTO_LAMBDA_FRACTION · trace(ΦᵀΦ) / N = AUTO_LAMBDA_FRACTION · mean_i ‖φ_i‖²
-
-a fixed fraction of one average training example's contribution to ΦᵀΦ. Since ‖φ_i‖² ≈
-(k/P)‖g_i‖², this λ scales with the eigenvalues of ΦᵀΦ at every k and P, so the same fraction is
-right at every k, and it is positive whenever ΦᵀΦ ≠ 0, so k ≥ N never collapses. The evidence
-(LDS on digits against the alternatives: the old default 1e-2·trace/k, effective-degrees-of-
-freedom targets, GCV/leave-one-out on the kernel regression) is in ``benchmarks/README.md``.
+retraining (:func:`choose_lambda`): the implied-ridge rule of :mod:`trakjax.regularization`,
+λ = ρ̂/(α·h̄), the ridge the checkpoint's own gradients say it was trained under, from statistics
+of the same pass that builds the Gram; tasks without ``ridge_terms`` (and stores of trakjax 0.1)
+use the former rule, :data:`AUTO_LAMBDA_FRACTION` · trace(ΦᵀΦ)/N. Both scale with the
+eigenvalues of ΦᵀΦ at every k and P, and both are floored at ten times the Gram's noise, so
+k ≥ N never collapses. The evidence (LDS in ten settings against the best λ of a grid) is in
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trakjax import regularization
 from trakjax import sharding as sharding_lib
 from trakjax.config import AUTO, check_lambda
 from trakjax.errors import InvalidArgumentError, NumericalError
@@ -229,6 +228,9 @@ class KernelSolve(NamedTuple):
       scale: 1, or mean|A⁻¹| under ``reference_compat`` (the reference's rescaling).
       spectrum: the :class:`Spectrum` of ΦᵀΦ, or ``None`` on the Cholesky path.
       method: ``"cholesky"`` or ``"eigh"``.
+      lambda_rule: how λ was chosen: ``"implied ridge"`` (``"auto"`` with the checkpoint's
+        statistics, :mod:`trakjax.regularization`), ``"0.3·trace/N"`` (``"auto"`` without them),
+        or ``"absolute"``.
     """
 
     inverse: np.ndarray
@@ -238,9 +240,10 @@ class KernelSolve(NamedTuple):
     scale: float
     spectrum: Spectrum | None
     method: str = "eigh"
+    lambda_rule: str = "absolute"
 
 
-def _triangular_inverse(lower: np.ndarray, block: int = 256) -> np.ndarray:
+def _triangular_inverse(lower: np.ndarray, block: int = 128) -> np.ndarray:
     """L⁻¹ of a lower-triangular matrix by recursive halving (matrix products do the work)."""
     n = lower.shape[0]
     if n <= block:
@@ -285,17 +288,32 @@ def _singular_error(spec: Spectrum, lambda_reg, bounds: dict[str, int], num_exam
     )
 
 
-def _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds: dict[str, int]) -> KernelSolve:
+def choose_lambda(gram_matrix, lambda_reg, num_examples, tolerance: float, ridge=None) -> tuple[float, str]:
+    """(λ, the rule that chose it) for ``lambda_reg``, never below 10·``tolerance`` for ``"auto"``.
+
+    ``"auto"`` with ``ridge`` (:class:`~trakjax.regularization.RidgeStatistics`) is the
+    implied-ridge rule, :func:`trakjax.regularization.auto_lambda`; without it,
+    :data:`AUTO_LAMBDA_FRACTION` · trace(ΦᵀΦ)/N (:func:`auto_lambda_from`).
+    """
+    if lambda_reg != AUTO:
+        return float(lambda_reg), "absolute"
+    if ridge is not None:
+        return regularization.auto_lambda(gram_matrix, ridge, tolerance=tolerance), "implied ridge"
+    rule = f"{AUTO_LAMBDA_FRACTION:g}·trace/N"
+    return auto_lambda_from(float(np.trace(gram_matrix)), num_examples, 10.0 * tolerance), rule
+
+
+def _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds: dict[str, int], ridge=None) -> KernelSolve:
     """The eigendecomposition path: exact rank detection, λ = 0 allowed on a full-rank Gram."""
     spec = spectrum(gram_matrix, noise)
     k = spec.eigenvalues.shape[0]
-    lam = auto_lambda(spec, num_examples) if lambda_reg == AUTO else float(lambda_reg)
+    lam, rule = choose_lambda(gram_matrix, lambda_reg, num_examples, spec.tolerance, ridge)
     if (spec.rank < k or min(bounds.values()) < k) and lam <= spec.tolerance:
         raise _singular_error(spec, lambda_reg, bounds, num_examples)
     shifted = np.clip(spec.eigenvalues, 0.0, None) + lam
     inverse = (spec.eigenvectors / shifted) @ spec.eigenvectors.T
     condition = float(shifted[-1] / shifted[0]) if shifted[0] > 0 else float("inf")
-    return KernelSolve(inverse, lam, spec.rank, condition, 1.0, spec, "eigh")
+    return KernelSolve(inverse, lam, spec.rank, condition, 1.0, spec, "eigh", rule)
 
 
 def solve(
@@ -308,6 +326,7 @@ def solve(
     storage_dtype=np.float32,
     method: str = "auto",
     num_features: int | None = None,
+    ridge: regularization.RidgeStatistics | None = None,
 ) -> KernelSolve:
     """(ΦᵀΦ + λI)⁻¹ in float64: a Cholesky factorization where λ is well above the Gram's noise,
     else an eigendecomposition with rank detection.
@@ -335,6 +354,8 @@ def solve(
         that need the spectrum).
       num_features: K_fac for the factorized family (features are a linear map of K_fac
         numbers, which also bounds the rank), likewise.
+      ridge: the checkpoint's :class:`~trakjax.regularization.RidgeStatistics`: with them
+        ``"auto"`` is the implied-ridge rule (:func:`choose_lambda`).
 
     Returns:
       :class:`KernelSolve`.
@@ -352,15 +373,13 @@ def solve(
     kernel = None
     if method == "auto" and lambda_reg != 0.0:
         top = largest_eigenvalue(gram_matrix)
-        floor = CHOLESKY_NOISE_MARGIN * noise * top
-        lam = (auto_lambda_from(float(np.trace(gram_matrix)), num_examples, floor) if lambda_reg == AUTO
-               else float(lambda_reg))
-        inverse = _cholesky_inverse(gram_matrix, lam) if lam >= floor else None
+        lam, rule = choose_lambda(gram_matrix, lambda_reg, num_examples, noise * top, ridge)
+        inverse = _cholesky_inverse(gram_matrix, lam) if lam >= CHOLESKY_NOISE_MARGIN * noise * top else None
         if inverse is not None:
-            kernel = KernelSolve(inverse, lam, None, (top + lam) / lam, 1.0, None, "cholesky")
+            kernel = KernelSolve(inverse, lam, None, (top + lam) / lam, 1.0, None, "cholesky", rule)
     if kernel is None:
         bounds = _rank_bounds(gram_matrix.shape[0], num_examples, num_params, num_features)
-        kernel = _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds)
+        kernel = _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds, ridge)
     if reference_compat:
         scale = float(np.abs(kernel.inverse).mean())
         kernel = kernel._replace(inverse=kernel.inverse / scale, scale=scale)

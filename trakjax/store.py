@@ -10,6 +10,8 @@ by plain ``numpy.load``; docs/design.md, "The store")::
     models/<model_id>/grads.npy         (N, k) projected train gradients Φ, storage dtype
     models/<model_id>/out_to_loss.npy   (N,) float32 out-to-loss terms q
     models/<model_id>/done.npy          (N,) uint8, 1 where row i of Φ and q is written
+    models/<model_id>/output_shift.npy  (N,) float32 f − f₀ (output minus an untrained model's),
+    models/<model_id>/curvature.npy     (N,) float32 h = ∂²L/∂f²: what lambda_reg="auto" reads
     models/<model_id>/features.npy      (N, k) F = Φ (ΦᵀΦ + λI)⁻¹, storage dtype (once finalized)
     experiments/<name>/experiment.json  number of targets, their fingerprint, scored model_ids,
                                         the model_ids of the finished score matrix
@@ -98,6 +100,8 @@ LOCK_FILE = ".lock"
 DONE_DTYPE = np.dtype(np.uint8)
 OUT_TO_LOSS_DTYPE = np.dtype(np.float32)
 SCORES_DTYPE = np.dtype(np.float32)
+RIDGE_FILES = ("output_shift.npy", "curvature.npy")
+"""Per training example, f − f₀ and h for ``lambda_reg="auto"`` (absent in trakjax 0.1 stores)."""
 _EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
@@ -182,7 +186,7 @@ _STORE_SCHEMA = {
     "train_fingerprint?": (None, _STR),
 }
 _FINALIZED = {"lambda_reg": _REAL, "rank": (None, _INT), "condition": (_REAL, _STR), "scale": _REAL,
-              "method?": _STR}
+              "method?": _STR, "lambda_rule?": _STR}
 _MODEL_SCHEMA = {"model_id": _INT, "fingerprint": _STR, "finalized": (None, _FINALIZED)}
 _SCORES_RECORD = {"model_ids": [_INT], "block_rows": _INT, "complete": _BOOL}
 _EXPERIMENT_SCHEMA = {
@@ -222,13 +226,16 @@ class TrainArrays(NamedTuple):
     """One checkpoint's train-side arrays (memory maps).
 
     ``grads`` is Φ (N, k) viewed in the storage dtype, ``out_to_loss`` q (N,) float32, ``done``
-    the (N,) uint8 mask; ``files`` the raw memory maps to flush.
+    the (N,) uint8 mask; ``files`` the raw memory maps to flush; ``output_shift`` f − f₀ and
+    ``curvature`` h (N,) float32 for ``lambda_reg="auto"`` (None in stores of trakjax 0.1).
     """
 
     grads: np.ndarray
     out_to_loss: np.memmap
     done: np.memmap
     files: tuple
+    output_shift: np.memmap | None = None
+    curvature: np.memmap | None = None
 
 
 class TargetArrays(NamedTuple):
@@ -420,6 +427,9 @@ class Store:
             check_array_file(folder / "grads.npy", (n, k), storage)
             check_array_file(folder / "out_to_loss.npy", (n,), OUT_TO_LOSS_DTYPE)
             check_array_file(folder / "done.npy", (n,), DONE_DTYPE)
+            for name in RIDGE_FILES:
+                if (folder / name).exists():
+                    check_array_file(folder / name, (n,), OUT_TO_LOSS_DTYPE)
             if info.get("finalized"):
                 check_array_file(folder / "features.npy", (n, k), storage)
         for name in self.experiment_names():
@@ -547,6 +557,8 @@ class Store:
             create_array(folder / "done.npy", (n,), DONE_DTYPE)
             create_array(folder / "grads.npy", (n, k), file_dtype(self.storage_dtype))
             create_array(folder / "out_to_loss.npy", (n,), OUT_TO_LOSS_DTYPE)
+            for name in RIDGE_FILES:
+                create_array(folder / name, (n,), OUT_TO_LOSS_DTYPE)
             write_json_atomic(
                 folder / "model.json", {"model_id": model_id, "fingerprint": weights, "finalized": None}
             )
@@ -567,7 +579,9 @@ class Store:
         grads = open_array(folder / "grads.npy", (n, k), file_dtype(self.storage_dtype), mode)
         q = open_array(folder / "out_to_loss.npy", (n,), OUT_TO_LOSS_DTYPE, mode)
         done = open_array(folder / "done.npy", (n,), DONE_DTYPE, mode)
-        return TrainArrays(storage_view(grads, self.storage_dtype), q, done, (grads, q))
+        ridge = [open_array(folder / name, (n,), OUT_TO_LOSS_DTYPE, mode) if (folder / name).exists() else None
+                 for name in RIDGE_FILES]
+        return TrainArrays(storage_view(grads, self.storage_dtype), q, done, (grads, q), *ridge)
 
     def missing_train(self, model_id: int) -> np.ndarray:
         """Indices of training examples not yet featurized for ``model_id``, ascending."""
@@ -576,9 +590,14 @@ class Store:
 
     @staticmethod
     def write_train_rows(arrays: TrainArrays, indices: np.ndarray, features: np.ndarray,
-                         out_to_loss: np.ndarray) -> None:
-        """Write rows of Φ and q into ``arrays`` (opened ``r+``), flush, then mark them done."""
-        write_rows([(arrays.grads, features), (arrays.out_to_loss, out_to_loss)], arrays.done, indices)
+                         out_to_loss: np.ndarray, output_shift=None, curvature=None) -> None:
+        """Write rows of Φ and q (and f − f₀ and h where the store keeps them) into ``arrays``
+        (opened ``r+``), flush, then mark them done."""
+        data = [(arrays.grads, features), (arrays.out_to_loss, out_to_loss)]
+        for array, values in ((arrays.output_shift, output_shift), (arrays.curvature, curvature)):
+            if array is not None:
+                data.append((array, np.zeros(len(indices), np.float32) if values is None else values))
+        write_rows(data, arrays.done, indices)
 
     def is_finalized(self, model_id: int) -> bool:
         return bool(self.model_info(model_id).get("finalized"))

@@ -53,6 +53,12 @@ class Task(NamedTuple):
       validate: optional ``(params, batch) -> None`` host-side check of one batch (shapes, label
         ranges); raises ``ValueError`` with the function, shapes and valid range.
       name: a short name for messages.
+      ridge_terms: optional ``(params, batch, state, q) -> (f₀ (B,), h (B,))``: the output an
+        untrained model gives each example (for a margin, its value at uniform probabilities)
+        and the loss curvature h = ∂²L/∂f² at the checkpoint, what ``lambda_reg="auto"``'s
+        implied-ridge rule reads (:mod:`trakjax.regularization`). Computed from shapes and q
+        (no extra model pass) by the ready-made tasks; ``None``: ``"auto"`` falls back to
+        0.3·trace(ΦᵀΦ)/N.
     """
 
     output: Callable[..., jax.Array]
@@ -61,6 +67,7 @@ class Task(NamedTuple):
     uses_key: bool = False
     validate: Callable[..., None] | None = None
     name: str = "custom"
+    ridge_terms: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
 
 def describe_shapes(tree) -> str:
@@ -137,6 +144,24 @@ def _check_pair(name: str, batch, first: str, second: str) -> None:
         )
 
 
+def logistic_curvature(q: jax.Array) -> jax.Array:
+    """h = q(1 − q): ∂²L/∂f² of the logistic loss L = log(1 + e^{−f}) at Q = −∂L/∂f = 1 − p."""
+    return q * (1.0 - q)
+
+
+def margin_ridge_terms(apply_fn: Callable, inputs_of: Callable = lambda batch: batch[0]) -> Callable:
+    """``ridge_terms`` of a C-class margin task: f₀ = −log(C − 1), the margin at uniform
+    probabilities (C read from the logits' shape, no model pass), and h = q(1 − q)."""
+
+    def ridge_terms(params, batch, state, q):
+        del state
+        num_classes = jax.eval_shape(apply_fn, params, inputs_of(batch)).shape[-1]
+        offset = -jnp.log(jnp.float32(max(num_classes - 1, 1)))
+        return jnp.full(q.shape, offset, jnp.float32), logistic_curvature(q)
+
+    return ridge_terms
+
+
 def classification_margin(logits: jax.Array, label) -> jax.Array:
     """logit[y] − logsumexp(logits without y) = log p/(1 − p), for one (C,) logit vector."""
     others = jnp.where(jnp.arange(logits.shape[-1]) == label, -jnp.inf, logits)
@@ -178,7 +203,8 @@ def image_classification(
         _check_pair("image_classification", batch, "images", "labels")
         _label_range_check("image_classification", apply_fn, params, batch[0], batch[1])
 
-    return Task(output, out_to_loss, validate=validate, name="image_classification")
+    return Task(output, out_to_loss, validate=validate, name="image_classification",
+                ridge_terms=margin_ridge_terms(apply_fn))
 
 
 def _check_logits_rank(name: str, logits, expected: str, ok: bool, inputs) -> None:
@@ -232,7 +258,7 @@ def text_classification(
         _check_pair(name, batch, "inputs", "labels")
         _label_range_check(name, apply_fn, params, batch[0], batch[1], what="inputs")
 
-    return Task(output, out_to_loss, validate=validate, name=name)
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=margin_ridge_terms(apply_fn))
 
 
 # --------------------------------------------------------------------------- binary classification
@@ -304,7 +330,11 @@ def binary_classification(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         _scalar_per_example(name, "apply_fn(params, x)", logits.shape, size, x, "x")
         _binary_labels(name, labels, size)
 
-    return Task(output, out_to_loss, validate=validate, name=name)
+    def ridge_terms(params, batch, state, q):  # the signed logit of an untrained model: 0
+        del params, batch, state
+        return jnp.zeros(q.shape, jnp.float32), logistic_curvature(q)
+
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms)
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -419,7 +449,15 @@ def clip(
         _clip_check_shapes(batch[0], batch[1], output_shape(image_fn, params, batch[0]).shape,
                            output_shape(text_fn, params, batch[1]).shape, _batch_size(batch))
 
-    return Task(output, out_to_loss, init=init, uses_key=True, validate=validate, name=name)
+    def ridge_terms(params, batch, state, q):
+        # f₀: both margins at uniform scores, −log n each; h: moving f by δ moves each margin by
+        # δ/2, so d²L/df² = (p₁(1 − p₁) + p₂(1 − p₂))/4 ≈ q(1 − q)/2.
+        del params, batch, state
+        offset = jnp.float32(-2.0 * np.log(n_negatives))
+        return jnp.full(q.shape, offset, jnp.float32), logistic_curvature(q) / 2.0
+
+    return Task(output, out_to_loss, init=init, uses_key=True, validate=validate, name=name,
+                ridge_terms=ridge_terms)
 
 
 def _batch_size(batch) -> int:
@@ -528,7 +566,17 @@ def language_modeling(
     def validate(params, batch):
         _check_token_batch(apply_fn, params, batch, ids_key, mask_key)
 
-    return Task(output, out_to_loss, validate=validate, name=name)
+    def ridge_terms(params, batch, state, q):
+        del state
+        vocab = jax.eval_shape(apply_fn, params, batch).shape[-1]
+        _, mask = _ids_and_mask(batch, ids_key, mask_key)
+        counted = jnp.sum(mask[:, 1:] * mask[:, :-1], axis=1)
+        # f₀: each counted margin at uniform probabilities, −log(V − 1); h = d²L/df² along the
+        # direction that moves every counted margin by δ/T: mean_t p_t(1 − p_t)/T ≈ q(1 − q)/T.
+        offset = -counted * jnp.log(jnp.float32(max(vocab - 1, 1)))
+        return offset.astype(jnp.float32), logistic_curvature(q) / jnp.maximum(counted, 1.0)
+
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms)
 
 
 def _ids_and_mask(inputs, ids_key: str, mask_key: str):
@@ -654,7 +702,11 @@ def regression(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         pred = output_shape(apply_fn, params, x)
         _scalar_per_example(name, "apply_fn(params, x)", pred.shape, size, x, "x")
 
-    return Task(output, out_to_loss, validate=validate, name=name)
+    def ridge_terms(params, batch, state, q):  # squared error: h = 1; an untrained model predicts about 0
+        del params, batch, state
+        return jnp.zeros(q.shape, jnp.float32), jnp.ones(q.shape, jnp.float32)
+
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms)
 
 
 def from_loss(
@@ -665,6 +717,7 @@ def from_loss(
     uses_key: bool = False,
     validate: Callable[..., None] | None = None,
     name: str = "from_loss",
+    output_offset: float | None = None,
 ) -> Task:
     """A task whose Q is derived by autodiff: Q = −∂L/∂f, with L written as a function of f.
 
@@ -676,17 +729,31 @@ def from_loss(
         the output scalar f (e.g. ``lambda f, ex, s: jnp.log1p(jnp.exp(-f))`` for
         classification with the margin output).
       init, uses_key, validate, name: as in :class:`Task`.
+      output_offset: f₀, the output an untrained model gives (e.g. −log(C − 1) for a C-class
+        margin). With it, the task has ``ridge_terms`` for ``lambda_reg="auto"``'s implied-ridge
+        rule, the curvature h = ∂²L/∂f² by autodiff (which evaluates the output once more per
+        example); without it, ``"auto"`` uses 0.3·trace(ΦᵀΦ)/N.
     """
 
-    def out_to_loss(params, batch, state):
+    def per_example(params, batch, state, fn):
         def one(example, key):
             example_state = TaskState(state.aux, key)
-            f = output(params, example, example_state)
-            return -jax.grad(loss)(f, example, example_state)
+            return fn(output(params, example, example_state), example, example_state)
 
-        keys = state.key
-        if keys is None:
+        if state.key is None:
             return jax.vmap(lambda ex: one(ex, None))(batch)
-        return jax.vmap(one)(batch, keys)
+        return jax.vmap(one)(batch, state.key)
 
-    return Task(output, out_to_loss, init=init, uses_key=uses_key, validate=validate, name=name)
+    def out_to_loss(params, batch, state):
+        return per_example(params, batch, state, lambda f, ex, st: -jax.grad(loss)(f, ex, st))
+
+    ridge_terms = None
+    if output_offset is not None:
+        offset = jnp.float32(float(output_offset))
+
+        def ridge_terms(params, batch, state, q):
+            curvature = per_example(params, batch, state, jax.grad(jax.grad(loss)))
+            return jnp.full(q.shape, offset, jnp.float32), curvature.astype(jnp.float32)
+
+    return Task(output, out_to_loss, init=init, uses_key=uses_key, validate=validate, name=name,
+                ridge_terms=ridge_terms)

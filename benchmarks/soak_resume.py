@@ -52,7 +52,7 @@ PROJ_DIM = 32
 BATCH = 16
 NUM_MODELS = 2
 EXPERIMENT = "soak"
-ARRAYS = ("grads.npy", "out_to_loss.npy", "done.npy", "features.npy")
+ARRAYS = ("grads.npy", "out_to_loss.npy", "output_shift.npy", "curvature.npy", "done.npy", "features.npy")
 
 
 # --------------------------------------------------------------------------- the worker

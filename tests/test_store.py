@@ -67,17 +67,20 @@ def test_metadata_survives_sigkill_during_rewrites(tmp_path):
     code = (
         "import sys; from trakjax.store import write_json_atomic\n"
         "import pathlib; p = pathlib.Path(sys.argv[1]); i = 0\n"
-        "print('ready', flush=True)\n"
+        "def write(i): write_json_atomic(p, {'i': i, 'pad': 'x' * (1000 + 997 * (i % 300))})\n"
+        "write(i); i += 1\n"
+        "print('ready', flush=True)  # the file exists from here on\n"
         "while True:\n"
-        "    write_json_atomic(p, {'i': i, 'pad': 'x' * (1000 + 997 * (i % 300))}); i += 1\n"
+        "    write(i); i += 1\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "ready"
-    seen = set()
-    for _ in range(20):
+    seen, reads, deadline = set(), 0, time.monotonic() + 30.0
+    while (reads < 20 or len(seen) < 2) and time.monotonic() < deadline:
         time.sleep(0.02)
         content = json.loads(path.read_text())  # whole at every moment, never partial
         seen.add(content["i"])
+        reads += 1
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     content = json.loads(path.read_text())

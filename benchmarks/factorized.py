@@ -266,6 +266,7 @@ def lds(args) -> None:
     from trakjax import evaluation, tasks
 
     sys.path.insert(0, str(HERE))
+    from lambda_rules import Conv3x3
     from lds_digits import LR, MLP, Halves, digits
 
     def cnn(conv):
@@ -281,21 +282,9 @@ def lds(args) -> None:
 
         return SmallCNN()
 
-    class Conv(nn.Module):
-        """nn.Conv(features, (3, 3)) as patches × kernel: the same layer and parameters (named
-        Conv_i, kernel (3, 3, C_in, C_out), bias), which XLA's CPU backend runs much faster than a
-        convolution once retraining vmaps it over hundreds of models."""
-
-        features: int
-
-        @nn.compact
-        def __call__(self, x):
-            c_in, (h, w) = x.shape[-1], x.shape[1:3]
-            kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c_in, self.features))
-            bias = self.param("bias", nn.initializers.zeros, (self.features,))
-            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            patches = jnp.concatenate([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
-            return patches @ kernel.reshape(9 * c_in, self.features) + bias
+    class Conv(Conv3x3):
+        """lambda_rules' patch-matmul 3×3 convolution, named like nn.Conv (Conv_i), so that its
+        parameters are an nn.Conv's."""
 
     train, targets = digits(1000)
     rows = []

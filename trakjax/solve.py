@@ -255,10 +255,10 @@ def _cholesky_inverse(gram_matrix: np.ndarray, lam: float) -> np.ndarray | None:
     lower, info = lapack.dpotrf(shifted, lower=True, clean=False, overwrite_a=True)
     if info == 0:
         inverse, info = lapack.dpotri(lower, lower=True, overwrite_c=True)
-    if info > 0:  # a leading minor is not positive definite
+    if info < 0:  # an argument LAPACK rejects: a bug here, not a property of G
+        raise RuntimeError(f"LAPACK rejected argument {-info} of the Cholesky inverse of a {k}×{k} matrix")
+    if info > 0:  # not positive definite (potrf), or a zero pivot (potri)
         return None
-    if info < 0:
-        raise RuntimeError(f"LAPACK rejected argument {-info} of a (k, k) = {(k, k)} Cholesky")
     inverse = np.tril(inverse)  # potri fills the lower triangle only
     inverse += np.tril(inverse, -1).T
     return inverse

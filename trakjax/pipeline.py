@@ -26,6 +26,7 @@ import numpy as np
 
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
+from trakjax import memory_limits
 from trakjax import regularization
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
@@ -129,6 +130,18 @@ def check_targets_fit(task: Task, params, train, targets) -> None:
     """
     if callable(train) or callable(targets) or task.init is not None:
         return
+    key = jax.random.key(0) if task.uses_key else None
+    train_example = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), train)
+    try:
+        jax.eval_shape(lambda p, z: task.output(p, z, TaskState(None, key)), params, train_example)
+    except Exception as err:  # noqa: BLE001  (any failure to trace is the inputs' misfit)
+        lines = str(err).strip().splitlines()
+        raise InvalidArgumentError(
+            f"train does not fit the model: one training example has shapes {_example_shapes(train)}, "
+            f"which task {task.name!r}'s output rejects with these parameters ({type(err).__name__}: "
+            f"{lines[0] if lines else ''}); nothing was computed"
+        ) from err
     same_structure = jax.tree_util.tree_structure(train) == jax.tree_util.tree_structure(targets)
     if same_structure and all(
         np.shape(a)[1:] == np.shape(b)[1:]
@@ -240,6 +253,8 @@ def solved_checkpoints(
     bar = progress_bar(len(checkpoints), "checkpoints", "checkpoint", config.run.progress)
     for params, model_id in zip(checkpoints, model_ids, strict=True):
         checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)
+        plan = checkpoint.spec.plan
+        memory_limits.check_solve_memory(checkpoint.proj_dim, k_fac=None if plan is None else plan.k_fac)
         train_features = _featurize_share(task, checkpoint, share, start, config.run.batch_size)
         phi = round_to(train_features.features, storage)
         num_params = checkpoint.layout.total

@@ -26,8 +26,7 @@ import numpy as np
 
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
-from trakjax import memory_limits
-from trakjax import regularization
+from trakjax import memory_limits, regularization
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax.config import Config, ResultSettings

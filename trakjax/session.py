@@ -191,6 +191,7 @@ class TRAKer:
                 self.seed = self.config.result.seed
                 self.storage = self.config.result.storage_dtype
             self._store = store_lib.Store.open(self.save_dir, self._store_config())
+        self._had_results = bool(self._store is not None and self._store.model_ids())
         self._example = None if init_data is None else featurize_lib.one_example(init_data)
         self._pending: tuple | None = None  # a load or scoring start waiting for an example
         self._checkpoint: featurize_lib.Checkpoint | None = None
@@ -235,7 +236,7 @@ class TRAKer:
                 f"the store at {store.root} records the task's fingerprint traced by {others}, this is "
                 f"{versions}: the task could not be compared (jaxprs print differently across "
                 "releases); recording this version's fingerprint", stacklevel=4)
-        elif store.model_ids():
+        elif self._had_results:
             warnings.warn(
                 f"the store at {store.root} records no fingerprint of its task (written by an "
                 "earlier trakjax): the task could not be compared; recording it now", stacklevel=4)
@@ -801,6 +802,7 @@ class TRAKer:
         logger.warning("inputs changed (%s); discarding the store's results", "; ".join(changes))
         if jax.process_index() == 0:
             self.store.clear()
+        self._had_results = False
         if jax.process_count() > 1:
             _barrier("trakjax run: store cleared")
 

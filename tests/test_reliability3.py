@@ -61,7 +61,7 @@ def write_metadata(root, record) -> None:
 def test_task_fingerprints_agree_across_two_processes():
     here = tiny.fingerprint()
     runs = [child("fingerprint") for _ in range(2)]
-    for code, out, err in runs:
+    for code, _, err in runs:
         assert code == 0, err
     assert [json.loads(out) for _, out, _ in runs] == [here, here]
 

@@ -4,7 +4,8 @@ Layout of a store directory (every array is a ``.npy`` file, opened as a memory 
 by plain ``numpy.load``; docs/design.md, "The store")::
 
     trakjax_store.json                  run metadata: the result settings, the parameter layout,
-                                        the training data's fingerprint
+                                        the training data's fingerprint, the task's fingerprints
+                                        by the JAX/Flax versions that traced them
     .lock                               fcntl.flock lock guarding shared metadata
     models/<model_id>/model.json        fingerprint of the weights; solve details once finalized
     models/<model_id>/grads.npy         (N, k) projected train gradients Φ, storage dtype
@@ -40,6 +41,13 @@ Guarantees:
 * Every metadata file is checked against its schema when read, and every array file the
   metadata refers to is checked on open (present, ``.npy`` header, shape, dtype and size): a bad
   file is reported by path.
+* A key the store's configuration lacks reads as the behaviour of the version that wrote it
+  (:mod:`trakjax.store_settings`).
+* :meth:`Store.clear` removes only the files trakjax creates (:mod:`trakjax.manifest`) and
+  refuses, listing them, when it finds others.
+* A store that cannot be written opens read-only: finished results are read, and every write
+  raises :class:`StoreError` naming the directory.
+* A done mask holding values other than 0 and 1 is reported as damage.
 * I/O errors propagate; nothing is swallowed.
 """
 

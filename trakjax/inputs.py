@@ -361,7 +361,7 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
         "data": {key: str(value) for key, value in config.data.items() if not isinstance(value, dict)},
         "picture_targets": list(range(min(8, t))),
         "title": f"trakjax attribute: {config.model}, {len(config.checkpoints)} checkpoints, "
-                 f"k={config.settings.result.requested_dim}",
+                 f"k={traker.config.result.requested_dim}",
     }
     config.output.mkdir(parents=True, exist_ok=True)
     previous = report.read_run_record(config.output, missing_ok=True, check=False)

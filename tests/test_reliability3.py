@@ -287,6 +287,17 @@ def test_a_symlinked_store_or_output_is_refused_under_overwrite(project, tmp_pat
     assert (real / store_lib.METADATA_FILE).is_file()
 
 
+def test_traker_run_overwrite_refuses_a_symlinked_save_dir(finished, tmp_path):
+    real = copy_of(finished, tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    train, targets = tiny.data()
+    traker = trakjax.TRAKer(tiny.task(), tiny.N, link, proj_dim=tiny.PROJ_DIM, lambda_reg=0.1)
+    with pytest.raises(errors.StoreError, match="save_dir .*link is a symbolic link"):
+        traker.run(tiny.checkpoints(), (train[0] + 1, train[1]), targets, overwrite=True)
+    assert (real / "experiments" / "targets" / "scores.npy").is_file()
+
+
 def test_the_manifest_takes_new_names_in_one_call(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest, "_PATTERNS", {k: list(v) for k, v in manifest._PATTERNS.items()})
     (tmp_path / "assets").mkdir()

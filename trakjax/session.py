@@ -52,7 +52,7 @@ import numpy as np
 from trakjax import checkpoints as checkpoints_lib
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
-from trakjax import memory_limits, store_settings, trees
+from trakjax import manifest, memory_limits, store_settings, trees
 from trakjax import scores as scores_lib
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
@@ -799,6 +799,7 @@ class TRAKer:
                 + "\nNothing was changed. Recompute with overwrite=True (trakjax attribute --overwrite), "
                 "or use another save_dir"
             )
+        manifest.check_not_link(self.save_dir, "save_dir")
         logger.warning("inputs changed (%s); discarding the store's results", "; ".join(changes))
         if jax.process_index() == 0:
             self.store.clear()

@@ -117,9 +117,14 @@ def _example_shapes(data) -> str:
     return "{" + ", ".join(f"{jax.tree_util.keystr(p)}: {tuple(np.shape(x)[1:])}" for p, x in leaves) + "}"
 
 
+VALIDATE_ROWS = 256
+"""Training rows :func:`check_targets_fit` runs the task's own ``validate`` on before any work."""
+
+
 def check_targets_fit(task: Task, params, train, targets) -> None:
-    """Raise before any work if the targets' examples do not fit the model as the training
-    examples do.
+    """Raise before any work if the training examples do not fit the model (the task's own
+    ``validate`` on the first rows, then ``task.output`` traced on one example), or the targets'
+    examples do not fit it as the training examples do.
 
     Targets whose pytree structure or per-example shapes differ from the training examples' are
     traced through ``task.output`` once (``jax.eval_shape``, nothing computed); if the model
@@ -133,7 +138,11 @@ def check_targets_fit(task: Task, params, train, targets) -> None:
     train_example = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), train)
     try:
+        if task.validate is not None:  # the task's own checks first (on a first batch's rows)
+            task.validate(params, data_lib.take(train, 0, min(VALIDATE_ROWS, data_lib.num_examples(train))))
         jax.eval_shape(lambda p, z: task.output(p, z, TaskState(None, key)), params, train_example)
+    except ValueError:  # the task's own check (a TrakjaxError or a custom task's ValueError): clear
+        raise
     except Exception as err:  # noqa: BLE001  (any failure to trace is the inputs' misfit)
         lines = str(err).strip().splitlines()
         raise InvalidArgumentError(

@@ -339,7 +339,15 @@ class Store:
         if root.exists() and not root.is_dir():
             raise StoreError(f"save_dir {root} exists and is not a directory")
         if not (root / METADATA_FILE).is_file():
-            root.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                if err.errno not in _READ_ONLY_ERRORS:
+                    raise
+                raise StoreError(
+                    f"cannot create the store at {root}: {err.strerror} (a read-only file system or "
+                    "no write permission); use a writable save_dir"
+                ) from err
         store = cls(root, {})
         store.read_only = not store._writable()
         with store.lock():

@@ -317,6 +317,8 @@ def summary_rows(summary: Mapping | None) -> list[list[str]]:
     rows: list[list[str]] = []
 
     def text(value: Any) -> str:
+        if value is None:
+            return "—"
         if isinstance(value, float):
             return f"{value:.4g}"
         if isinstance(value, list) and len(value) > 6 and all(isinstance(v, int | float) for v in value):

@@ -91,12 +91,12 @@
     return chunkPromises[name];
   }
 
-  function thumbnail(slot) {
+  function thumbnail(slot, side) {
     var images = data.images;
     var canvas = element("canvas", "thumbnail");
     canvas.width = images.width;
     canvas.height = images.height;
-    var scale = THUMBNAIL_PIXELS / Math.max(images.width, images.height);
+    var scale = side / Math.max(images.width, images.height);
     canvas.style.width = Math.round(images.width * scale) + "px";
     canvas.style.height = Math.round(images.height * scale) + "px";
     var chunk = Math.floor(slot / images.per_chunk);
@@ -131,7 +131,7 @@
   function contentNode(split, index, slot, pending) {
     if (data.kind === "image") {
       if (slot === undefined || slot < 0) { return element("span", "no-thumbnail", "(no thumbnail: size budget)"); }
-      var made = thumbnail(slot);
+      var made = thumbnail(slot, split === "target" ? 2 * THUMBNAIL_PIXELS : THUMBNAIL_PIXELS);
       pending.push(made.promise);
       return made.node;
     }
@@ -332,17 +332,17 @@
       " proponents and opponents each; inputs shown as " + shown +
       (data.images && data.images.step > 1 ? " (every " + data.images.step + "th pixel)" : "")));
     if (data.summary.length) {
-      var table = element("table", "summary");
+      var list = element("dl", "summary");
       data.summary.forEach(function (row) {
-        var tr = element("tr");
-        tr.appendChild(element("th", null, row[0]));
-        tr.appendChild(element("td", null, row[1]));
-        table.appendChild(tr);
+        var pair = element("div");
+        pair.appendChild(element("dt", null, row[0]));
+        pair.appendChild(element("dd", null, row[1]));
+        list.appendChild(pair);
       });
       var details = element("details");
-      details.open = data.summary.length <= 12;
+      details.open = true;
       details.appendChild(element("summary", null, "run summary"));
-      details.appendChild(table);
+      details.appendChild(list);
       header.appendChild(details);
     }
   }
@@ -377,8 +377,8 @@
     sort.id = "sort";
     option(sort, "index", "target index");
     option(sort, "label", "label");
-    option(sort, "top", "top proponent's score (highest first)");
-    option(sort, "total", "Σ|scores| of the listed examples (highest first)");
+    option(sort, "top", "top proponent's score");
+    option(sort, "total", "Σ|scores| (listed examples)");
     sort.addEventListener("change", function () { state.order = sort.value; render(); });
     var sortLabel = element("label", null, "sort by ");
     sortLabel.appendChild(sort);

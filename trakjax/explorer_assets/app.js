@@ -279,6 +279,7 @@
       var at = view.findIndex(function (t) { return t.t === state.focus; });
       if (at < 0) {
         state.label = "";
+        state.train = null;
         document.getElementById("label-filter").value = "";
         view = currentView();
         at = view.findIndex(function (t) { return t.t === state.focus; });
@@ -291,7 +292,7 @@
       var earlier = element("button", "earlier", earlierText());
       earlier.id = "earlier";
       earlier.type = "button";
-      earlier.addEventListener("click", prependBatch);
+      earlier.addEventListener("click", guarded(function () { prependBatch().catch(reportError); }));
       container.appendChild(earlier);
     }
     var sentinel = element("div", "more", "");
@@ -299,9 +300,11 @@
     container.appendChild(sentinel);
     var done = appendBatch();
     if (window.IntersectionObserver) {
-      observer = new IntersectionObserver(function (entries) {
-        if (entries.some(function (e) { return e.isIntersecting; }) && shownTo < view.length) { appendBatch(); }
-      }, { rootMargin: "600px" });
+      observer = new IntersectionObserver(guarded(function (entries) {
+        if (entries.some(function (e) { return e.isIntersecting; }) && shownTo < view.length) {
+          appendBatch().catch(reportError);
+        }
+      }), { rootMargin: "600px" });
       observer.observe(sentinel);
     }
     done.then(function () {
@@ -309,16 +312,38 @@
         var focused = document.getElementById("target-" + state.focus);
         if (focused) { focused.scrollIntoView(); }
       }
-      document.body.setAttribute("data-ready", "1");
-    });
+    }, reportError).then(function () { document.body.setAttribute("data-ready", "1"); });
   }
 
+  // The view is the URL's hash: #target=J (J first), #train=I (the targets I is listed for),
+  // sort=index|label|top|total, label=Y; e.g. #sort=total&label=3.
+  var ORDERS = ["index", "label", "top", "total"];
+
   function fromHash() {
-    var match = /^#(target|train)=(-?\d+)$/.exec(window.location.hash);
-    state.focus = match && match[1] === "target" ? Number(match[2]) : null;
-    state.train = match && match[1] === "train" ? Number(match[2]) : null;
-    document.getElementById("clear").hidden = state.train === null && state.focus === null;
+    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    var number = function (name) {
+      var value = params.get(name);
+      return value !== null && /^-?\d+$/.test(value) ? Number(value) : null;
+    };
+    state.focus = number("target");
+    state.train = number("train");
+    state.order = ORDERS.indexOf(params.get("sort")) >= 0 ? params.get("sort") : "index";
+    state.label = params.get("label") || "";
+    document.getElementById("sort").value = state.order;
+    document.getElementById("label-filter").value = state.label;
+    document.getElementById("clear").hidden = window.location.hash.length <= 1;
     render();
+  }
+
+  function setHash(changes) {
+    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    params.delete("target");
+    Object.keys(changes).forEach(function (name) {
+      if (changes[name] === null || changes[name] === "") { params.delete(name); }
+      else { params.set(name, String(changes[name])); }
+    });
+    var hash = params.toString();
+    if (hash === window.location.hash.replace(/^#/, "")) { fromHash(); } else { window.location.hash = hash; }
   }
 
   // ---------------------------------------------------------------- header and controls
@@ -358,20 +383,20 @@
     var find = element("input");
     find.type = "search";
     find.id = "find";
-    find.placeholder = "target index or label";
+    find.placeholder = "target index, or label:y";
     var findLabel = element("label", null, "find ");
     findLabel.appendChild(find);
     nav.appendChild(findLabel);
-    find.addEventListener("change", function () {
+    find.addEventListener("change", guarded(function () {
       var text = find.value.trim();
-      if (/^\d+$/.test(text) && byIndex.has(Number(text))) {
-        window.location.hash = "#target=" + text;
+      var label = /^label\s*[:=]?\s*(.*)$/.exec(text);
+      if (/^\d+$/.test(text)) {
+        if (byIndex.has(Number(text))) { setHash({ train: null, label: null, target: Number(text) }); }
+        else { statusLine.textContent = "there is no target " + text; }
       } else if (text !== "") {
-        state.label = text;
-        labels.value = text;
-        render();
+        setHash({ label: label ? label[1] : text });
       }
-    });
+    }));
 
     var sort = element("select");
     sort.id = "sort";
@@ -379,7 +404,7 @@
     option(sort, "label", "label");
     option(sort, "top", "top proponent's score");
     option(sort, "total", "Σ|scores| (listed examples)");
-    sort.addEventListener("change", function () { state.order = sort.value; render(); });
+    sort.addEventListener("change", guarded(function () { setHash({ sort: sort.value === "index" ? null : sort.value }); }));
     var sortLabel = element("label", null, "sort by ");
     sortLabel.appendChild(sort);
     nav.appendChild(sortLabel);
@@ -389,7 +414,7 @@
     option(labels, "", "all labels");
     var distinct = Array.from(new Set(targets.map(function (t) { return t.label; }))).filter(Boolean).sort();
     distinct.slice(0, 1000).forEach(function (l) { option(labels, l, l); });
-    labels.addEventListener("change", function () { state.label = labels.value; render(); });
+    labels.addEventListener("change", guarded(function () { setHash({ label: labels.value }); }));
     var labelsLabel = element("label", null, "label ");
     labelsLabel.appendChild(labels);
     nav.appendChild(labelsLabel);
@@ -397,17 +422,33 @@
     var clear = element("button", null, "show all targets");
     clear.id = "clear";
     clear.type = "button";
-    clear.addEventListener("click", function () {
+    clear.addEventListener("click", guarded(function () {
       find.value = "";
-      if (window.location.hash) { window.location.hash = ""; } else { fromHash(); }
-    });
+      if (window.location.hash.length > 1) { window.location.hash = ""; } else { fromHash(); }
+    }));
     nav.appendChild(clear);
   }
 
-  data.asset_dir = data.asset_dir || "explorer";
-  document.body.classList.add("kind-" + data.kind);
-  renderSummary();
-  renderControls();
-  window.addEventListener("hashchange", fromHash);
-  fromHash();
+  // Errors of a file:// script reach window.onerror only as "Script error.": report them here,
+  // with their message and stack, into #trakjax-errors.
+  function reportError(error) {
+    window.trakjaxReportError("error: " + (error && error.stack ? error.stack : String(error)));
+  }
+
+  function guarded(handler) {
+    return function (event) {
+      try { handler(event); } catch (error) { reportError(error); }
+    };
+  }
+
+  try {
+    data.asset_dir = data.asset_dir || "explorer";
+    document.body.classList.add("kind-" + data.kind);
+    renderSummary();
+    renderControls();
+    window.addEventListener("hashchange", guarded(fromHash));
+    fromHash();
+  } catch (error) {
+    reportError(error);
+  }
 })();

@@ -228,8 +228,8 @@ def demo_page(tmp_path_factory):
     from trakjax import demo
 
     out = tmp_path_factory.mktemp("explorer") / "demo"
-    settings = demo.DemoSettings(out=out, checkpoints=2, proj_dim=64, train_size=200, num_targets=8,
-                                 hidden=16, steps=100, batch_size=100, top_k=5, lds_subsets=4)
+    settings = demo.DemoSettings(out=out, checkpoints=3, proj_dim=128, train_size=400, num_targets=8,
+                                 hidden=32, steps=200, batch_size=200, top_k=5, lds_subsets=4)
     demo.run(settings, quiet=True, log=lambda text: None)
     return out
 

@@ -300,7 +300,8 @@ def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], Non
 
 def explorer_summary(summary: dict) -> dict:
     """What the explorer shows on top: settings, accuracy, LDS and seconds per stage."""
-    return {key: summary[key] for key in ("settings", "accuracy", "lds", "seconds")}
+    settings = {key: value for key, value in summary["settings"].items() if key != "out"}
+    return {"settings": settings, **{key: summary[key] for key in ("accuracy", "lds", "seconds")}}
 
 
 def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, quiet: bool) -> dict:

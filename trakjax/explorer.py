@@ -99,18 +99,11 @@ def _token_array(inputs: Any) -> Any:
 
 
 def referenced_train(records: Sequence[Mapping]) -> np.ndarray:
-    """(R,) int64 train indices listed in ``records``, in order of first appearance by rank
-    (rank 1 of every target, then rank 2, …; proponents before opponents)."""
-    if not records:
-        return np.zeros(0, np.int64)
-    columns = [[e["train_index"] for e in r["proponents"]] + [e["train_index"] for e in r["opponents"]]
-               for r in records]
-    width = max(len(c) for c in columns)
-    grid = np.full((len(columns), width), -1, np.int64)
-    for j, column in enumerate(columns):
-        grid[j, : len(column)] = column
-    flat = grid.T.reshape(-1)
-    flat = flat[flat >= 0]
+    """(R,) int64 train indices listed in ``records``, in order of first appearance: target by
+    target, proponents then opponents by rank (so the thumbnails of the first targets, which the
+    page shows first, lie together in the first chunks)."""
+    listed = [e["train_index"] for r in records for name in ("proponents", "opponents") for e in r[name]]
+    flat = np.asarray(listed, np.int64)
     _, first = np.unique(flat, return_index=True)
     return flat[np.sort(first)]
 
@@ -338,6 +331,32 @@ def summary_rows(summary: Mapping | None) -> list[list[str]]:
     return rows
 
 
+def summary_headline(summary: Mapping | None) -> list[str]:
+    """The key figures of a run summary, each a short phrase: accuracy (``accuracy`` a number or
+    a dict with ``ensemble`` or ``mean``), LDS (``lds`` a number or a dict with ``mean`` and
+    optionally ``ci_low``, ``ci_high``, ``confidence``) and the total of ``seconds``."""
+    summary = dict(summary or {})
+    phrases = []
+    accuracy = summary.get("accuracy")
+    if isinstance(accuracy, Mapping):
+        which = "ensemble" if isinstance(accuracy.get("ensemble"), int | float) else "mean"
+        accuracy = accuracy.get(which)
+    if isinstance(accuracy, int | float) and not isinstance(accuracy, bool):
+        phrases.append(f"accuracy {accuracy:.3f}")
+    lds = summary.get("lds")
+    if isinstance(lds, Mapping) and isinstance(lds.get("mean"), int | float):
+        text = f"LDS {lds['mean']:.3f}"
+        if all(isinstance(lds.get(key), int | float) for key in ("ci_low", "ci_high", "confidence")):
+            text += f" ({lds['confidence']:.0%} CI {lds['ci_low']:.3f} .. {lds['ci_high']:.3f})"
+        phrases.append(text)
+    elif isinstance(lds, int | float) and not isinstance(lds, bool):
+        phrases.append(f"LDS {lds:.3f}")
+    seconds = summary.get("seconds")
+    if isinstance(seconds, Mapping) and seconds:
+        phrases.append(f"{sum(float(v) for v in seconds.values()):.1f} s in all")
+    return phrases
+
+
 def page_data(
     records: Sequence[Mapping], *, kind: str, train_inputs: Any = None, target_inputs: Any = None,
     decoder: Any = None, predictions: Any = None, summary: Mapping | None = None,
@@ -362,7 +381,7 @@ def page_data(
     return {
         "version": 1, "title": title or "trakjax attributions", "kind": kind,
         "decoded": decoder is not None, "k": max((len(r["proponents"]) for r in records), default=0),
-        "summary": summary_rows(summary), "targets": [_target_entry(r, p) for r, p in zip(records, predicted, strict=True)],
+        "summary": summary_rows(summary), "headline": summary_headline(summary), "targets": [_target_entry(r, p) for r, p in zip(records, predicted, strict=True)],
         "train_labels": train_labels, "content": content, "images": images, "asset_dir": ASSET_DIR,
     }
 

@@ -356,6 +356,9 @@
     header.appendChild(element("p", "counts", targets.length + " targets, top " + data.k +
       " proponents and opponents each; inputs shown as " + shown +
       (data.images && data.images.step > 1 ? " (every " + data.images.step + "th pixel)" : "")));
+    if (data.headline && data.headline.length) {
+      header.appendChild(element("p", "headline", data.headline.join(" · ")));
+    }
     if (data.summary.length) {
       var list = element("dl", "summary");
       data.summary.forEach(function (row) {
@@ -365,8 +368,8 @@
         list.appendChild(pair);
       });
       var details = element("details");
-      details.open = true;
-      details.appendChild(element("summary", null, "run summary"));
+      details.open = data.summary.length <= 12;
+      details.appendChild(element("summary", null, "run summary: settings, results, seconds per stage"));
       details.appendChild(list);
       header.appendChild(details);
     }

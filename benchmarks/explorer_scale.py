@@ -1,0 +1,94 @@
+"""The explorer at scale: 10,000 targets × top-10 over 50,000 CIFAR-sized training images.
+
+Writes the page with :func:`trakjax.explorer.write_explorer` from synthetic top-k records (random
+indices and scores: what is timed does not depend on the values), then opens it from disk in
+headless Chromium and waits for ``data-ready``. Prints the write time, the page's size on disk,
+the thumbnail size the budget allowed, and Chromium's wall time to a dumped DOM, next to the
+same for a 10-target page (the browser's own start-up is the small page's time).
+
+    python benchmarks/explorer_scale.py [--targets 10000] [--train 50000] [--k 10] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from trakjax import explorer, report
+
+
+class _TopK(NamedTuple):
+    proponents: np.ndarray
+    proponent_scores: np.ndarray
+    opponents: np.ndarray
+    opponent_scores: np.ndarray
+
+
+def synthetic(num_train: int, num_targets: int, k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    scores = np.sort(rng.normal(size=(2 * k, num_targets)).astype(np.float32), axis=0)
+    top = _TopK(rng.integers(0, num_train, (k, num_targets)), scores[::-1][:k],
+                rng.integers(0, num_train, (k, num_targets)), scores[:k])
+    labels = rng.integers(0, 10, num_train)
+    records = report.top_k_records(top, train_labels=labels, target_labels=rng.integers(0, 10, num_targets))
+    train = rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8)
+    targets = rng.integers(0, 256, (num_targets, 32, 32, 3), dtype=np.uint8)
+    return records, train, targets
+
+
+def chromium_seconds(page: Path) -> tuple[float, bool]:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    with tempfile.TemporaryDirectory() as profile:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--dump-dom", page.as_uri()],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            out, _ = process.communicate(timeout=300)
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        seconds = time.perf_counter() - start
+    return seconds, b'data-ready="1"' in out and b'id="trakjax-errors" hidden' in out
+
+
+def measure(out: Path, num_train: int, num_targets: int, k: int) -> None:
+    records, train, targets = synthetic(num_train, num_targets, k)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    files = explorer.write_explorer(out, records, train_inputs=train, target_inputs=targets)
+    write = time.perf_counter() - start
+    page = files[-1]
+    pixels = [f for f in files if f.name.startswith("pixels-")]
+    browser, ok = chromium_seconds(page)
+    print(f"{num_targets:>6} targets × top-{k}, {num_train} train images 32×32×3: write {write:.1f} s; "
+          f"index.html {page.stat().st_size / 2**20:.1f} MiB; {len(pixels)} thumbnail files, "
+          f"{sum(f.stat().st_size for f in pixels) / 2**20:.1f} MiB; Chromium to a dumped DOM "
+          f"{browser:.1f} s (ready and no errors: {ok})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=int, default=10_000)
+    parser.add_argument("--train", type=int, default=50_000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "trakjax-explorer-scale")
+    args = parser.parse_args()
+    measure(args.out / "small", args.train, 10, args.k)
+    measure(args.out / "large", args.train, args.targets, args.k)
+
+
+if __name__ == "__main__":
+    main()

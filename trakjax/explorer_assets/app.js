@@ -307,12 +307,9 @@
       }), { rootMargin: "600px" });
       observer.observe(sentinel);
     }
-    done.then(function () {
-      if (state.focus !== null && shownFrom > 0) {
-        var focused = document.getElementById("target-" + state.focus);
-        if (focused) { focused.scrollIntoView(); }
-      }
-    }, reportError).then(function () { document.body.setAttribute("data-ready", "1"); });
+    // A focused target J is the first entry rendered (earlier ones behind a button), so it is on
+    // the first screen without scrolling.
+    done.catch(reportError).then(function () { document.body.setAttribute("data-ready", "1"); });
   }
 
   // The view is the URL's hash: #target=J (J first), #train=I (the targets I is listed for),

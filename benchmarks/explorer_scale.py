@@ -12,6 +12,7 @@ same for a 10-target page (the browser's own start-up is the small page's time).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -72,10 +73,14 @@ def measure(out: Path, num_train: int, num_targets: int, k: int) -> None:
     write = time.perf_counter() - start
     page = files[-1]
     pixels = [f for f in files if f.name.startswith("pixels-")]
+    text = page.read_text(encoding="utf-8")
+    data = json.loads(text[text.index('id="trakjax-data">') + 18 : text.index("</script>\n<noscript>")])
+    images = data["images"]
     browser, ok = chromium_seconds(page)
     print(f"{num_targets:>6} targets × top-{k}, {num_train} train images 32×32×3: write {write:.1f} s; "
           f"index.html {page.stat().st_size / 2**20:.1f} MiB; {len(pixels)} thumbnail files, "
-          f"{sum(f.stat().st_size for f in pixels) / 2**20:.1f} MiB; Chromium to a dumped DOM "
+          f"{sum(f.stat().st_size for f in pixels) / 2**20:.1f} MiB ({images['height']}×{images['width']} "
+          f"thumbnails, subsampling step {images['step']}); Chromium to a dumped DOM "
           f"{browser:.1f} s (ready and no errors: {ok})")
 
 

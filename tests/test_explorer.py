@@ -84,6 +84,29 @@ def test_packed_thumbnails_are_the_scaled_subsampled_pixels():
     assert base64.b64decode(re.search(r',"([^"]*)"\)', script).group(1)) == data
 
 
+@pytest.mark.parametrize("kind, train, target, expected", [
+    ("auto", np.zeros((4, 8, 8)), np.zeros((2, 8, 8)), "image"),
+    ("auto", np.zeros((4, 8, 8)), np.zeros((2, 6, 6)), "none"),           # shapes differ
+    ("auto", np.zeros((4, 64), np.int32), np.zeros((2, 64), np.int32), "tokens"),
+    ("image", np.zeros((4, 64), np.int32), np.zeros((2, 64), np.int32), "image"),
+    ("image", np.zeros((4, 5)), np.zeros((2, 5)), "table"),              # not drawable: as found
+    ("image", np.zeros((4, 2, 2, 2, 2)), np.zeros((2, 2, 2, 2, 2)), "none"),
+    ("tokens", {"mask": np.zeros((4, 3))}, {"mask": np.zeros((2, 3))}, "none"),
+    ("tokens", {"input_ids": np.zeros((4, 3), np.int32)}, {"input_ids": np.zeros((2, 3), np.int32)}, "tokens"),
+    ("auto", None, None, "none"),
+])
+def test_input_kind_follows_the_request_where_the_inputs_fit_it(kind, train, target, expected):
+    assert explorer.resolve_kind(kind, train, target) == expected
+
+
+def test_non_finite_labels_and_scores_reach_the_page_as_text(tmp_path):
+    records = [{"target": 0, "label": float("nan"), "proponents": [
+        {"rank": 1, "train_index": 3, "label": [1.0, float("inf")], "score": float("nan")}], "opponents": []}]
+    data = _page_data(explorer.write_explorer(tmp_path, records)[-1])
+    assert data["targets"][0]["y"] == "nan" and data["targets"][0]["ps"] == ["nan"]
+    assert data["train_labels"] == {"3": [1.0, "inf"]}
+
+
 def _records(num_train=30, num_targets=6, k=4, seed=0):
     scores = np.random.default_rng(seed).normal(size=(num_train, num_targets)).astype(np.float32)
     labels = np.arange(num_train) % 3

@@ -92,6 +92,33 @@ def input_kind(inputs: Any, decoder: Any = None) -> str:
     return "table" if inputs.ndim <= 2 else "none"
 
 
+def resolve_kind(kind: str, train_inputs: Any, target_inputs: Any, decoder: Any = None) -> str:
+    """The kind the page shows: ``kind`` when both inputs fit it, else what :func:`input_kind`
+    finds for both ("none" when they differ). "image" needs drawable images of one shape on both
+    sides; "tokens" needs (N, L) numbers (or ``input_ids``); "table" (N,) or (N, D) numbers."""
+    found = [input_kind(train_inputs, decoder), input_kind(target_inputs, decoder)]
+    if kind == "none":
+        return "none"
+    if kind == "image" and _same_images(train_inputs, target_inputs):
+        return "image"
+    if kind == "tokens":
+        arrays = [_token_array(x) for x in (train_inputs, target_inputs)]
+        if all(isinstance(a, np.ndarray) and a.ndim == 2 and np.issubdtype(a.dtype, np.number) for a in arrays):
+            return "tokens"
+    if kind == "table" and all(f in ("table", "image", "tokens") for f in found):
+        return "table"
+    if found[0] != found[1] or (found[0] == "image" and not _same_images(train_inputs, target_inputs)):
+        return "none"
+    return found[0]
+
+
+def _same_images(train_inputs: Any, target_inputs: Any) -> bool:
+    from trakjax.report import as_images
+
+    drawn = [None if x is None else as_images(np.asarray(x)) for x in (train_inputs, target_inputs)]
+    return all(d is not None for d in drawn) and drawn[0].shape[1:] == drawn[1].shape[1:]
+
+
 def _token_array(inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         inputs = inputs.get("input_ids")
@@ -179,7 +206,7 @@ def example_content(inputs: Any, index: int, kind: str, decoder: str | list[str]
         text = decode_tokens(row, decoder)
         return {"text": text[:MAX_TEXT_CHARACTERS], "cut": len(text) > MAX_TEXT_CHARACTERS}
     if kind == "table":
-        row = np.asarray(inputs[index]).reshape(-1)
+        row = np.asarray(_token_array(inputs)[index]).reshape(-1)
         return {"values": [_number(v) for v in row[:MAX_TABLE_VALUES].tolist()], "size": int(row.size)}
     return None
 
@@ -294,10 +321,20 @@ def pixel_script(name: str, data: bytes) -> str:
 # --------------------------------------------------------------------------- the page data
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` (a label: number, bool, string, None or nested lists) with non-finite floats as
+    strings ("nan", "inf"), which JSON cannot hold."""
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
 def _target_entry(record: Mapping, prediction: Any) -> dict:
-    entry = {"t": int(record["target"]), "y": record.get("label")}
+    entry = {"t": int(record["target"]), "y": json_safe(record.get("label"))}
     if prediction is not None:
-        entry["pred"] = prediction
+        entry["pred"] = json_safe(prediction)
     for key, name in (("p", "proponents"), ("o", "opponents")):
         entry[key] = [int(e["train_index"]) for e in record[name]]
         entry[key + "s"] = [_number(e["score"]) for e in record[name]]
@@ -370,7 +407,7 @@ def page_data(
     for record in records:
         for name in ("proponents", "opponents"):
             for e in record[name]:
-                train_labels.setdefault(str(e["train_index"]), e.get("label"))
+                train_labels.setdefault(str(e["train_index"]), json_safe(e.get("label")))
     content = {"train": {}, "target": {}}
     if kind in ("tokens", "table"):
         content["train"] = {str(i): example_content(train_inputs, int(i), kind, decoder) for i in train}
@@ -428,21 +465,17 @@ def write_explorer(
     if kind not in INPUT_KINDS:
         raise InvalidArgumentError(f"kind must be one of {list(INPUT_KINDS)}, got {kind!r}")
     decoder = _resolve_decoder(decoder)
-    if kind == "auto":
-        found = {input_kind(train_inputs, decoder), input_kind(target_inputs, decoder)}
-        kind = found.pop() if len(found) == 1 else "none"
+    kind = resolve_kind(kind, train_inputs, target_inputs, decoder)
     images, chunks = None, []
-    if kind == "image":
+    if kind == "image" and records:
         from trakjax.report import as_images
 
-        train_images, target_images = as_images(np.asarray(train_inputs)), as_images(np.asarray(target_inputs))
-        if train_images.shape[1:] == target_images.shape[1:] and records:
-            targets = np.asarray([int(r["target"]) for r in records], np.int64)
-            train = referenced_train(records)
-            images, chunks = pack_thumbnails([(target_images, targets), (train_images, train)], pixel_budget_bytes)
-            images["train"] = train.tolist()
-        else:
-            kind = "none"
+        targets = np.asarray([int(r["target"]) for r in records], np.int64)
+        train = referenced_train(records)
+        images, chunks = pack_thumbnails(
+            [(as_images(np.asarray(target_inputs)), targets), (as_images(np.asarray(train_inputs)), train)],
+            pixel_budget_bytes)
+        images["train"] = train.tolist()
     data = page_data(records, kind=kind, train_inputs=train_inputs, target_inputs=target_inputs,
                      decoder=decoder, predictions=predictions, summary=summary, title=title, images=images)
     return _write_files(Path(out_dir), data, chunks)

@@ -366,7 +366,8 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
         "picture_targets": list(range(min(8, t))),
         "title": f"trakjax attribute: {config.model}, {len(config.checkpoints)} checkpoints, "
                  f"k={config.settings.result.proj_dim}",
-        "inputs": "tokens" if config.task in TOKEN_TASKS else "auto",
+        "inputs": ("tokens" if config.task in TOKEN_TASKS else
+                   "image" if config.task == "image_classification" else "auto"),
     }
     if config.decoder is not None:
         record["decoder"] = str(config.decoder)

@@ -303,6 +303,9 @@
       observer = new IntersectionObserver(guarded(function (entries) {
         if (entries.some(function (e) { return e.isIntersecting; }) && shownTo < view.length) {
           appendBatch().catch(reportError);
+          // observe afresh: a sentinel still in view after the batch would not be reported again
+          observer.unobserve(sentinel);
+          observer.observe(sentinel);
         }
       }), { rootMargin: "600px" });
       observer.observe(sentinel);

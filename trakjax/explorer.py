@@ -21,7 +21,8 @@ arrays) as indices and scores only. The page puts text in with ``textContent`` o
 
 Every file is written under a temporary name and renamed (:mod:`trakjax.files`); assets first,
 ``index.html`` last, then assets of an earlier page that the new one does not use are removed.
-:func:`write_explorer` is the one entry point; the functions before it are pure.
+:func:`write_explorer` is the one entry point; the functions before it are pure (but for
+:func:`load_vocabulary`, which reads its file).
 """
 
 from __future__ import annotations

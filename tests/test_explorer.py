@@ -39,6 +39,14 @@ def test_byte_decoder_replaces_invalid_utf8_and_marks_ids_out_of_range():
     assert explorer.decode_tokens(ids, "bytes") == "ok \ufffdé⟨300⟩⟨-1⟩</script>"
 
 
+def test_text_is_cut_to_share_the_budget():
+    assert explorer.text_limit(10) == explorer.MAX_TEXT_CHARACTERS
+    assert explorer.text_limit(explorer.TEXT_BUDGET_CHARACTERS // 500) == 500
+    assert explorer.text_limit(10**9) == explorer.MIN_TEXT_CHARACTERS
+    row = np.frombuffer(b"abcdefgh", np.uint8)[None].astype(np.int32)
+    assert explorer.example_content(row, 0, "tokens", "bytes", 3) == {"text": "abc", "cut": True}
+
+
 def test_vocabulary_files_list_object_and_lines(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps(["a", "<b>", "c"]))
     (tmp_path / "object.json").write_text(json.dumps({"a": 0, "c": 2, "<b>": 1}))

@@ -60,6 +60,10 @@ MIN_THUMBNAIL_SIDE = 8
 """Images are not subsampled below this many pixels per side."""
 MAX_TEXT_CHARACTERS = 2000
 """Decoded text longer than this is cut (and marked cut)."""
+TEXT_BUDGET_CHARACTERS = 16 * 2**20
+"""Upper bound on the decoded text of all examples together: with many examples each is cut
+shorter (to no fewer than :data:`MIN_TEXT_CHARACTERS`)."""
+MIN_TEXT_CHARACTERS = 200
 MAX_SHOWN_IDS = 64
 """Token ids shown per example when there is no decoder."""
 MAX_TABLE_VALUES = 8
@@ -196,16 +200,24 @@ def _resolve_decoder(decoder: Any) -> str | list[str] | None:
     raise InvalidArgumentError(f'decoder must be None, "bytes", a vocabulary file path or a list of strings, got {decoder!r}')
 
 
-def example_content(inputs: Any, index: int, kind: str, decoder: str | list[str] | None) -> Any:
-    """What the page shows of example ``index``: ``{"text": …}`` (decoded tokens), ``{"ids": […],
-    "length": L}``, ``{"values": […], "size": D}`` or ``None``; cut where long (with the full
-    length, so the page says so)."""
+def text_limit(num_examples: int) -> int:
+    """Characters of decoded text kept per example when ``num_examples`` are shown: all of
+    :data:`MAX_TEXT_CHARACTERS` while the total fits :data:`TEXT_BUDGET_CHARACTERS`, less beyond."""
+    share = TEXT_BUDGET_CHARACTERS // max(num_examples, 1)
+    return max(MIN_TEXT_CHARACTERS, min(MAX_TEXT_CHARACTERS, share))
+
+
+def example_content(inputs: Any, index: int, kind: str, decoder: str | list[str] | None,
+                    max_characters: int = MAX_TEXT_CHARACTERS) -> Any:
+    """What the page shows of example ``index``: ``{"text": …, "cut": bool}`` (decoded tokens, at
+    most ``max_characters``), ``{"ids": […], "length": L}``, ``{"values": […], "size": D}`` or
+    ``None``; cut where long (with the full length, so the page says so)."""
     if kind == "tokens":
         row = np.asarray(_token_array(inputs)[index]).reshape(-1)
         if decoder is None:
             return {"ids": row[:MAX_SHOWN_IDS].astype(np.int64).tolist(), "length": int(row.size)}
         text = decode_tokens(row, decoder)
-        return {"text": text[:MAX_TEXT_CHARACTERS], "cut": len(text) > MAX_TEXT_CHARACTERS}
+        return {"text": text[:max_characters], "cut": len(text) > max_characters}
     if kind == "table":
         row = np.asarray(_token_array(inputs)[index]).reshape(-1)
         return {"values": [_number(v) for v in row[:MAX_TABLE_VALUES].tolist()], "size": int(row.size)}
@@ -411,8 +423,9 @@ def page_data(
                 train_labels.setdefault(str(e["train_index"]), json_safe(e.get("label")))
     content = {"train": {}, "target": {}}
     if kind in ("tokens", "table"):
-        content["train"] = {str(i): example_content(train_inputs, int(i), kind, decoder) for i in train}
-        content["target"] = {str(r["target"]): example_content(target_inputs, int(r["target"]), kind, decoder)
+        limit = text_limit(len(train) + len(records))
+        content["train"] = {str(i): example_content(train_inputs, int(i), kind, decoder, limit) for i in train}
+        content["target"] = {str(r["target"]): example_content(target_inputs, int(r["target"]), kind, decoder, limit)
                              for r in records}
     predicted = [None] * len(records) if predictions is None else [
         np.asarray(predictions[int(r["target"])]).tolist() for r in records]

@@ -172,21 +172,19 @@ def decode_tokens(ids: np.ndarray, decoder: str | Sequence[str]) -> str:
     """
     ids = np.asarray(ids).reshape(-1).astype(np.int64)
     size = 256 if isinstance(decoder, str) else len(decoder)
+    inside = (ids >= 0) & (ids < size)
+    bounds = [0, *(np.flatnonzero(np.diff(inside)) + 1).tolist(), ids.size]
     pieces: list[str] = []
-    start = 0
-    while start < ids.size:
-        inside = 0 <= ids[start] < size
-        stop = start
-        while stop < ids.size and (0 <= ids[stop] < size) == inside:
-            stop += 1
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         run = ids[start:stop]
-        if not inside:
+        if run.size == 0:
+            continue
+        if not inside[start]:
             pieces.extend(f"⟨{int(i)}⟩" for i in run)
         elif isinstance(decoder, str):
-            pieces.append(bytes(run.astype(np.uint8).tolist()).decode("utf-8", errors="replace"))
+            pieces.append(run.astype(np.uint8).tobytes().decode("utf-8", errors="replace"))
         else:
-            pieces.append("".join(decoder[int(i)] for i in run))
-        start = stop
+            pieces.append("".join(decoder[i] for i in run.tolist()))
     return "".join(pieces)
 
 

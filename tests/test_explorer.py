@@ -169,6 +169,31 @@ def test_token_page_decodes_bytes_and_undrawable_inputs_still_get_a_page(tmp_pat
     assert not list((tmp_path / "none" / explorer.ASSET_DIR).glob("pixels-*"))
 
 
+def test_toml_decoder_is_bytes_or_an_existing_vocabulary_file(tmp_path):
+    import sys
+
+    from trakjax import run_config
+    from trakjax.errors import ConfigError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from _cli_project import write_config
+    finally:
+        sys.path.pop(0)
+    project = tmp_path / "project"
+    for name in ("ckpt/0", "ckpt/1"):
+        (project / name).mkdir(parents=True)
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        np.save(project / f"{name}.npy", np.zeros(2))
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    assert run_config.parse(write_config(tmp_path, project)).decoder is None
+    assert run_config.parse(write_config(tmp_path, project, decoder='"bytes"')).decoder == "bytes"
+    parsed = run_config.parse(write_config(tmp_path, project, decoder='"vocab.txt"'))
+    assert parsed.decoder == tmp_path / "vocab.txt"
+    with pytest.raises(ConfigError, match="decoder names a vocabulary file that does not exist"):
+        run_config.parse(write_config(tmp_path, project, decoder='"nowhere.txt"'))
+
+
 def test_show_on_an_unfinished_run_says_what_is_missing(tmp_path):
     report.write_run_record(tmp_path, {"kind": "demo", "complete": False})
     with pytest.raises(StoreError, match=r"did not finish .*store .* does not exist yet"):

@@ -94,8 +94,11 @@ def test_demo_end_to_end_tiny_then_show_redraws_it(tmp_path, capsys):
     before = (out / "topk.csv").read_text()
     (out / "topk.csv").unlink()
     picture.unlink()
+    page = (out / "index.html").read_text()
+    (out / "index.html").unlink()
     assert cli.main(["show", str(out), "--quiet"]) == 0
     assert (out / "topk.csv").read_text() == before
+    assert (out / "index.html").read_text() == page  # the explorer, with the demo's summary
     assert matplotlib.image.imread(picture).shape[:2] == report.figure_pixels(8, 5)
 
     # A second demo into the same directory replaces the first; a foreign directory is refused.
@@ -179,6 +182,8 @@ def test_attribute_runs_resumes_and_matches_attribute(project, tmp_path, capsys)
     table = json.loads((tmp_path / "out" / "topk.json").read_text())
     assert len(table["targets"]) == 3 and len(table["targets"][0]["opponents"]) == 4
     assert not (tmp_path / "out" / "attributions.png").exists()  # (12, 5) inputs are no images
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert '"kind":"table"' in page and '"settings.proj_dim","8"' in page
     # Rerun: everything is done already, the scores stay bit-identical.
     assert cli.main(["attribute", "--config", str(config), "--quiet"]) == 0
     np.testing.assert_array_equal(np.load(scores_path), first)

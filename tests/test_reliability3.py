@@ -302,9 +302,9 @@ def test_the_manifest_takes_new_names_in_one_call(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest, "_PATTERNS", {k: list(v) for k, v in manifest._PATTERNS.items()})
     (tmp_path / "assets").mkdir()
     (tmp_path / "assets" / "app.3f2a.js").write_text("x")
-    (tmp_path / "index.html").write_text("x")
+    (tmp_path / "report.html").write_text("x")
     assert len(manifest.survey(tmp_path, manifest.OUTPUT)[1]) == 2
-    manifest.register(manifest.OUTPUT, "index.html", "assets/", "assets/*.js")
+    manifest.register(manifest.OUTPUT, "report.html", "assets/", "assets/*.js")
     own, foreign = manifest.survey(tmp_path, manifest.OUTPUT)
     assert foreign == [] and len(own) == 3
 

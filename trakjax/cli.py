@@ -5,8 +5,8 @@
   orbax checkpoints, described by a TOML file (:mod:`trakjax.run_config`, loaded and run by
   :mod:`trakjax.inputs`); resumable; a rerun whose inputs changed is refused unless
   ``--overwrite``.
-* ``trakjax show DIR``: redraw the picture and the top-k table of a finished run
-  (:func:`trakjax.report.show`).
+* ``trakjax show DIR``: redraw the picture, the top-k table and the explorer (``DIR/index.html``)
+  of a finished run (:func:`trakjax.report.show`).
 
 Long stages show tqdm progress bars on stderr; ``--quiet`` silences them. Errors end the command
 with one line on stderr, ``trakjax: error: …``, and a non-zero exit code: 2 for bad input
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", parents=[common], help="attribute digits predictions to training images",
         description="Train an ensemble of small MLPs on sklearn's digits, attribute test "
-        "predictions to the training images through a store, draw DIR/attributions.png, and "
+        "predictions to the training images through a store, draw DIR/attributions.png, write the "
+        "explorer DIR/index.html, and "
         "report accuracy, LDS and time per stage. Defaults take under 3 minutes on a 2-core CPU.",
     )
     demo.add_argument("--out", type=Path, default=defaults.out, metavar="DIR",
@@ -76,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     attribute = sub.add_parser(
         "attribute", parents=[common], help="attribute with your own model, data and checkpoints",
         description="Featurize and score over the orbax checkpoints named in a TOML config (see "
-        "trakjax.run_config or README.md); resumable; writes the scores to a store and a "
-        "top-k CSV/JSON.",
+        "trakjax.run_config or README.md); resumable; writes the scores to a store, a "
+        "top-k CSV/JSON and the explorer OUT/index.html.",
     )
     attribute.add_argument("--config", type=Path, required=True, metavar="FILE", help="TOML run configuration")
     attribute.add_argument(
@@ -87,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     show = sub.add_parser(
-        "show", parents=[common], help="redraw the picture and the top-k table of a finished run",
-        description="Re-render DIR/attributions.png and DIR/topk.{csv,json} from the store of a "
-        "finished `trakjax demo` or `trakjax attribute` run.",
+        "show", parents=[common], help="redraw the picture, the top-k table and the explorer of a finished run",
+        description="Re-render DIR/attributions.png, DIR/topk.{csv,json} and the explorer "
+        "DIR/index.html from the store of a finished `trakjax demo` or `trakjax attribute` run.",
     )
     show.add_argument("dir", type=Path, metavar="DIR", help="the run's output directory")
     show.add_argument("--out", type=Path, default=None, metavar="OUT",
@@ -139,6 +140,7 @@ def _attribute(args) -> int:
     print(f"top-k    {outputs['csv']}, {outputs['json']}")
     if outputs["picture"] is not None:
         print(f"picture  {outputs['picture']}")
+    print(f"explorer {outputs['explorer']}  (open it in a browser)")
     return EXIT_OK
 
 
@@ -150,6 +152,7 @@ def _show(args) -> int:
     print(f"top-k    {outputs['csv']}, {outputs['json']}")
     if outputs["picture"] is not None:
         print(f"picture  {outputs['picture']}")
+    print(f"explorer {outputs['explorer']}  (open it in a browser)")
     return EXIT_OK
 
 

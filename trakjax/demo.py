@@ -9,12 +9,15 @@ Stages, each timed (and shown with a progress bar unless quiet):
    ``DIR/store``, loading the orbax checkpoints: projected per-example gradients of the training
    images, the kernel solve, then the test targets, and the (N, T) score matrix.
 4. **report**: ``DIR/attributions.png`` (8 targets, each with its 5 strongest proponents and
-   opponents, labels and scores), ``DIR/topk.csv`` and ``DIR/topk.json``.
+   opponents, labels and scores), ``DIR/topk.csv`` and ``DIR/topk.json``; after the LDS,
+   ``DIR/index.html``, the explorer of every target with the run's summary
+   (:mod:`trakjax.explorer`).
 5. **LDS**: the linear datamodeling score of these scores (:mod:`trakjax.evaluation`): models of
    the same architecture and recipe retrained on random half-subsets, ``jax.vmap``-ed over subsets,
    and the Spearman correlation between their target margins and the summed scores of each subset.
 
-``DIR/run.json`` records what ``trakjax show DIR`` needs to redraw the picture and the table;
+``DIR/run.json`` records what ``trakjax show DIR`` needs to redraw the picture, the table and the
+explorer;
 ``DIR/summary.json`` holds accuracy, LDS and the time of every stage.
 """
 
@@ -31,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import trakjax
-from trakjax import evaluation, report, tasks
+from trakjax import evaluation, explorer, report, tasks
 from trakjax.errors import InvalidArgumentError
 from trakjax.files import write_atomic
 from trakjax.progress import progress_bar
@@ -275,7 +278,7 @@ def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], Non
     )
     scores = np.asarray(traker.run(paths, train, targets, EXPERIMENT, progress=not quiet, on_stage=clock.lap))
     record = _run_record(settings, accuracy)
-    outputs = report.render(out, record, traker.top_k(EXPERIMENT, settings.top_k))
+    outputs = report.render(out, record, traker.top_k(EXPERIMENT, settings.top_k), explorer=False)
     clock.lap("report")
     lds = None
     if settings.lds_subsets:
@@ -286,10 +289,19 @@ def run(settings: DemoSettings, *, quiet: bool = False, log: Callable[[str], Non
         "top_k": [str(outputs["csv"]), str(outputs["json"])], "out": str(out),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings._asdict().items()},
     }
+    summary["explorer"] = str(out / explorer.PAGE_FILE)
     write_atomic(out / "summary.json", lambda handle: json.dump(summary, handle, indent=1))
+    record["summary"] = explorer_summary(summary)
+    report.write_run_explorer(out, record, outputs["records"])
     report.write_run_record(out, record)
     log(summary_text(summary, outputs["records"]))
     return summary
+
+
+def explorer_summary(summary: dict) -> dict:
+    """What the explorer shows on top: settings, accuracy, LDS and seconds per stage."""
+    settings = {key: value for key, value in summary["settings"].items() if key != "out"}
+    return {"settings": settings, **{key: summary[key] for key in ("accuracy", "lds", "seconds")}}
 
 
 def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, quiet: bool) -> dict:
@@ -347,6 +359,7 @@ def summary_text(summary: dict, records: list[dict]) -> str:
                  f"LDS {seconds.get('lds', 0.0):.1f} s)")
     lines.append(f"  picture         {summary['picture']}")
     lines.append(f"  top-k table     {summary['top_k'][0]}, {summary['top_k'][1]}")
+    lines.append(f"  explorer        {summary['explorer']}  (open it in a browser)")
     lines.append("")
     lines.append(report.format_top_k(records, num_shown=3, max_targets=3))
     return "\n".join(lines)

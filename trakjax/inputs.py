@@ -17,6 +17,7 @@ import functools
 import importlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -338,6 +339,19 @@ def _open_session(prepared: Prepared, overwrite: bool):
     return session()
 
 
+TOKEN_TASKS = ("language_modeling", "text_classification")
+"""Tasks whose inputs are token ids (shown as text or ids in the explorer)."""
+
+
+def run_summary(config: RunConfig, num_train: int, num_targets: int, seconds: dict) -> dict:
+    """What the explorer shows on top of an attribute run: the settings, the sizes and the
+    seconds per stage of this command (a resumed run times only what it computed)."""
+    settings = {"model": config.model, "task": config.task, "checkpoints": len(config.checkpoints),
+                **config.settings.result.record(), "batch_size": config.settings.run.batch_size}
+    settings["lambda_reg"] = settings["lambda_reg"] if settings["lambda_reg"] is not None else "auto"
+    return {"settings": settings, "train examples": num_train, "targets": num_targets, "seconds": seconds}
+
+
 def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> dict:
     """Featurize, finalize and score through the store; write the top-k table and picture.
 
@@ -362,14 +376,27 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
         "picture_targets": list(range(min(8, t))),
         "title": f"trakjax attribute: {config.model}, {len(config.checkpoints)} checkpoints, "
                  f"k={traker.config.result.requested_dim}",
+        "inputs": ("tokens" if config.task in TOKEN_TASKS else
+                   "image" if config.task == "image_classification" else "auto"),
     }
+    if config.decoder is not None:
+        record["decoder"] = str(config.decoder)
     config.output.mkdir(parents=True, exist_ok=True)
     previous = report.read_run_record(config.output, missing_ok=True, check=False)
     if overwrite or not (previous or {}).get("complete"):
         report.write_run_record(config.output, record)
     loaders = [functools.partial(model.load, path) for path in config.checkpoints]
-    traker.run(loaders, train, targets, config.experiment, progress=not quiet, overwrite=overwrite)
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        seconds[stage] = time.perf_counter() - clock[0]
+        clock[0] = time.perf_counter()
+
+    traker.run(loaders, train, targets, config.experiment, progress=not quiet, overwrite=overwrite,
+               on_stage=lap)
     top = traker.top_k(config.experiment, record["top_k"])
+    record["summary"] = run_summary(config, n, t, seconds)
     outputs = report.render(config.output, record, top)
     report.write_run_record(config.output, dict(record, complete=True))
     outputs["scores"] = traker.store.root / "experiments" / config.experiment / "scores.npy"

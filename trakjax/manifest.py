@@ -42,6 +42,8 @@ _PATTERNS: dict[str, list[str]] = {
     ],
     OUTPUT: ["run.json", "topk.csv", "topk.json", "attributions.png", TEMPORARY],
 }
+"""The explorer's page and assets join OUTPUT when :mod:`trakjax.explorer` is imported (its
+``OWNED_PATTERNS``)."""
 _NESTED: dict[str, dict[str, str]] = {OUTPUT: {"store/": STORE}}
 """Folders of a directory that hold another manifest's directory (the output's store)."""
 

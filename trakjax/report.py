@@ -1,4 +1,5 @@
-"""Reports of a finished attribution: the picture of proponents and opponents, the top-k table.
+"""Reports of a finished attribution: the picture of proponents and opponents, the top-k table,
+the explorer.
 
 Used by the ``trakjax`` command line (``demo``, ``attribute`` and ``show``); plain numpy and
 matplotlib, no JAX. A top-k result is anything with the fields of :class:`trakjax.scores.TopK`:
@@ -9,6 +10,7 @@ matplotlib, no JAX. A top-k result is anything with the fields of :class:`trakja
   then its strongest proponents and opponents, each with its label and score.
 * :func:`top_k_records`, :func:`write_top_k` and :func:`format_top_k` give the same top-k as
   JSON records, CSV rows and a console table.
+* :func:`write_run_explorer` writes the HTML explorer, ``index.html`` (:mod:`trakjax.explorer`).
 * :func:`as_images` decides whether inputs can be drawn: (N, H, W), (N, H, W, C) with C in
   {1, 3, 4}, or (N, D) with D a perfect square (flattened square images, e.g. digits' 64 pixels).
 """
@@ -311,7 +313,10 @@ def write_run_record(out_dir: str | os.PathLike, record: dict) -> Path:
     relative to ``out_dir`` or absolute), ``experiment``, ``top_k``, ``data`` (``.npy`` paths of
     train_inputs, train_labels, target_inputs, target_labels; any may be absent),
     ``picture_targets`` (target indices to draw), optional ``predictions`` (a ``.npy`` of
-    predicted target labels) and ``title``.
+    predicted target labels), ``title``, and for the explorer (:mod:`trakjax.explorer`)
+    ``summary`` (settings, accuracy, LDS, timings), ``decoder`` (``"bytes"`` or a vocabulary
+    file for token inputs) and ``inputs`` (how inputs are shown: "auto", "image", "tokens",
+    "table" or "none").
     """
     path = Path(out_dir) / RUN_FILE
     write_atomic(path, lambda h: json.dump(record, h, indent=1))
@@ -322,8 +327,8 @@ _RUN_RECORD_FIELDS = {
     "kind": (str,), "complete": (bool,), "store": (str,), "experiment": (str,), "top_k": (int,),
     "data": (dict,), "picture_targets": (list,),
 }
-"""Fields every run record has, with their JSON types (``predictions``, ``title`` and ``config``
-are optional strings)."""
+"""Fields every run record has, with their JSON types (``predictions``, ``title``, ``config``,
+``decoder`` and ``inputs`` are optional strings, ``summary`` an optional object)."""
 
 
 def check_run_record(record: Any, path: Path) -> dict:
@@ -340,9 +345,11 @@ def check_run_record(record: Any, path: Path) -> dict:
             )
     if record["top_k"] < 1 or not all(isinstance(v, str) for v in record["data"].values()):
         raise StoreError(f"{path}: top_k must be >= 1 and data must map names to paths; the run record is damaged")
-    for field in ("predictions", "title", "config"):
+    for field in ("predictions", "title", "config", "decoder", "inputs"):
         if field in record and not isinstance(record[field], str):
             raise StoreError(f"{path}: field {field!r} must be a string, got {record[field]!r}")
+    if "summary" in record and not isinstance(record["summary"], dict):
+        raise StoreError(f"{path}: field 'summary' must be an object, got {record['summary']!r}")
     if not all(isinstance(c, int) and not isinstance(c, bool) for c in record["picture_targets"]):
         raise StoreError(f"{path}: picture_targets must be a list of target indices")
     return record
@@ -410,7 +417,10 @@ def check_output_directory(out_dir: str | os.PathLike, *, overwrite: bool) -> No
             manifest.check_not_link(store, "the output's store")
     if overwrite or not out_dir.is_dir() or is_trakjax_output(out_dir):
         return
-    clashing = [out_dir / name for name in (*OUTPUT_NAMES, "store") if os.path.lexists(out_dir / name)]
+    from trakjax.explorer import ASSET_DIR, PAGE_FILE
+
+    names = (*OUTPUT_NAMES, PAGE_FILE, ASSET_DIR, "store")
+    clashing = [out_dir / name for name in names if os.path.lexists(out_dir / name)]
     if clashing:
         raise StoreError(
             f"the output directory {out_dir} is not a trakjax output (no {RUN_FILE} written by "
@@ -457,17 +467,21 @@ def _load(out_dir: Path, data: dict, name: str):
     return np.load(path, mmap_mode="r")
 
 
-def render(out_dir: str | os.PathLike, record: dict, top: Any, write_dir: str | os.PathLike | None = None) -> dict:
-    """Write the top-k table and, for image inputs, the picture of a run into ``out_dir``.
+def render(out_dir: str | os.PathLike, record: dict, top: Any, write_dir: str | os.PathLike | None = None,
+           *, explorer: bool = True) -> dict:
+    """Write the top-k table, for image inputs the picture, and the explorer of a run.
 
     Args:
       out_dir: the run's output directory.
       record: its run record (see :func:`write_run_record`).
       top: the experiment's top-k (see the module docstring).
       write_dir: where to write them instead (default ``out_dir``).
+      explorer: write ``index.html`` too (:func:`write_run_explorer`, with the record's
+        ``summary``); a caller that learns the summary later writes it then.
 
     Returns:
-      ``{"records": top-k records, "csv": path, "json": path, "picture": path or None}``.
+      ``{"records": top-k records, "csv": path, "json": path, "picture": path or None,
+      "explorer": path of index.html or None, "explorer_files": the explorer's files}``.
     """
     out_dir = Path(out_dir)
     write_dir = out_dir if write_dir is None else Path(write_dir)
@@ -490,7 +504,31 @@ def render(out_dir: str | os.PathLike, record: dict, top: Any, write_dir: str | 
             target_labels=target_labels, predictions=predictions, columns=columns,
             num_shown=min(5, np.shape(top.proponents)[0]), title=record.get("title"),
         )
-    return {"records": records, "csv": csv_path, "json": json_path, "picture": picture}
+    files = write_run_explorer(out_dir, record, records, write_dir=write_dir) if explorer else []
+    return {"records": records, "csv": csv_path, "json": json_path, "picture": picture,
+            "explorer": files[-1] if files else None, "explorer_files": files}
+
+
+def write_run_explorer(out_dir: str | os.PathLike, record: dict, records: list[dict],
+                       summary: dict | None = None, write_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write the explorer (``index.html`` and its files) of a run: :func:`trakjax.explorer.write_explorer`
+    with the inputs, predictions, decoder and title the run record names, and ``summary``
+    (default: the record's), into ``write_dir`` (default ``out_dir``). Returns the files
+    written, ``index.html`` last."""
+    from trakjax import explorer as explorer_lib
+
+    out_dir = Path(out_dir)
+    data = record.get("data", {})
+    decoder = record.get("decoder")
+    if decoder is not None and decoder != "bytes":
+        decoder = _resolve(out_dir, decoder)
+    return explorer_lib.write_explorer(
+        out_dir if write_dir is None else Path(write_dir), records, train_inputs=_load(out_dir, data, "train_inputs"),
+        target_inputs=_load(out_dir, data, "target_inputs"), decoder=decoder,
+        predictions=_load(out_dir, record, "predictions"),
+        summary=record.get("summary") if summary is None else summary,
+        title=record.get("title"), kind=record.get("inputs", "auto"),
+    )
 
 
 def _as_array(value):
@@ -522,8 +560,36 @@ def stored_top_k(store, experiment: str, k: int, block_rows: int = 8192):
     return scores_lib.top_k(blocks, k)
 
 
+def describe_unfinished(out_dir: Path, record: dict) -> str:
+    """What an unfinished run lacks, from its store: checkpoints featurized and finalized, the
+    experiment's scores, the output files."""
+    from trakjax import store as store_lib  # here: the rest of this module needs no JAX
+
+    root = _resolve(out_dir, record.get("store") if isinstance(record.get("store"), str) else "store")
+    if not (root / store_lib.METADATA_FILE).is_file():
+        return f"its store {root} does not exist yet, so nothing is featurized, scored or written"
+    store = open_store(root)
+    ids = store.model_ids()
+    finalized = [m for m in ids if store.is_finalized(m)]
+    parts = [f"{len(ids)} checkpoint(s) featurized so far, {len(finalized)} finalized"]
+    experiment = record.get("experiment")
+    if not isinstance(experiment, str) or not store.has_experiment(experiment):
+        parts.append("no target has been scored")
+    else:
+        try:
+            store.scores(experiment)
+        except StoreError:
+            parts.append(f"the scores of experiment {experiment!r} are not finalized")
+    from trakjax.explorer import PAGE_FILE
+
+    absent = [name for name in (TOP_K_JSON, TOP_K_CSV, PAGE_FILE) if not (out_dir / name).is_file()]
+    if absent:
+        parts.append(f"missing outputs: {', '.join(absent)}")
+    return "; ".join(parts)
+
+
 def show(out_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
-    """Redraw the picture and the top-k table of a finished run from its store.
+    """Redraw the picture, the top-k table and the explorer of a finished run from its store.
 
     ``out`` is where to write them (default ``out_dir``); a finished run on a read-only file
     system is read, and its tables written to ``out``.
@@ -538,12 +604,13 @@ def show(out_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> di
     out_dir = Path(os.path.expanduser(os.fspath(out_dir)))
     if not out_dir.is_dir():
         raise InvalidArgumentError(f"{out_dir} is not a directory")
-    record = read_run_record(out_dir)
-    if not record["complete"]:
+    record = read_run_record(out_dir, check=False)
+    if record.get("complete") is not True:
         raise StoreError(
-            f"the run in {out_dir} did not finish (its {RUN_FILE} is not marked complete); "
-            "rerun the command that made it"
+            f"the run in {out_dir} did not finish (its {RUN_FILE} is not marked complete): "
+            f"{describe_unfinished(out_dir, record)}; rerun the command that made it"
         )
+    record = check_run_record(record, out_dir / RUN_FILE)
     store = open_store(_resolve(out_dir, record["store"]))
     experiment = record["experiment"]
     if experiment not in store.experiment_names():

@@ -26,6 +26,9 @@ module next to the file imports; ``~`` is expanded everywhere::
     python_path = []                    # more directories to import the model module from
     apply_kwargs = {}                   # fixed keyword arguments of every model call (linen),
                                         # e.g. {train = false}
+    decoder = "bytes"                   # token inputs as text in the explorer (index.html): byte
+                                        # ids 0..255, or a vocabulary file (.json list or
+                                        # {token: id}, else one token per line); default: ids
 
     [data]                              # .npy files (required, except labels for language_modeling)
     train_inputs = "train_x.npy"        # or a table of named arrays:
@@ -45,7 +48,8 @@ recomputes).
 
 Outputs in ``output``: ``store/`` (the trakjax store; the score matrix is
 ``store/experiments/<experiment>/scores.npy``), ``topk.csv``, ``topk.json``, ``attributions.png``
-(for image inputs), and ``run.json`` for ``trakjax show``.
+(for image inputs), ``index.html`` (the explorer, :mod:`trakjax.explorer`) and ``run.json`` for
+``trakjax show``.
 """
 
 from __future__ import annotations
@@ -146,6 +150,17 @@ def _lambda(value, base):
     return float(value)
 
 
+def _decoder(value, base):
+    if value is None or value == "bytes":
+        return value
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f'must be "bytes" or a vocabulary file path, got {value!r}')
+    path = _resolve(value, base)
+    if not path.is_file():
+        raise _Invalid(f"names a vocabulary file that does not exist: {path}")
+    return path
+
+
 def _experiment(value, base):
     try:
         store_lib.check_experiment_name(value)
@@ -233,6 +248,7 @@ KEYS: dict[str, Key] = {
     "grad_wrt": Key(_prefixes, None),
     "python_path": Key(_directories, []),
     "apply_kwargs": Key(_table(optional=False), {}),
+    "decoder": Key(_decoder, None),
 }
 """Every key of the TOML file."""
 REQUIRED = tuple(name for name, key in KEYS.items() if key.default is _REQUIRED)
@@ -259,6 +275,7 @@ class RunConfig(NamedTuple):
     python_path: list[Path]
     model_kwargs: dict | None
     settings: Config
+    decoder: str | Path | None = None
 
 
 def _read_toml(path: Path) -> dict:

@@ -197,3 +197,38 @@ def test_corrupted_run_records_make_show_fail_in_one_line(finished_run, tmp_path
         assert len([line for line in err.splitlines() if line.strip()]) == 1
     assert _results(out / "store") == before
     assert np.load(out / "store" / "experiments" / "targets" / "scores.npy").shape == (12, 3)
+
+
+# --------------------------------------------------------------------------- task fingerprints
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 4), min_size=0, max_size=2), seed=st.integers(0, 2**16),
+       position=st.integers(0, 15), delta=st.sampled_from([1e-6, -0.5, 3.0]),
+       dtype=st.sampled_from(["float32", "float16", "int32"]))
+def test_task_fingerprints_see_closed_over_arrays_by_content(shape, seed, position, delta, dtype):
+    """Equal content gives one fingerprint whatever the array object; any changed element, shape
+    or dtype gives another."""
+    from trakjax.task_fingerprint import task_fingerprint
+    from trakjax.tasks import Task
+
+    values = np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+    def task(constant):
+        def output(params, example, state):
+            import jax.numpy as jnp
+
+            return (params["w"] * example).sum() + jnp.asarray(constant).astype(jnp.float32).sum() * params["w"][0]
+
+        return Task(output=output, out_to_loss=lambda p, b, s: b.sum(axis=1), name="prop")
+
+    params = {"w": np.ones(3, np.float32)}
+    example = np.zeros(3, np.float32)
+    base = task_fingerprint(task(values), params, example)
+    assert task_fingerprint(task(values.copy()), params, example) == base
+    changed = values.copy().reshape(-1)
+    index = position % changed.size
+    changed[index] = changed[index] + np.asarray(delta).astype(dtype) if dtype != "int32" else changed[index] + 1
+    if not np.array_equal(changed, values.reshape(-1)):
+        assert task_fingerprint(task(changed.reshape(values.shape)), params, example) != base
+    assert task_fingerprint(task(values[None]), params, example) != base  # another shape

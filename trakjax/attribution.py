@@ -12,9 +12,11 @@ before any work.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
+from trakjax import checkpoints as checkpoints_lib
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
 from trakjax import scores as scores_lib
@@ -24,6 +26,23 @@ from trakjax.pipeline import CheckpointDetails, check_targets_fit, round_to, sol
 from trakjax.tasks import Task
 
 __all__ = ["CheckpointDetails", "attribute", "round_to", "self_influence"]
+
+
+def restore_checkpoints(checkpoints):
+    """``checkpoints`` with every orbax checkpoint path restored to a params pytree (in the
+    structure of the first pytree in the list, or of the first checkpoint restored), as
+    :class:`trakjax.TRAKer` takes them; anything else is passed through to be checked."""
+    if isinstance(checkpoints, str | os.PathLike) or not isinstance(checkpoints, Sequence) or not any(
+            isinstance(c, str | os.PathLike) for c in checkpoints):
+        return checkpoints
+    template = next((c for c in checkpoints if not isinstance(c, str | os.PathLike)), None)
+    restored = []
+    for checkpoint in checkpoints:
+        if isinstance(checkpoint, str | os.PathLike):
+            checkpoint = checkpoints_lib.restore(checkpoint, template)
+            template = checkpoint if template is None else template
+        restored.append(checkpoint)
+    return restored
 
 
 def attribute(
@@ -43,7 +62,8 @@ def attribute(
 
     Args:
       task: a :class:`~trakjax.tasks.Task`, e.g. ``tasks.image_classification(apply_fn)``.
-      checkpoints: list of M parameter pytrees with one structure.
+      checkpoints: list of M parameter pytrees with one structure, or paths of orbax checkpoint
+        directories (restored here, as :class:`trakjax.TRAKer` does).
       train: training data: a pytree of arrays with a leading example axis, e.g. ``(x, y)``, or
         a zero-argument callable returning a fresh iterator of such batches (re-read for every
         checkpoint).
@@ -63,6 +83,7 @@ def attribute(
       ``np.ndarray`` (n_train, n_targets) float32; with ``return_details``, ``(scores, details)``.
     """
     config = Config.create(config, **settings)
+    checkpoints = restore_checkpoints(checkpoints)
     if not callable(targets):
         data_lib.num_examples(targets, "targets")
     if isinstance(checkpoints, Sequence) and checkpoints and isinstance(task, Task):
@@ -112,6 +133,7 @@ def self_influence(
       ``np.ndarray`` (n_train,) float32; with ``return_details``, ``(values, details)``.
     """
     config = Config.create(config, **settings)
+    checkpoints = restore_checkpoints(checkpoints)
     details = []
 
     def per_checkpoint():

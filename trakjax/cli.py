@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/index.html from the store of a finished `trakjax demo` or `trakjax attribute` run.",
     )
     show.add_argument("dir", type=Path, metavar="DIR", help="the run's output directory")
+    show.add_argument("--out", type=Path, default=None, metavar="OUT",
+                      help="write the picture and tables here instead of DIR (e.g. when DIR is read-only)")
     return parser
 
 
@@ -145,7 +147,7 @@ def _attribute(args) -> int:
 def _show(args) -> int:
     from trakjax import report
 
-    outputs = report.show(args.dir)
+    outputs = report.show(args.dir, args.out)
     print(report.format_top_k(outputs["records"]))
     print(f"top-k    {outputs['csv']}, {outputs['json']}")
     if outputs["picture"] is not None:

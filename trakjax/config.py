@@ -128,17 +128,19 @@ def check_grad_wrt(value) -> GradWrt:
     return value
 
 
+GRAD_WRT_SELECTION = "resolved selection (parameters.differentiated.paths)"
+"""How stores record a callable or mask ``grad_wrt``: by the leaves it selects (the store's
+``parameters.differentiated.paths``, compared on its own), never by the callable's name."""
+
+
 def describe_grad_wrt(grad_wrt) -> Any:
-    """A JSON-able description of ``grad_wrt`` for stores: null, the prefixes, or what it is."""
+    """A JSON-able description of ``grad_wrt`` for stores: null, the prefixes, or, for a
+    callable or a mask, :data:`GRAD_WRT_SELECTION` (the selection itself is recorded apart)."""
     if grad_wrt is None:
         return None
     if isinstance(grad_wrt, list | tuple) and all(isinstance(s, str) for s in grad_wrt):
         return list(grad_wrt)
-    if callable(grad_wrt):
-        module = getattr(grad_wrt, "__module__", "?")
-        name = getattr(grad_wrt, "__qualname__", type(grad_wrt).__name__)
-        return f"callable {module}.{name}"
-    return "mask pytree"
+    return GRAD_WRT_SELECTION
 
 
 # --------------------------------------------------------------------------- the two halves
@@ -319,12 +321,29 @@ class Config:
 
     result: ResultSettings = ResultSettings()
     run: RunSettings = RunSettings()
+    given: frozenset[str] | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The result settings the caller gave (:meth:`given_settings`); ``None`` when unknown."""
 
     def __post_init__(self):
         if not isinstance(self.result, ResultSettings):
             raise ArgumentTypeError(f"result must be a ResultSettings, got {type(self.result).__name__}")
         if not isinstance(self.run, RunSettings):
             raise ArgumentTypeError(f"run must be a RunSettings, got {type(self.run).__name__}")
+
+    def given_settings(self) -> frozenset[str]:
+        """The result settings the caller set: those given to :meth:`create` (or the TOML file);
+        for a Config built from a :class:`ResultSettings` directly, those that differ from the
+        defaults. The others are unset: a store's recorded value is adopted for them
+        (:func:`trakjax.store_settings.adopt_stored_settings`)."""
+        if self.given is not None:
+            return self.given
+        default = ResultSettings()
+        return frozenset(name for name in RESULT_FIELDS
+                         if getattr(self.result, name) != getattr(default, name))
+
+    def with_given(self, given) -> Config:
+        """This config with its given result settings set to ``given``."""
+        return dataclasses.replace(self, given=frozenset(given))
 
     @classmethod
     def create(cls, config: Config | None = None, **settings) -> Config:
@@ -354,6 +373,7 @@ class Config:
         return cls(
             dataclasses.replace(config.result, **result) if result else config.result,
             dataclasses.replace(config.run, **run) if run else config.run,
+            config.given_settings() | frozenset(result),
         )
 
     def replace(self, **settings) -> Config:

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from trakjax import manifest
 from trakjax.errors import InvalidArgumentError
 from trakjax.files import remove_if_present, write_atomic
 
@@ -52,6 +53,7 @@ OWNED_PATTERNS = (PAGE_FILE, f"{ASSET_DIR}/app-*.js", f"{ASSET_DIR}/style-*.css"
                   f"{ASSET_DIR}/pixels-*.js")
 """Every file the explorer writes, as glob patterns relative to the output directory (the one
 list to join trakjax's manifest of its own files)."""
+manifest.register(manifest.OUTPUT, *OWNED_PATTERNS, f"{ASSET_DIR}/")
 PIXEL_BUDGET_BYTES = 48 * 2**20
 """Default upper bound on the raw thumbnail pixels written (base64 adds a third on disk)."""
 CHUNK_BYTES = 2**20

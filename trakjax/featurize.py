@@ -297,8 +297,31 @@ def describe_factorization(
     output, diff = task_output_fn(task, params, mask, state)
     paths = [p for p, m in zip(factorized.canonical_paths(params), mask, strict=True) if m]
     key = state.key if state.key is not None or not task.uses_key else jax.random.key(0)
+    _check_one_example(task, params, example, TaskState(state.aux, key))
     return factorized.describe(output, diff, example, key, paths=paths, factor_dims=factor_dims,
                                proj_dim=proj_dim)
+
+
+def _check_one_example(task: Task, params, example, state: TaskState) -> None:
+    """Raise unless ``task.output`` takes ``example`` as ONE example and returns a scalar.
+
+    A batch (a leading example axis) makes the output a vector or fails inside the model; the
+    first row is not taken for the caller, since an example may have a leading axis of its own.
+    """
+    shapes = describe_shapes(example)
+    advice = ("describe_factorization takes ONE example, without the batch axis: pass e.g. "
+              "jax.tree.map(lambda x: x[0], batch)")
+    try:
+        out = jax.eval_shape(lambda p, z: task.output(p, z, state), params, example)
+    except Exception as err:  # noqa: BLE001  (any failure to trace is reported with the shapes)
+        lines = str(err).strip().splitlines()
+        raise InvalidArgumentError(
+            f"task {task.name!r}: task.output fails on example of shapes {shapes} "
+            f"({type(err).__name__}: {lines[0] if lines else ''}); {advice}") from err
+    if jax.tree_util.tree_structure(out).num_leaves != 1 or np.shape(jax.tree_util.tree_leaves(out)[0]) != ():
+        raise InvalidArgumentError(
+            f"task {task.name!r}: task.output returns shape {jax.tree_util.tree_map(np.shape, out)} for "
+            f"example of shapes {shapes}, not a scalar: is it a batch? {advice}")
 
 
 # --------------------------------------------------------------------------- per-checkpoint featurizer

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import resource
 import shutil
 import socket
 import uuid
@@ -88,14 +89,40 @@ def exclusive_temporary(path: Path, mode: str = "w") -> Iterator[tuple[IO, Path]
         raise
 
 
+def file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (``ulimit -f``, RLIMIT_FSIZE), or None if unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+@contextlib.contextmanager
+def naming_file_too_large(path: Path, nbytes: int | None) -> Iterator[None]:
+    """Turn ``EFBIG`` (File too large, which names no file) into an OSError naming ``path``,
+    the size it needed and the file-size limit."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.EFBIG:
+            raise
+        limit = file_size_limit()
+        size = "" if nbytes is None else f" it needs {nbytes} bytes ({nbytes / 2**20:.1f} MiB), but"
+        raise OSError(
+            errno.EFBIG,
+            f"cannot write {path}:{size} the file-size limit (ulimit -f, RLIMIT_FSIZE) is "
+            f"{'unknown' if limit is None else f'{limit} bytes'}; nothing was published under "
+            "that name; raise the limit (ulimit -f unlimited) and rerun to resume",
+        ) from err
+
+
 def write_atomic(path: Path, write: Callable[[IO], Any], *, binary: bool = False) -> None:
     """Write ``path`` atomically: ``write(handle)`` into an exclusive temporary file, fsync, rename.
 
     A link at ``path`` is replaced by the new file, never followed; concurrent writers each use
-    their own temporary file and the last rename wins.
+    their own temporary file and the last rename wins. A file-size limit hit while writing
+    raises an OSError naming ``path``.
     """
     path = Path(path)
-    with exclusive_temporary(path, "wb" if binary else "w") as (handle, tmp):
+    with naming_file_too_large(path, None), exclusive_temporary(path, "wb" if binary else "w") as (handle, tmp):
         write(handle)
         handle.flush()
         os.fsync(handle.fileno())
@@ -215,7 +242,7 @@ def create_array(path: Path, shape: tuple[int, ...], dtype) -> None:
     shape = tuple(int(s) for s in shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     check_free_disk(path.parent, nbytes + NPY_HEADER_BYTES, str(path))
-    with exclusive_temporary(path, "wb") as (handle, tmp):
+    with naming_file_too_large(path, nbytes + NPY_HEADER_BYTES), exclusive_temporary(path, "wb") as (handle, tmp):
         np.lib.format.write_array_header_1_0(
             handle, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import shutil
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from trakjax import checkpoints as checkpoints_lib
-from trakjax import featurize, report, run_config, tasks, trees
+from trakjax import featurize, manifest, report, run_config, tasks, trees
 from trakjax import flax as trakjax_flax
 from trakjax import store as store_lib
 from trakjax.errors import ConfigError, StoreError, TrakjaxError
@@ -309,24 +309,33 @@ def load(path) -> Prepared:
     return Prepared(config, model, arrays)
 
 
+def model_record(config: RunConfig) -> dict:
+    """The model settings a store records and compares: ``model``, ``model_kwargs`` and
+    ``apply_kwargs`` (as JSON, values JSON cannot hold as their text)."""
+    record = {"model": config.model, "model_kwargs": config.model_kwargs or {},
+              "apply_kwargs": config.apply_kwargs}
+    return json.loads(json.dumps(record, default=str, sort_keys=True))
+
+
 def _open_session(prepared: Prepared, overwrite: bool):
-    """The TRAKer over ``output/store``; with ``overwrite``, a store of other settings is removed
-    first (only a directory that is a trakjax store)."""
+    """The TRAKer over ``output/store``; with ``overwrite``, a store of other settings has its
+    files removed first (only trakjax's own files: anything else is listed and refused)."""
     config, model, arrays = prepared
-    root = config.output / "store"
+    root = config.output / run_config.STORE_DIR
     settings = config.settings.replace(grad_wrt=model.grad_wrt)
     task = make_task(config.task, model.apply_fn)
     n = int(np.shape(jax.tree_util.tree_leaves(examples(config.task, arrays, "train"))[0])[0])
 
     def session():
-        return TRAKer(task, n, root, settings, params_template=model.template)
+        return TRAKer(task, n, root, settings, params_template=model.template,
+                      store_record=model_record(config))
 
     try:
         return session()
     except StoreError:
         if not (overwrite and (root / store_lib.METADATA_FILE).is_file()):
             raise
-    shutil.rmtree(root)
+    manifest.remove_own_files(root, manifest.STORE, what="the store")
     return session()
 
 
@@ -355,6 +364,7 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
       :func:`trakjax.report.render`'s dict plus ``"scores"`` (the path of the score matrix).
     """
     config, model, arrays = prepared
+    report.check_output_directory(config.output, overwrite=overwrite)
     traker = _open_session(prepared, overwrite)
     train = examples(config.task, arrays, "train")
     targets = examples(config.task, arrays, "target")
@@ -365,7 +375,7 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
         "data": {key: str(value) for key, value in config.data.items() if not isinstance(value, dict)},
         "picture_targets": list(range(min(8, t))),
         "title": f"trakjax attribute: {config.model}, {len(config.checkpoints)} checkpoints, "
-                 f"k={config.settings.result.proj_dim}",
+                 f"k={traker.config.result.requested_dim}",
         "inputs": ("tokens" if config.task in TOKEN_TASKS else
                    "image" if config.task == "image_classification" else "auto"),
     }

@@ -26,7 +26,7 @@ import numpy as np
 
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
-from trakjax import regularization
+from trakjax import memory_limits, regularization
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax.config import Config, ResultSettings
@@ -117,9 +117,14 @@ def _example_shapes(data) -> str:
     return "{" + ", ".join(f"{jax.tree_util.keystr(p)}: {tuple(np.shape(x)[1:])}" for p, x in leaves) + "}"
 
 
+VALIDATE_ROWS = 256
+"""Training rows :func:`check_targets_fit` runs the task's own ``validate`` on before any work."""
+
+
 def check_targets_fit(task: Task, params, train, targets) -> None:
-    """Raise before any work if the targets' examples do not fit the model as the training
-    examples do.
+    """Raise before any work if the training examples do not fit the model (the task's own
+    ``validate`` on the first rows, then ``task.output`` traced on one example), or the targets'
+    examples do not fit it as the training examples do.
 
     Targets whose pytree structure or per-example shapes differ from the training examples' are
     traced through ``task.output`` once (``jax.eval_shape``, nothing computed); if the model
@@ -129,6 +134,22 @@ def check_targets_fit(task: Task, params, train, targets) -> None:
     """
     if callable(train) or callable(targets) or task.init is not None:
         return
+    key = jax.random.key(0) if task.uses_key else None
+    train_example = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), train)
+    try:
+        if task.validate is not None:  # the task's own checks first (on a first batch's rows)
+            task.validate(params, data_lib.take(train, 0, min(VALIDATE_ROWS, data_lib.num_examples(train))))
+        jax.eval_shape(lambda p, z: task.output(p, z, TaskState(None, key)), params, train_example)
+    except ValueError:  # the task's own check (a TrakjaxError or a custom task's ValueError): clear
+        raise
+    except Exception as err:  # noqa: BLE001  (any failure to trace is the inputs' misfit)
+        lines = str(err).strip().splitlines()
+        raise InvalidArgumentError(
+            f"train does not fit the model: one training example has shapes {_example_shapes(train)}, "
+            f"which task {task.name!r}'s output rejects with these parameters ({type(err).__name__}: "
+            f"{lines[0] if lines else ''}); nothing was computed"
+        ) from err
     same_structure = jax.tree_util.tree_structure(train) == jax.tree_util.tree_structure(targets)
     if same_structure and all(
         np.shape(a)[1:] == np.shape(b)[1:]
@@ -240,6 +261,8 @@ def solved_checkpoints(
     bar = progress_bar(len(checkpoints), "checkpoints", "checkpoint", config.run.progress)
     for params, model_id in zip(checkpoints, model_ids, strict=True):
         checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)
+        plan = checkpoint.spec.plan
+        memory_limits.check_solve_memory(checkpoint.proj_dim, k_fac=None if plan is None else plan.k_fac)
         train_features = _featurize_share(task, checkpoint, share, start, config.run.batch_size)
         phi = round_to(train_features.features, storage)
         num_params = checkpoint.layout.total

@@ -382,6 +382,53 @@ def read_run_record(out_dir: str | os.PathLike, *, missing_ok: bool = False, che
     return check_run_record(record, path) if check else record
 
 
+OUTPUT_NAMES = (RUN_FILE, TOP_K_CSV, TOP_K_JSON, PICTURE_FILE)
+"""The files a run writes into its output directory (with ``store/``; :mod:`trakjax.manifest`)."""
+
+
+def is_trakjax_output(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` is a trakjax output: its ``run.json`` is a run record trakjax wrote."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        record = read_json(path, "run record")
+        check_run_record(record, path)
+    except StoreError:
+        return False
+    return record["kind"] in ("demo", "attribute")
+
+
+def check_output_directory(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse to write into a directory that is not a trakjax output but holds files with
+    trakjax's output names (a user's own ``topk.csv``, ``run.json``, ``store``), unless
+    ``overwrite``; and refuse a directory that is a link when ``overwrite``.
+
+    Raises:
+      StoreError: naming the directory and the files.
+    """
+    from trakjax import manifest  # here: the rest of this module needs no store code
+
+    out_dir = Path(out_dir)
+    if overwrite:
+        manifest.check_not_link(out_dir, "the output directory")
+        store = out_dir / "store"
+        if store.is_symlink():
+            manifest.check_not_link(store, "the output's store")
+    if overwrite or not out_dir.is_dir() or is_trakjax_output(out_dir):
+        return
+    from trakjax.explorer import ASSET_DIR, PAGE_FILE
+
+    names = (*OUTPUT_NAMES, PAGE_FILE, ASSET_DIR, "store")
+    clashing = [out_dir / name for name in names if os.path.lexists(out_dir / name)]
+    if clashing:
+        raise StoreError(
+            f"the output directory {out_dir} is not a trakjax output (no {RUN_FILE} written by "
+            f"trakjax) but holds {', '.join(str(p) for p in clashing)}, which trakjax would "
+            "replace; use another output directory, or --overwrite to replace them"
+        )
+
+
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """Raise ``ValueError`` unless ``path`` is a writable directory or can be created as one.
 
@@ -420,13 +467,15 @@ def _load(out_dir: Path, data: dict, name: str):
     return np.load(path, mmap_mode="r")
 
 
-def render(out_dir: str | os.PathLike, record: dict, top: Any, *, explorer: bool = True) -> dict:
+def render(out_dir: str | os.PathLike, record: dict, top: Any, write_dir: str | os.PathLike | None = None,
+           *, explorer: bool = True) -> dict:
     """Write the top-k table, for image inputs the picture, and the explorer of a run.
 
     Args:
       out_dir: the run's output directory.
       record: its run record (see :func:`write_run_record`).
       top: the experiment's top-k (see the module docstring).
+      write_dir: where to write them instead (default ``out_dir``).
       explorer: write ``index.html`` too (:func:`write_run_explorer`, with the record's
         ``summary``); a caller that learns the summary later writes it then.
 
@@ -435,12 +484,13 @@ def render(out_dir: str | os.PathLike, record: dict, top: Any, *, explorer: bool
       "explorer": path of index.html or None, "explorer_files": the explorer's files}``.
     """
     out_dir = Path(out_dir)
+    write_dir = out_dir if write_dir is None else Path(write_dir)
     data = record.get("data", {})
     train_labels = _load(out_dir, data, "train_labels")
     target_labels = _load(out_dir, data, "target_labels")
     records = top_k_records(top, train_labels=train_labels, target_labels=target_labels)
     csv_path, json_path = write_top_k(
-        out_dir, records, {"experiment": record.get("experiment"), "k": int(np.shape(top.proponents)[0])}
+        write_dir, records, {"experiment": record.get("experiment"), "k": int(np.shape(top.proponents)[0])}
     )
     train_images = as_images(_as_array(_load(out_dir, data, "train_inputs")))
     target_images = as_images(_as_array(_load(out_dir, data, "target_inputs")))
@@ -448,22 +498,23 @@ def render(out_dir: str | os.PathLike, record: dict, top: Any, *, explorer: bool
     if train_images is not None and target_images is not None:
         predictions = _load(out_dir, record, "predictions")
         columns = record.get("picture_targets") or list(range(min(8, np.shape(top.proponents)[1])))
-        picture = out_dir / PICTURE_FILE
+        picture = write_dir / PICTURE_FILE
         attribution_figure(
             picture, top, train_images, target_images, train_labels=train_labels,
             target_labels=target_labels, predictions=predictions, columns=columns,
             num_shown=min(5, np.shape(top.proponents)[0]), title=record.get("title"),
         )
-    files = write_run_explorer(out_dir, record, records) if explorer else []
+    files = write_run_explorer(out_dir, record, records, write_dir=write_dir) if explorer else []
     return {"records": records, "csv": csv_path, "json": json_path, "picture": picture,
             "explorer": files[-1] if files else None, "explorer_files": files}
 
 
 def write_run_explorer(out_dir: str | os.PathLike, record: dict, records: list[dict],
-                       summary: dict | None = None) -> list[Path]:
+                       summary: dict | None = None, write_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write the explorer (``index.html`` and its files) of a run: :func:`trakjax.explorer.write_explorer`
     with the inputs, predictions, decoder and title the run record names, and ``summary``
-    (default: the record's). Returns the files written, ``index.html`` last."""
+    (default: the record's), into ``write_dir`` (default ``out_dir``). Returns the files
+    written, ``index.html`` last."""
     from trakjax import explorer as explorer_lib
 
     out_dir = Path(out_dir)
@@ -472,7 +523,7 @@ def write_run_explorer(out_dir: str | os.PathLike, record: dict, records: list[d
     if decoder is not None and decoder != "bytes":
         decoder = _resolve(out_dir, decoder)
     return explorer_lib.write_explorer(
-        out_dir, records, train_inputs=_load(out_dir, data, "train_inputs"),
+        out_dir if write_dir is None else Path(write_dir), records, train_inputs=_load(out_dir, data, "train_inputs"),
         target_inputs=_load(out_dir, data, "target_inputs"), decoder=decoder,
         predictions=_load(out_dir, record, "predictions"),
         summary=record.get("summary") if summary is None else summary,
@@ -537,8 +588,11 @@ def describe_unfinished(out_dir: Path, record: dict) -> str:
     return "; ".join(parts)
 
 
-def show(out_dir: str | os.PathLike) -> dict:
+def show(out_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
     """Redraw the picture, the top-k table and the explorer of a finished run from its store.
+
+    ``out`` is where to write them (default ``out_dir``); a finished run on a read-only file
+    system is read, and its tables written to ``out``.
 
     Returns :func:`render`'s dict.
 
@@ -571,4 +625,11 @@ def show(out_dir: str | os.PathLike) -> dict:
             f"{out_dir / RUN_FILE}: picture_targets {bad} are out of range for {num_targets} targets"
         )
     top = stored_top_k(store, experiment, record["top_k"])
-    return render(out_dir, record, top)
+    write_dir = out_dir if out is None else Path(os.path.expanduser(os.fspath(out)))
+    try:
+        check_writable(write_dir, "the directory to write the picture and tables in")
+    except InvalidArgumentError as err:
+        hint = "" if out is not None else "; give another with --out DIR"
+        raise InvalidArgumentError(f"{err}{hint}") from err
+    write_dir.mkdir(parents=True, exist_ok=True)
+    return render(out_dir, record, top, write_dir)

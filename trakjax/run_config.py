@@ -334,7 +334,9 @@ def parse(path: str | os.PathLike) -> RunConfig:
             raise ConfigError(f"{path}: {name}{'' if message.startswith('.') else ' '}{message}") from err
     _check_data_files(path, values["task"], values["data"], values["checkpoints"])
     try:
-        settings = Config.create(**{key.setting: values[name] for name, key in KEYS.items() if key.setting})
+        # only the keys the file gives: the others are unset, and adopt an existing store's values
+        settings = Config.create(**{key.setting: values[name] for name, key in KEYS.items()
+                                    if key.setting and name in raw})
     except TrakjaxError as err:
         raise ConfigError(f"{path}: {err}") from err
     return RunConfig(

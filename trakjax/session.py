@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,12 @@ import numpy as np
 from trakjax import checkpoints as checkpoints_lib
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
+from trakjax import manifest, memory_limits, store_settings, trees
 from trakjax import scores as scores_lib
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax import store as store_lib
-from trakjax import trees
+from trakjax import task_fingerprint as task_fingerprint_lib
 from trakjax.config import Config, check_int
 from trakjax.errors import ArgumentTypeError, InputsChangedError, InvalidArgumentError, StoreError
 from trakjax.pipeline import RidgeInputs, check_model_ids, check_targets_fit, checkpoint_kernel
@@ -133,6 +135,8 @@ class TRAKer:
         to this session serves, else orbax's own structure.
       score_block_rows: train rows per block of the score matrix (memory about
         ``score_block_rows · T · 24`` bytes).
+      store_record: more JSON-able settings that decide the scores, recorded in the store and
+        compared like the result settings (the command line records its model settings).
       **settings: settings overriding ``config``'s (:meth:`trakjax.Config.create`): ``proj_dim``,
         ``seed``, ``projection``, ``lambda_reg``, ``grad_wrt``, ``dtype``, ``reference_compat``,
         ``precision`` (recorded in the store) and ``batch_size`` (each call's rows are padded to
@@ -157,6 +161,7 @@ class TRAKer:
         init_data: Any = None,
         params_template: Any = None,
         score_block_rows: int = scores_lib.SCORE_BLOCK_ROWS,
+        store_record: dict | None = None,
         **settings,
     ):
         if not isinstance(task, Task):
@@ -177,8 +182,16 @@ class TRAKer:
             featurize_lib.select_parameters(self._template, self.config.result.grad_wrt)
         self.save_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(save_dir))))
         self._store = None
-        if (self.save_dir / store_lib.METADATA_FILE).exists():
+        self._store_record = dict(store_record or {})
+        self._task_checked = False
+        if (self.save_dir / store_lib.METADATA_FILE).is_file():
+            stored = store_lib.read_json(self.save_dir / store_lib.METADATA_FILE)
+            if isinstance(stored, dict) and isinstance(stored.get("config"), dict):
+                self.config = store_settings.adopt_stored_settings(self.config, stored["config"])
+                self.seed = self.config.result.seed
+                self.storage = self.config.result.storage_dtype
             self._store = store_lib.Store.open(self.save_dir, self._store_config())
+        self._had_results = bool(self._store is not None and self._store.model_ids())
         self._example = None if init_data is None else featurize_lib.one_example(init_data)
         self._pending: tuple | None = None  # a load or scoring start waiting for an example
         self._checkpoint: featurize_lib.Checkpoint | None = None
@@ -189,7 +202,58 @@ class TRAKer:
         self._last_ind_target = 0
 
     def _store_config(self) -> dict:
-        return {"task": self.task.name, "train_set_size": self.train_set_size, **self.config.result.record()}
+        return {"task": self.task.name, "train_set_size": self.train_set_size, **self.config.result.record(),
+                **self._store_record}
+
+    # ----------------------------------------------------------------- the task's fingerprint
+
+    def _task_fingerprint(self, params, example, aux=None) -> str:
+        if self.task.init is not None and aux is None:
+            data = self.init_data if self.init_data is not None and not callable(self.init_data) else None
+            if data is not None:
+                aux = jax.eval_shape(self.task.init, _abstract(params), _abstract(data))
+        return task_fingerprint_lib.task_fingerprint(self.task, params, example, aux)
+
+    def _task_change(self, params, example, aux=None, record: bool = True) -> str | None:
+        """How the task differs from the one the store's results were computed with (None if
+        it does not, or cannot be compared); with ``record``, records the fingerprint where it
+        is missing."""
+        if self._store is None and not (self.save_dir / store_lib.METADATA_FILE).is_file() and not record:
+            return None
+        store = self.store
+        versions = task_fingerprint_lib.versions_key()
+        found = self._task_fingerprint(params, example, aux)
+        stored = store.task_fingerprint(versions)
+        if stored is not None:
+            return None if stored == found else (
+                f"the task {self.task.name!r}: what it computes changed (fingerprint {stored} in the "
+                f"store, {found} now)")
+        if not record:
+            return None
+        others = store.task_fingerprint_versions()
+        if others:
+            warnings.warn(
+                f"the store at {store.root} records the task's fingerprint traced by {others}, this is "
+                f"{versions}: the task could not be compared (jaxprs print differently across "
+                "releases); recording this version's fingerprint", stacklevel=4)
+        elif self._had_results:
+            warnings.warn(
+                f"the store at {store.root} records no fingerprint of its task (written by an "
+                "earlier trakjax): the task could not be compared; recording it now", stacklevel=4)
+        if store.read_only:
+            return None
+        store.record_task_fingerprint(versions, found)
+        return None
+
+    def _check_task(self, params, example, aux=None) -> None:
+        """Raise :class:`InputsChangedError` if the task changed since the store's results."""
+        self._task_checked = True
+        change = self._task_change(params, example, aux)
+        if change is not None:
+            raise InputsChangedError(
+                f"the store at {self.save_dir} holds results of another task; changed since:\n  {change}"
+                "\nUse another save_dir, or TRAKer.run(..., overwrite=True) to recompute"
+            )
 
     @property
     def store(self) -> store_lib.Store:
@@ -268,6 +332,9 @@ class TRAKer:
         }
         if prepared.spec.plan is not None:
             differentiated["k_fac"] = int(prepared.spec.plan.k_fac)
+        memory_limits.check_solve_memory(prepared.proj_dim, k_fac=differentiated.get("k_fac"))
+        if self._example is not None and not self._task_checked:
+            self._check_task(params, self._example, prepared.aux)
         weights = self.store.fingerprint_of(params, model_id)
         self.store.register_model(model_id, weights, tree, differentiated)
         self._checkpoint = prepared
@@ -336,6 +403,8 @@ class TRAKer:
             raise InvalidArgumentError(
                 "no checkpoint is loaded; call load_checkpoint(checkpoint, model_id) before featurize"
             )
+        if not self._task_checked:  # the dense family's first example comes with the first batch
+            self._check_task(self._checkpoint.params, featurize_lib.one_example(batch), self._checkpoint.aux)
         indices = self._batch_indices(batch, inds, num_samples, self._last_ind,
                                       self.train_set_size, "train_set_size")
         arrays = self._train_arrays
@@ -502,6 +571,8 @@ class TRAKer:
                 "call start_scoring_checkpoint(exp_name, checkpoint, model_id, num_targets) before score"
             )
         exp_name, checkpoint = self._scoring
+        if not self._task_checked:
+            self._check_task(checkpoint.params, featurize_lib.one_example(batch), checkpoint.aux)
         arrays = self._target_arrays
         indices = self._batch_indices(batch, inds, num_samples, self._last_ind_target,
                                       arrays.done.shape[0], "num_targets")
@@ -649,9 +720,12 @@ class TRAKer:
         progress = self.config.run.progress if progress is None else bool(progress)
         if self._example is None:
             self._example = featurize_lib.one_example(train)
-        check_targets_fit(self.task, self._resolve_checkpoint(checkpoints[0]), train, targets)
-        inputs = {"train": trees.fingerprint(train), "targets": trees.fingerprint(targets)}
+        first = self._resolve_checkpoint(checkpoints[0])
+        check_targets_fit(self.task, first, train, targets)
+        inputs = {"train": trees.fingerprint(train), "targets": trees.fingerprint(targets),
+                  "first": first}
         self._refuse_changed_inputs(checkpoints, ids, experiment, num_targets, inputs, overwrite)
+        self._check_task(first, self._example)
         self.store.check_train_data(inputs["train"])
         stage = on_stage or (lambda name: None)
         self._featurize_all(checkpoints, ids, train, progress)
@@ -673,6 +747,10 @@ class TRAKer:
             return []
         store = self.store
         changes = []
+        task_change = self._task_change(inputs["first"], self._example, record=False)
+        if task_change is not None:
+            changes.append(task_change)
+        changes += self._selection_change(inputs["first"])
         stored_train = store.train_fingerprint()
         if stored_train and stored_train != inputs["train"]:
             changes.append(f"the training data: fingerprint {stored_train} in the store, {inputs['train']} now")
@@ -696,6 +774,20 @@ class TRAKer:
                                f"{record['model_ids']}, this run has {ids}")
         return changes
 
+    def _selection_change(self, params) -> list[str]:
+        """The differentiated leaves ``grad_wrt`` selects on ``params``, if they differ from the
+        store's (a callable ``grad_wrt`` is recorded by its selection, not its name)."""
+        record = self.store.parameters()
+        if record is None:
+            return []
+        mask = featurize_lib.select_parameters(params, self.config.result.grad_wrt)
+        paths = [p for p, m in zip(featurize_lib.parameter_paths(params), mask, strict=True) if m]
+        stored = record["differentiated"]["paths"]
+        if paths == stored:
+            return []
+        return [f"the differentiated parameters (grad_wrt): the store's results differentiate {stored}, "
+                f"this run selects {paths}"]
+
     def _refuse_changed_inputs(self, checkpoints, ids, experiment, num_targets, inputs, overwrite: bool) -> None:
         changes = self._changed_inputs(checkpoints, ids, experiment, num_targets, inputs)
         if not changes:
@@ -707,9 +799,11 @@ class TRAKer:
                 + "\nNothing was changed. Recompute with overwrite=True (trakjax attribute --overwrite), "
                 "or use another save_dir"
             )
+        manifest.check_not_link(self.save_dir, "save_dir")
         logger.warning("inputs changed (%s); discarding the store's results", "; ".join(changes))
         if jax.process_index() == 0:
             self.store.clear()
+        self._had_results = False
         if jax.process_count() > 1:
             _barrier("trakjax run: store cleared")
 

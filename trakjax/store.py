@@ -4,7 +4,8 @@ Layout of a store directory (every array is a ``.npy`` file, opened as a memory 
 by plain ``numpy.load``; docs/design.md, "The store")::
 
     trakjax_store.json                  run metadata: the result settings, the parameter layout,
-                                        the training data's fingerprint
+                                        the training data's fingerprint, the task's fingerprints
+                                        by the JAX/Flax versions that traced them
     .lock                               fcntl.flock lock guarding shared metadata
     models/<model_id>/model.json        fingerprint of the weights; solve details once finalized
     models/<model_id>/grads.npy         (N, k) projected train gradients Φ, storage dtype
@@ -40,12 +41,20 @@ Guarantees:
 * Every metadata file is checked against its schema when read, and every array file the
   metadata refers to is checked on open (present, ``.npy`` header, shape, dtype and size): a bad
   file is reported by path.
+* A key the store's configuration lacks reads as the behaviour of the version that wrote it
+  (:mod:`trakjax.store_settings`).
+* :meth:`Store.clear` removes only the files trakjax creates (:mod:`trakjax.manifest`) and
+  refuses, listing them, when it finds others.
+* A store that cannot be written opens read-only: finished results are read, and every write
+  raises :class:`StoreError` naming the directory.
+* A done mask holding values other than 0 and 1 is reported as damage.
 * I/O errors propagate; nothing is swallowed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -61,7 +70,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import trees
+from trakjax import manifest, trees
 from trakjax.errors import InputsChangedError, InvalidArgumentError, StoreError
 from trakjax.files import (
     TMP_MARK,
@@ -76,6 +85,7 @@ from trakjax.files import (
     write_json_atomic,
     write_rows,
 )
+from trakjax.store_settings import stored_as_current
 from trakjax.version import __version__
 
 # Re-exported: the names trakjax 0.1 callers used from this module.
@@ -184,7 +194,10 @@ _STORE_SCHEMA = {
     "format_version": _INT, "trakjax_version": _STR, "config": dict,
     "parameters": (None, {"tree": _TREE, "differentiated": _DIFFERENTIATED}),
     "train_fingerprint?": (None, _STR),
+    "task_fingerprints?": dict,
 }
+_READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
+"""What opening the lock file for writing raises in a directory this process cannot write."""
 _FINALIZED = {"lambda_reg": _REAL, "rank": (None, _INT), "condition": (_REAL, _STR), "scale": _REAL,
               "method?": _STR, "lambda_rule?": _STR}
 _MODEL_SCHEMA = {"model_id": _INT, "fingerprint": _STR, "finalized": (None, _FINALIZED)}
@@ -266,6 +279,21 @@ def _score_key(model_ids: Sequence[int], block_rows: int) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def check_done_mask(path: Path) -> None:
+    """Raise :class:`StoreError` naming ``path`` if a done mask holds values other than 0 and 1
+    (damage: such a row would count as written)."""
+    done = np.load(path, mmap_mode="r")
+    bad = np.flatnonzero(np.asarray(done) > 1)
+    if bad.size:
+        shown = bad[:10].tolist()
+        raise StoreError(
+            f"store array file {path} is damaged: a done mask holds only 0 and 1, but rows "
+            f"{shown}{' ...' if bad.size > 10 else ''} ({bad.size} in all) hold "
+            f"{np.asarray(done)[bad[:10]].tolist()}; restore it, or delete the file's folder to "
+            "recompute those results"
+        )
+
+
 def _config_int(config: dict, key: str, root: Path) -> int:
     value = config.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -288,6 +316,9 @@ class Store:
         self.root = Path(root)
         self._metadata = metadata
         self._held: set[Path] = set()
+        self.read_only = False
+        """True when the store's directory cannot be written (a read-only file system, no
+        permission): finished results are read, and any write raises :class:`StoreError`."""
 
     # ----------------------------------------------------------------- opening and locking
 
@@ -307,17 +338,48 @@ class Store:
         root = Path(os.path.expanduser(os.fspath(root))).resolve()
         if root.exists() and not root.is_dir():
             raise StoreError(f"save_dir {root} exists and is not a directory")
-        root.mkdir(parents=True, exist_ok=True)
+        if not (root / METADATA_FILE).is_file():
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                if err.errno not in _READ_ONLY_ERRORS:
+                    raise
+                raise StoreError(
+                    f"cannot create the store at {root}: {err.strerror} (a read-only file system or "
+                    "no write permission); use a writable save_dir"
+                ) from err
         store = cls(root, {})
+        store.read_only = not store._writable()
         with store.lock():
             path = root / METADATA_FILE
             metadata = store._existing(path, config) if path.exists() else store._create(path, config)
             store._metadata = metadata
-            for folder in store._folders():
-                remove_stale_temporaries(folder)
+            if not store.read_only:
+                for folder in store._folders():
+                    remove_stale_temporaries(folder)
             if validate:
                 store.validate()
         return store
+
+    def _writable(self) -> bool:
+        """Whether this process can create files in the store's directory (the lock file)."""
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            if err.errno in _READ_ONLY_ERRORS:
+                return False
+            raise
+        os.close(fd)
+        return True
+
+    def require_writable(self, action: str) -> None:
+        """Raise :class:`StoreError` naming the directory if the store is read-only."""
+        if self.read_only:
+            raise StoreError(
+                f"the store at {self.root} is read-only (a read-only file system or no write "
+                f"permission): its finished results can be read, but {action} writes to it; make "
+                "it writable or use another save_dir"
+            )
 
     def _existing(self, path: Path, config: dict) -> dict:
         metadata = read_json(path)
@@ -328,7 +390,7 @@ class Store:
                 f"(found format_version={found!r})"
             )
         metadata = read_record(path, _STORE_SCHEMA, "store metadata file")
-        differences = config_differences(metadata["config"], config)
+        differences = config_differences(stored_as_current(metadata["config"], config), config)
         if differences:
             raise StoreError(
                 f"the store at {self.root} was created with another configuration:\n  "
@@ -343,6 +405,7 @@ class Store:
         return metadata
 
     def _create(self, path: Path, config: dict) -> dict:
+        self.require_writable("creating a store")
         remove_stale_temporaries(self.root)  # a creation killed before its first rename
         if any(p.name != LOCK_FILE and TMP_MARK not in p.name for p in self.root.iterdir()):
             raise StoreError(
@@ -370,9 +433,15 @@ class Store:
         if path in self._held:
             yield
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        if self.read_only:  # readers of a read-only store share its lock where there is one
+            if not path.exists():
+                yield
+                return
+            fd, mode = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), fcntl.LOCK_SH
+        else:
+            fd, mode = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), fcntl.LOCK_EX
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, mode)
             self._held.add(path)
             try:
                 yield
@@ -427,6 +496,7 @@ class Store:
             check_array_file(folder / "grads.npy", (n, k), storage)
             check_array_file(folder / "out_to_loss.npy", (n,), OUT_TO_LOSS_DTYPE)
             check_array_file(folder / "done.npy", (n,), DONE_DTYPE)
+            check_done_mask(folder / "done.npy")
             for name in RIDGE_FILES:
                 if (folder / name).exists():
                     check_array_file(folder / name, (n,), OUT_TO_LOSS_DTYPE)
@@ -439,6 +509,7 @@ class Store:
                 folder = self._target_dir(name, model_id)
                 check_array_file(folder / "grads.npy", (t, k), storage)
                 check_array_file(folder / "done.npy", (t,), DONE_DTYPE)
+                check_done_mask(folder / "done.npy")
             if (info.get("scores") or {}).get("complete"):
                 check_array_file(self._experiment_dir(name) / "scores.npy", (n, t), SCORES_DTYPE)
 
@@ -454,6 +525,7 @@ class Store:
             metadata = self._refresh()
             stored = metadata.get("train_fingerprint")
             if stored is None:
+                self.require_writable("recording the training data's fingerprint")
                 metadata["train_fingerprint"] = data_fingerprint
                 write_json_atomic(self.root / METADATA_FILE, metadata)
             elif stored != data_fingerprint:
@@ -467,14 +539,40 @@ class Store:
         return self._refresh().get("train_fingerprint")
 
     def clear(self) -> None:
-        """Delete every checkpoint's and experiment's results, keeping the configuration."""
+        """Delete every checkpoint's and experiment's results, keeping the configuration.
+
+        Only trakjax's own files are removed (:mod:`trakjax.manifest`); if ``models/`` or
+        ``experiments/`` hold anything else, nothing is removed and the files are listed.
+        """
+        self.require_writable("discarding its results")
         with self.lock():
-            for folder in ("models", "experiments"):
-                if (self.root / folder).exists():
-                    shutil.rmtree(self.root / folder)
+            manifest.remove_own_files(self.root, manifest.STORE, what="the store",
+                                      within=("models", "experiments"))
             metadata = self._refresh()
             metadata["parameters"] = None
             metadata["train_fingerprint"] = None
+            metadata.pop("task_fingerprints", None)
+            write_json_atomic(self.root / METADATA_FILE, metadata)
+
+    # ----------------------------------------------------------------- the task's fingerprint
+
+    def task_fingerprint(self, versions: str) -> str | None:
+        """The task fingerprint recorded under ``versions`` (the JAX and Flax versions that
+        traced it, :func:`trakjax.task_fingerprint.versions_key`), or None."""
+        return (self._refresh().get("task_fingerprints") or {}).get(versions)
+
+    def task_fingerprint_versions(self) -> list[str]:
+        """The versions under which a task fingerprint is recorded."""
+        return sorted(self._refresh().get("task_fingerprints") or {})
+
+    def record_task_fingerprint(self, versions: str, digest: str) -> None:
+        """Record the task fingerprint ``digest`` traced under ``versions``."""
+        self.require_writable("recording the task's fingerprint")
+        with self.lock():
+            metadata = self._refresh()
+            recorded = dict(metadata.get("task_fingerprints") or {})
+            recorded[versions] = digest
+            metadata["task_fingerprints"] = recorded
             write_json_atomic(self.root / METADATA_FILE, metadata)
 
     # ----------------------------------------------------------------- models (train side)
@@ -547,6 +645,7 @@ class Store:
             if self.has_model(model_id):
                 self.check_weights(model_id, weights)
                 return
+            self.require_writable(f"registering model_id {model_id}")
             if self._metadata.get("parameters") is None:
                 self._metadata["parameters"] = {"tree": tree, "differentiated": differentiated}
                 write_json_atomic(self.root / METADATA_FILE, self._metadata)
@@ -574,6 +673,8 @@ class Store:
             )
 
     def train_arrays(self, model_id: int, mode: str = "r+") -> TrainArrays:
+        if mode != "r":
+            self.require_writable(f"featurizing model_id {model_id}")
         folder = self._model_dir(model_id)
         n, k = self.train_set_size, self.proj_dim()
         grads = open_array(folder / "grads.npy", (n, k), file_dtype(self.storage_dtype), mode)
@@ -609,6 +710,7 @@ class Store:
         memory map). The file is flushed, fsynced and renamed to ``features.npy``; only then is
         ``model.json`` rewritten with ``details`` (λ, rank, ...) as the finalized record.
         """
+        self.require_writable(f"finalizing model_id {model_id}")
         folder = self._model_dir(model_id)
         n, k = self.train_set_size, self.proj_dim()
         final = folder / "features.npy"
@@ -694,12 +796,15 @@ class Store:
             if path.is_file():
                 info = self.experiment_info(name)
                 self._check_targets(name, info, int(num_targets), targets_fingerprint)
+                before = dict(info)
             else:
                 info = {"name": name, "num_targets": int(num_targets), "model_ids": [], "scores": None,
                         "targets_fingerprint": targets_fingerprint}
+                before = None
             if info.get("targets_fingerprint") is None and targets_fingerprint is not None:
                 info["targets_fingerprint"] = targets_fingerprint
             if int(model_id) not in info["model_ids"]:
+                self.require_writable(f"scoring experiment {name!r}")
                 folder = self._target_dir(name, model_id)
                 folder.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(folder)
@@ -707,8 +812,10 @@ class Store:
                 create_array(folder / "done.npy", (int(num_targets),), DONE_DTYPE)
                 create_array(folder / "grads.npy", (int(num_targets), k), file_dtype(self.storage_dtype))
                 info["model_ids"] = sorted(info["model_ids"] + [int(model_id)])
-            (self._experiment_dir(name)).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, info)
+            if info != before:
+                self.require_writable(f"scoring experiment {name!r}")
+                (self._experiment_dir(name)).mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, info)
 
     def _check_targets(self, name: str, info: dict, num_targets: int, targets_fingerprint) -> None:
         if int(info["num_targets"]) != num_targets:
@@ -726,6 +833,8 @@ class Store:
             )
 
     def target_arrays(self, name: str, model_id: int, mode: str = "r+") -> TargetArrays:
+        if mode != "r":
+            self.require_writable(f"scoring experiment {name!r}")
         info = self.experiment_info(name)
         if int(model_id) not in info["model_ids"]:
             raise StoreError(
@@ -770,6 +879,7 @@ class Store:
         """
         n = self.train_set_size
         ids = tuple(int(m) for m in model_ids)
+        self.require_writable(f"computing the scores of experiment {name!r}")
         with self.lock():
             t = int(self.experiment_info(name)["num_targets"])
             folder = self._experiment_dir(name) / "partial" / _score_key(ids, block_rows)

@@ -39,6 +39,7 @@ rows it was computed with).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -56,9 +57,15 @@ from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax import store as store_lib
 from trakjax import trees
-from trakjax.config import Config, check_int
+from trakjax.config import AUTO, GAUSS_NEWTON_KERNEL, TRAK_KERNEL, Config, check_int
 from trakjax.errors import ArgumentTypeError, InputsChangedError, InvalidArgumentError, StoreError
-from trakjax.pipeline import RidgeInputs, check_model_ids, check_targets_fit, checkpoint_kernel
+from trakjax.pipeline import (
+    RidgeInputs,
+    check_model_ids,
+    check_targets_fit,
+    checkpoint_kernel,
+    run_kernel,
+)
 from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
@@ -177,6 +184,7 @@ class TRAKer:
             featurize_lib.select_parameters(self._template, self.config.result.grad_wrt)
         self.save_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(save_dir))))
         self._store = None
+        self._resolve_kernel()
         if (self.save_dir / store_lib.METADATA_FILE).exists():
             self._store = store_lib.Store.open(self.save_dir, self._store_config())
         self._example = None if init_data is None else featurize_lib.one_example(init_data)
@@ -187,6 +195,22 @@ class TRAKer:
         self._last_ind = 0
         self._scoring: tuple[str, featurize_lib.Checkpoint] | None = None
         self._last_ind_target = 0
+
+    def _resolve_kernel(self) -> None:
+        """Fix the kernel before the store is opened: an unset kernel (``"auto"``) adopts an
+        existing store's (a store without one ran TRAK's), else the task decides
+        (:func:`trakjax.curvature.resolve_kernel`); an explicit one is checked against the task."""
+        requested = self.config.result.kernel
+        metadata = self.save_dir / store_lib.METADATA_FILE
+        if requested == AUTO and metadata.exists():
+            stored = store_lib.read_json(metadata)
+            config = stored.get("config") if isinstance(stored, dict) else None
+            if isinstance(config, dict):
+                requested = store_lib.recorded_setting(config, "kernel")
+                if requested not in (TRAK_KERNEL, GAUSS_NEWTON_KERNEL):
+                    requested = AUTO  # an unreadable record: the store's own check reports it
+        resolved = run_kernel(self.task, dataclasses.replace(self.config.result, kernel=requested))
+        self.config = self.config.replace(kernel=resolved)
 
     def _store_config(self) -> dict:
         return {"task": self.task.name, "train_set_size": self.train_set_size, **self.config.result.record()}
@@ -416,12 +440,13 @@ class TRAKer:
         return checkpoint_kernel(
             phi[start:stop], self.config.result, proj_dim=phi.shape[1], num_examples=phi.shape[0],
             num_params=int(differentiated["num_params"]), num_features=differentiated.get("k_fac"),
-            mesh=self.mesh, ridge=ridge,
+            mesh=self.mesh, ridge=ridge, kernel=self.config.result.kernel,
         )
 
     def _write_features(self, model_id: int, phi, kernel: solve_lib.KernelSolve) -> None:
         details = {"lambda_reg": kernel.lambda_reg, "rank": kernel.rank, "condition": kernel.condition,
-                   "scale": kernel.scale, "method": kernel.method, "lambda_rule": kernel.lambda_rule}
+                   "scale": kernel.scale, "method": kernel.method, "lambda_rule": kernel.lambda_rule,
+                   "kernel": kernel.kernel, "clipped_curvature": kernel.clipped_curvature}
         self.store.write_features(
             model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh), details
         )

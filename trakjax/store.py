@@ -130,12 +130,24 @@ def storage_view(array: np.ndarray, storage: np.dtype) -> np.ndarray:
     return array.view(storage)
 
 
+ABSENT_CONFIG_MEANS = {"kernel": "trak"}
+"""What a result setting missing from a store's recorded configuration means: the behaviour of
+the trakjax that wrote it (stores from before the Gauss–Newton kernel ran TRAK's kernel)."""
+
+
+def recorded_setting(stored: dict, key: str):
+    """The store's value of configuration ``key``, reading a missing key as
+    :data:`ABSENT_CONFIG_MEANS` says (``"<absent>"`` for any other missing key)."""
+    return stored.get(key, ABSENT_CONFIG_MEANS.get(key, "<absent>"))
+
+
 def config_differences(stored: dict, requested: dict) -> list[str]:
-    """``"field: store has A, this session has B"`` for every field that differs."""
+    """``"field: store has A, this session has B"`` for every field that differs (a field
+    missing on either side read as :data:`ABSENT_CONFIG_MEANS` says)."""
     lines = []
     for key in sorted(set(stored) | set(requested)):
-        a = stored.get(key, "<absent>")
-        b = requested.get(key, "<absent>")
+        a = recorded_setting(stored, key)
+        b = recorded_setting(requested, key)
         if a != b:
             lines.append(f"{key}: store has {a!r}, this session has {b!r}")
     return lines
@@ -186,7 +198,7 @@ _STORE_SCHEMA = {
     "train_fingerprint?": (None, _STR),
 }
 _FINALIZED = {"lambda_reg": _REAL, "rank": (None, _INT), "condition": (_REAL, _STR), "scale": _REAL,
-              "method?": _STR, "lambda_rule?": _STR}
+              "method?": _STR, "lambda_rule?": _STR, "kernel?": _STR, "clipped_curvature?": _INT}
 _MODEL_SCHEMA = {"model_id": _INT, "fingerprint": _STR, "finalized": (None, _FINALIZED)}
 _SCORES_RECORD = {"model_ids": [_INT], "block_rows": _INT, "complete": _BOOL}
 _EXPERIMENT_SCHEMA = {

@@ -351,7 +351,7 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
         "data": {key: str(value) for key, value in config.data.items() if not isinstance(value, dict)},
         "picture_targets": list(range(min(8, t))),
         "title": f"trakjax attribute: {config.model}, {len(config.checkpoints)} checkpoints, "
-                 f"k={config.settings.result.proj_dim}",
+                 f"k={config.settings.result.proj_dim}, kernel {traker.config.result.kernel}",
     }
     config.output.mkdir(parents=True, exist_ok=True)
     previous = report.read_run_record(config.output, missing_ok=True, check=False)

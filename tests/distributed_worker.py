@@ -29,11 +29,14 @@ def settings():
     """The attribution settings; TRAKJAX_TEST_PROJECTION=factorized runs the factorized family
     (factor size 4: a second stage compresses K_fac = 32 features to 24) with the default λ
     (this untrained model's kernel at λ = 0.01 has condition 1e4, which amplifies the float32
-    rounding of per-device reductions to about 2e-5)."""
+    rounding of per-device reductions to about 2e-5). TRAKJAX_TEST_KERNEL (default "trak") sets
+    the kernel; "gauss-newton" uses the default λ (the weighted Gram is about h̄ times smaller)."""
     projection = os.environ.get("TRAKJAX_TEST_PROJECTION", "rademacher")
-    if projection == "factorized":
-        return dict(projection=projection, factor_dims=4, proj_dim=24, batch_size=16, backend="xla")
-    return dict(projection=projection, proj_dim=24, lambda_reg=0.01, batch_size=16, backend="xla")
+    kernel = os.environ.get("TRAKJAX_TEST_KERNEL", "trak")
+    if projection == "factorized" or kernel == "gauss-newton":
+        extra = dict(factor_dims=4) if projection == "factorized" else {}
+        return dict(projection=projection, proj_dim=24, batch_size=16, backend="xla", kernel=kernel, **extra)
+    return dict(projection=projection, proj_dim=24, lambda_reg=0.01, batch_size=16, backend="xla", kernel=kernel)
 
 
 def apply_fn(params, x):

@@ -84,7 +84,7 @@ def test_identity_projection_matches_float64_closed_form(reference_compat):
     lam = 0.05
     got = trakjax.attribute(
         task, checkpoints, train, targets, projection="identity", lambda_reg=lam,
-        batch_size=16, backend="xla", reference_compat=reference_compat,
+        batch_size=16, backend="xla", kernel="trak", reference_compat=reference_compat,
     )
     expected = closed_form_scores(checkpoints, train, targets, lam, reference_compat)
     assert got.shape == (N, T)
@@ -99,7 +99,7 @@ def test_lambda_zero_raises_on_the_structural_null_space_of_the_margin():
     with pytest.raises(ValueError, match="numerical rank 21 < k"):
         trakjax.attribute(
             task, [make_params(2)], train, targets, projection="identity", lambda_reg=0.0,
-            backend="xla",
+            backend="xla", kernel="trak",
         )
 
 
@@ -111,7 +111,7 @@ def test_random_projection_matches_closed_form_with_the_contract_matrix(lam):
     k = 8
     task = tasks.image_classification(apply_fn)
     got = trakjax.attribute(
-        task, [params], train, targets, proj_dim=k, seed=5, lambda_reg=lam, backend="xla",
+        task, [params], train, targets, proj_dim=k, seed=5, lambda_reg=lam, backend="xla", kernel="trak",
         model_ids=[7],
     )
     p = D * C + C
@@ -132,13 +132,13 @@ def test_feature_storage_dtypes_and_bfloat16_parameters():
     for dtype, tol in (("bfloat16", 5e-2), ("float16", 5e-3)):
         got = trakjax.attribute(
             task, checkpoints, train, targets, projection="identity", lambda_reg=0.05,
-            dtype=dtype, backend="xla",
+            dtype=dtype, backend="xla", kernel="trak",
         )
         rel = np.linalg.norm(got - exact) / np.linalg.norm(exact)
         assert rel <= tol, (dtype, rel)
     bf16 = [{k: jnp.asarray(v, jnp.bfloat16) for k, v in checkpoints[0].items()}]
     got = trakjax.attribute(
-        task, bf16, train, targets, projection="identity", lambda_reg=0.05, backend="xla"
+        task, bf16, train, targets, projection="identity", lambda_reg=0.05, backend="xla", kernel="trak"
     )
     rounded = [{k: np.asarray(v.astype(jnp.float32)) for k, v in bf16[0].items()}]
     expected = closed_form_scores(rounded, train, targets, 0.05)

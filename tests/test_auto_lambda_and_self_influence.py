@@ -58,7 +58,7 @@ def test_attribute_with_auto_lambda_when_k_exceeds_parameters_and_examples():
     train, targets = make_data(0)
     small = (train[0][:8], train[1][:8])  # N = 8, P = 28, k = 64: rank ≤ 8
     got, details = trakjax.attribute(
-        TASK, [make_params(0)], small, targets, proj_dim=64, lambda_reg="auto", backend="xla",
+        TASK, [make_params(0)], small, targets, proj_dim=64, lambda_reg="auto", backend="xla", kernel="trak",
         return_details=True,
     )
     assert np.isfinite(got).all() and np.abs(got).max() > 0
@@ -85,14 +85,14 @@ def test_self_influence_matches_float64_closed_form(lam):
     train, _ = make_data(1)
     checkpoints = [make_params(0), make_params(1)]
     got = trakjax.self_influence(
-        TASK, checkpoints, train, projection="identity", lambda_reg=lam, backend="xla", batch_size=16
+        TASK, checkpoints, train, projection="identity", lambda_reg=lam, backend="xla", kernel="trak", batch_size=16
     )
     expected = closed_form_self_influence(checkpoints, train, lam)
     assert got.shape == (N,)
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
     # It is the diagonal of attribute(train, train).
     full = trakjax.attribute(
-        TASK, checkpoints, train, train, projection="identity", lambda_reg=lam, backend="xla", batch_size=16
+        TASK, checkpoints, train, train, projection="identity", lambda_reg=lam, backend="xla", kernel="trak", batch_size=16
     )
     np.testing.assert_allclose(got, np.diag(full), rtol=1e-5, atol=1e-7)
 

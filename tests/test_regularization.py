@@ -171,7 +171,7 @@ def test_attribute_auto_is_the_implied_ridge_rule_on_its_features():
     task = tasks.image_classification(lambda p, z: z @ p["w"] + p["b"])
     params = _trained(task, x[:80], y[:80])
     _, details = trakjax.attribute(task, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
-                                   backend="xla", return_details=True)
+                                   backend="xla", return_details=True, kernel="trak")
     assert details[0].lambda_rule == "implied ridge"
     checkpoint = featurize.prepare_checkpoint(task, params, trakjax.Config.create(proj_dim=12, backend="xla"))
     out = featurize.featurize(task, checkpoint, (x[:80], y[:80]))
@@ -184,6 +184,17 @@ def test_attribute_auto_is_the_implied_ridge_rule_on_its_features():
     expected = regularization.auto_lambda(gram, stats, tolerance=solve.rounding_noise() * top)
     assert details[0].lambda_reg == pytest.approx(expected, rel=1e-3)
     assert details[0].lambda_reg != pytest.approx(0.3 * np.trace(gram) / 80, rel=1e-2)
+    # The Gauss–Newton kernel: λ = ρ̂/α from the h-weighted Gram and fit.
+    _, gn_details = trakjax.attribute(task, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
+                                      backend="xla", return_details=True, kernel="gauss-newton")
+    h = out.curvature.astype(np.float64)
+    weighted = phi.T @ (phi * h[:, None])
+    gn_stats = regularization.ridge_statistics(phi, out.out_to_loss, out.outputs, output_offset=-np.log(2.0),
+                                               curvature=h, kernel="gauss-newton")
+    gn_expected = regularization.auto_lambda(weighted, gn_stats, kernel="gauss-newton",
+                                             tolerance=solve.rounding_noise() * np.linalg.eigvalsh(weighted)[-1])
+    assert gn_details[0].kernel == "gauss-newton"
+    assert gn_details[0].lambda_reg == pytest.approx(gn_expected, rel=1e-3)
     # A task without ridge_terms falls back to the former rule.
     bare = task._replace(ridge_terms=None)
     _, bare_details = trakjax.attribute(bare, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
@@ -248,4 +259,4 @@ def test_each_ready_made_task_gives_its_untrained_output_and_curvature():
     offset, h = derived.ridge_terms(params, examples, TaskState(), q_derived)
     np.testing.assert_allclose(offset, -1.5)
     np.testing.assert_allclose(h, q_derived * (1 - q_derived), rtol=1e-5)
-    assert tasks.from_loss(margin, lambda f, ex, st: f**2).ridge_terms is None
+    assert tasks.from_loss(margin, lambda f, ex, st: f**2, curvature=False).ridge_terms is None

@@ -15,8 +15,8 @@ import pytest
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 
 
-def _env(devices=None, projection="rademacher"):
-    env = dict(os.environ, TRAKJAX_TEST_PROJECTION=projection)
+def _env(devices=None, projection="rademacher", kernel="trak"):
+    env = dict(os.environ, TRAKJAX_TEST_PROJECTION=projection, TRAKJAX_TEST_KERNEL=kernel)
     env.setdefault(
         "TRAKJAX_TEST_JAX_CACHE",
         str(pathlib.Path.home() / ".cache" / "trakjax-test-jax"),
@@ -29,17 +29,21 @@ def _env(devices=None, projection="rademacher"):
     return env
 
 
-def _single_device_scores(tmp_path, projection):
+def _single_device_scores(tmp_path, projection, kernel="trak"):
     out = tmp_path / "one.npy"
-    subprocess.run([sys.executable, WORKER, out, "devices"], check=True, env=_env(1, projection), timeout=300)
+    subprocess.run([sys.executable, WORKER, out, "devices"], check=True, env=_env(1, projection, kernel),
+                   timeout=300)
     return np.load(out)[0]
 
 
-@pytest.mark.parametrize("devices,projection", [(4, "rademacher"), (8, "rademacher"), (4, "factorized")])
-def test_sharded_over_devices_equals_one_device(devices, projection, tmp_path):
+@pytest.mark.parametrize("devices,projection,kernel", [
+    (4, "rademacher", "trak"), (8, "rademacher", "trak"), (4, "factorized", "trak"),
+    (4, "rademacher", "gauss-newton"),  # the weighted Gram ΦᵀHΦ: a weighted psum over devices
+])
+def test_sharded_over_devices_equals_one_device(devices, projection, kernel, tmp_path):
     out = tmp_path / "scores.npy"
     done = subprocess.run(
-        [sys.executable, WORKER, out, "devices"], check=True, env=_env(devices, projection), timeout=300,
+        [sys.executable, WORKER, out, "devices"], check=True, env=_env(devices, projection, kernel), timeout=300,
         capture_output=True, text=True,
     )
     assert f"devices={devices}" in done.stdout
@@ -49,16 +53,19 @@ def test_sharded_over_devices_equals_one_device(devices, projection, tmp_path):
     assert rel <= 1e-5, rel
 
 
-@pytest.mark.parametrize("mode,projection", [("process", "rademacher"), ("session", "rademacher"),
-                                             ("process", "factorized"), ("session", "factorized")])
-def test_two_processes_equal_one_process(mode, projection, tmp_path):
+@pytest.mark.parametrize("mode,projection,kernel", [
+    ("process", "rademacher", "trak"), ("session", "rademacher", "trak"),
+    ("process", "factorized", "trak"), ("session", "factorized", "trak"),
+    ("session", "rademacher", "gauss-newton"),  # ΦᵀHΦ and the clipped-h counts summed over processes
+])
+def test_two_processes_equal_one_process(mode, projection, kernel, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
         subprocess.Popen(
             [sys.executable, WORKER, tmp_path / f"p{i}.npy", mode, str(i), "2", str(port), tmp_path / "store"],
-            env=_env(1, projection), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(1, projection, kernel), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
     ]
@@ -69,7 +76,7 @@ def test_two_processes_equal_one_process(mode, projection, tmp_path):
     finally:
         for proc in procs:
             proc.kill()
-    reference = _single_device_scores(tmp_path, projection)
+    reference = _single_device_scores(tmp_path, projection, kernel)
     for i in range(2):
         scores = np.load(tmp_path / f"p{i}.npy")
         rel = np.linalg.norm(scores - reference) / np.linalg.norm(reference)

@@ -50,6 +50,11 @@ FACTOR_KINDS = ("rademacher", "normal")
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "high", "default")
 BACKENDS = ("xla", "pallas", "auto")
+TRAK_KERNEL = "trak"
+"""``kernel="trak"``: TRAK's (ΦᵀΦ + λI)⁻¹ (Park et al., 2023)."""
+GAUSS_NEWTON_KERNEL = "gauss-newton"
+"""``kernel="gauss-newton"``: the curvature-weighted (ΦᵀHΦ + λI)⁻¹, H = diag(h_i) (:mod:`trakjax.curvature`)."""
+KERNELS = (AUTO, TRAK_KERNEL, GAUSS_NEWTON_KERNEL)
 DEFAULT_GRAD_MEMORY_BYTES = 4 * 2**30
 """Default budget for one micro-batch of per-example gradients (per device)."""
 DEFAULT_MATRIX_CACHE_BYTES = 4 * 2**30
@@ -170,7 +175,13 @@ class ResultSettings:
         and solve stay float32 or better).
       precision: matmul precision of the projection, ``"highest"`` (full float32), ``"high"``
         or ``"default"`` (faster passes on accelerators).
-      reference_compat: rescale each A_m⁻¹ by 1/mean|A_m⁻¹| as the reference library does.
+      reference_compat: rescale each A_m⁻¹ by 1/mean|A_m⁻¹| as the reference library does
+        (with TRAK's kernel only: an explicit ``kernel="gauss-newton"`` raises).
+      kernel: the train-side kernel A_m: ``"gauss-newton"`` (ΦᵀHΦ + λI, H = diag(h_i) the loss
+        curvature in the output, from the task's ``ridge_terms``), ``"trak"`` (ΦᵀΦ + λI) or
+        ``"auto"`` (also written ``None``; the default): Gauss–Newton where the task gives a
+        curvature and ``reference_compat`` is off, else TRAK's (:func:`trakjax.curvature.resolve_kernel`;
+        a session reopening a store adopts the store's kernel).
     """
 
     projection: str = "rademacher"
@@ -183,6 +194,7 @@ class ResultSettings:
     reference_compat: bool = False
     factor_dims: int | tuple[int, int] | None = None
     factor_kind: str = "rademacher"
+    kernel: str | None = AUTO
 
     def __post_init__(self):
         fix = object.__setattr__
@@ -207,6 +219,13 @@ class ResultSettings:
         if not isinstance(self.reference_compat, bool | np.bool_):
             raise ArgumentTypeError(f"reference_compat must be a bool, got {self.reference_compat!r}")
         fix(self, "reference_compat", bool(self.reference_compat))
+        fix(self, "kernel", check_choice("kernel", AUTO if self.kernel is None else self.kernel, KERNELS))
+        if self.reference_compat and self.kernel == GAUSS_NEWTON_KERNEL:
+            raise InvalidArgumentError(
+                "kernel='gauss-newton' with reference_compat=True: reference_compat reproduces the "
+                "reference library (trak 0.3.2), which has only TRAK's kernel; use kernel='trak' "
+                "(or leave kernel unset) with reference_compat=True, or reference_compat=False"
+            )
 
     def _check_factor_settings(self, factorized: bool) -> None:
         fix = object.__setattr__
@@ -258,6 +277,7 @@ class ResultSettings:
             "reference_compat": self.reference_compat,
             "dtype": self.dtype,
             "precision": self.precision,
+            "kernel": self.kernel,
         }
         if self.projection == "factorized":  # dense records stay those of trakjax 0.1
             record.update(contract_version=randomness.FACTOR_CONTRACT_VERSION,

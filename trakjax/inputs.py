@@ -375,7 +375,7 @@ def run(prepared: Prepared, *, quiet: bool = False, overwrite: bool = False) -> 
         "data": {key: str(value) for key, value in config.data.items() if not isinstance(value, dict)},
         "picture_targets": list(range(min(8, t))),
         "title": f"trakjax attribute: {config.model}, {len(config.checkpoints)} checkpoints, "
-                 f"k={traker.config.result.requested_dim}",
+                 f"k={traker.config.result.requested_dim}, kernel {traker.config.result.kernel}",
         "inputs": ("tokens" if config.task in TOKEN_TASKS else
                    "image" if config.task == "image_classification" else "auto"),
     }

@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from trakjax import curvature as curvature_lib
 from trakjax import data as data_lib
 from trakjax import featurize as featurize_lib
 from trakjax import memory_limits, regularization
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
-from trakjax.config import Config, ResultSettings
+from trakjax.config import GAUSS_NEWTON_KERNEL, TRAK_KERNEL, Config, ResultSettings
 from trakjax.errors import ArgumentTypeError, InvalidArgumentError
 from trakjax.progress import progress_bar
 from trakjax.tasks import Task, TaskState
@@ -41,7 +42,9 @@ class CheckpointDetails(NamedTuple):
     ``rank`` and ``condition`` are those of :class:`trakjax.solve.KernelSolve`: from the
     eigendecomposition when it ran (λ near the noise, λ = 0), else ``rank`` is ``None`` and
     ``condition`` the estimate (λ̂_max + λ)/λ. The scores never depend on which ran.
-    ``lambda_rule`` says how λ was chosen (:attr:`trakjax.solve.KernelSolve.lambda_rule`).
+    ``lambda_rule`` says how λ was chosen (:attr:`trakjax.solve.KernelSolve.lambda_rule`),
+    ``kernel`` which kernel ran (``"trak"`` or ``"gauss-newton"``, :mod:`trakjax.curvature`) and
+    ``clipped_curvature`` how many h < 0 it clipped to 0.
     """
 
     model_id: int
@@ -51,6 +54,8 @@ class CheckpointDetails(NamedTuple):
     num_params: int
     proj_dim: int
     lambda_rule: str = "absolute"
+    kernel: str = "trak"
+    clipped_curvature: int = 0
 
 
 class Solved(NamedTuple):
@@ -181,30 +186,53 @@ class RidgeInputs(NamedTuple):
 
 def checkpoint_kernel(local_phi, settings: ResultSettings, *, proj_dim: int, num_examples: int,
                       num_params: int, num_features: int | None = None, mesh=None,
-                      ridge: RidgeInputs | None = None) -> solve_lib.KernelSolve:
+                      ridge: RidgeInputs | None = None, kernel: str = TRAK_KERNEL) -> solve_lib.KernelSolve:
     """Solve one checkpoint's kernel from this process's rows of Φ.
 
     The Gram of ``local_phi`` ((n_local, k), any float dtype, possibly no rows) is summed over
     the mesh's devices, then over processes in float64 (:func:`trakjax.sharding.process_sum`),
     and solved with ``settings``' λ (:func:`trakjax.solve.solve`). With ``ridge`` (the task's
     ``ridge_terms`` at these rows), the implied-ridge statistics are summed the same way and
-    ``"auto"`` uses them (:mod:`trakjax.regularization`).
+    ``"auto"`` uses them (:mod:`trakjax.regularization`); rows whose f₀ is unknown (NaN) leave
+    ``"auto"`` at 0.3·trace/N. ``kernel="gauss-newton"`` (a resolved kernel,
+    :func:`trakjax.curvature.resolve_kernel`; needs ``ridge``) weights the Gram by the clipped
+    curvature, ΦᵀHΦ, a weighted sum over devices and processes like ΦᵀΦ.
     """
+    weights = None
+    clipped = curved = 0
+    if kernel == GAUSS_NEWTON_KERNEL:
+        if ridge is None:
+            raise InvalidArgumentError("kernel='gauss-newton' needs the task's curvature (ridge_terms)")
+        weights, clipped = curvature_lib.clipped_curvature(ridge.curvature)
+        counts = sharding_lib.process_sum(np.array([clipped, (weights > 0).sum()], np.float64))
+        clipped, curved = int(round(counts[0])), int(round(counts[1]))
     if local_phi.shape[0]:
-        local = solve_lib.gram(local_phi, mesh=mesh)
+        local = solve_lib.gram(local_phi, mesh=mesh, weights=weights)
     else:
         local = np.zeros((proj_dim, proj_dim))
     statistics = None
-    if ridge is not None and settings.lambda_reg == "auto":
+    use_statistics = ridge is not None and settings.lambda_reg == "auto"
+    if use_statistics:  # every process's f₀ known (a NaN f₀ means unknown: from_loss without it)
+        unknown_offsets = float((~np.isfinite(np.asarray(ridge.output_shift))).sum())
+        use_statistics = sharding_lib.process_sum(np.array([unknown_offsets]))[0] == 0
+    if use_statistics:
         local_statistics = regularization.ridge_statistics(
-            local_phi, ridge.out_to_loss, ridge.output_shift, curvature=ridge.curvature)
+            local_phi, ridge.out_to_loss, ridge.output_shift,
+            curvature=ridge.curvature if weights is None else weights, kernel=kernel)
         statistics = regularization.unpack(sharding_lib.process_sum(regularization.pack(local_statistics)))
-    return solve_lib.solve(
+    solved = solve_lib.solve(
         sharding_lib.process_sum(local), settings.lambda_reg,
         reference_compat=settings.reference_compat, num_examples=num_examples,
         num_params=num_params, storage_dtype=settings.storage_dtype, num_features=num_features,
-        ridge=statistics,
+        ridge=statistics, kernel=kernel, num_curved=curved if weights is not None else None,
     )
+    return solved._replace(clipped_curvature=clipped)
+
+
+def run_kernel(task: Task, settings: ResultSettings) -> str:
+    """The kernel a run of ``task`` with ``settings`` uses (:func:`trakjax.curvature.resolve_kernel`)."""
+    return curvature_lib.resolve_kernel(settings.kernel, has_curvature=task.ridge_terms is not None,
+                                        reference_compat=settings.reference_compat, task_name=task.name)
 
 
 def _process_share(train) -> tuple[Any, int, int | None]:
@@ -256,6 +284,7 @@ def solved_checkpoints(
     check_checkpoints(checkpoints)
     model_ids = check_model_ids(model_ids, len(checkpoints))
     config = config.replace(mesh=sharding_lib.check_mesh(config.run.mesh))
+    kernel_name = run_kernel(task, config.result)
     share, start, num_train = _process_share(train)
     storage = config.result.storage_dtype
     bar = progress_bar(len(checkpoints), "checkpoints", "checkpoint", config.run.progress)
@@ -274,10 +303,12 @@ def solved_checkpoints(
             phi, config.result, proj_dim=checkpoint.proj_dim, mesh=config.run.mesh,
             num_examples=num_train if num_train is not None else phi.shape[0], num_params=num_params,
             num_features=None if checkpoint.spec.plan is None else checkpoint.spec.plan.k_fac, ridge=ridge,
+            kernel=kernel_name,
         )
         features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=config.run.mesh), storage)
         details = CheckpointDetails(model_id, kernel.lambda_reg, kernel.rank, kernel.condition,
-                                    num_params, checkpoint.proj_dim, kernel.lambda_rule)
+                                    num_params, checkpoint.proj_dim, kernel.lambda_rule, kernel.kernel,
+                                    kernel.clipped_curvature)
         yield Solved(checkpoint, storage, config.run.mesh, phi, features, train_features.out_to_loss, details)
         bar.update(1)
     bar.close()

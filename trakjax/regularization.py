@@ -113,7 +113,7 @@ def unpack(vector: np.ndarray) -> RidgeStatistics:
 
 
 def ridge_statistics(features, out_to_loss, outputs, *, output_offset=0.0, curvature=None,
-                     block_rows: int = 4096) -> RidgeStatistics:
+                     block_rows: int = 4096, kernel: str = "trak") -> RidgeStatistics:
     """:class:`RidgeStatistics` of (N, k) features Φ, out-to-loss terms q (N,) and outputs f (N,).
 
     Args:
@@ -125,6 +125,9 @@ def ridge_statistics(features, out_to_loss, outputs, *, output_offset=0.0, curva
       curvature: h_i = ∂²L/∂f² per example; default q(1 − q), exact for the logistic loss of a
         margin or a signed logit (classification). Pass ones for squared error.
       block_rows: rows of Φ per block.
+      kernel: ``"trak"``, or ``"gauss-newton"``: ``output_gradient`` is then ΦᵀH(f − f₀), the
+        right-hand side of the h-weighted least-squares fit d = (ΦᵀHΦ + λ₀I)⁻¹ΦᵀH(f − f₀)
+        (:func:`auto_lambda` with the weighted Gram), so that only ΦᵀHΦ is ever formed.
     """
     n, k = features.shape
     q = np.asarray(out_to_loss, np.float64).reshape(-1)
@@ -136,6 +139,10 @@ def ridge_statistics(features, out_to_loss, outputs, *, output_offset=0.0, curva
     if h.shape != (n,):
         raise InvalidArgumentError(f"curvature needs {n} entries, got {h.shape[0]}")
     moved = f - np.asarray(output_offset, np.float64)
+    if kernel not in ("trak", "gauss-newton"):
+        raise InvalidArgumentError(f"kernel must be 'trak' or 'gauss-newton', got {kernel!r}")
+    if kernel == "gauss-newton":
+        moved = moved * h
     gradient = np.zeros(k, np.float64)
     output_gradient = np.zeros(k, np.float64)
     trace = curvature_trace = 0.0
@@ -190,11 +197,17 @@ def implied_ridge(gram: np.ndarray, stats: RidgeStatistics, start_lambda: float)
 
 
 def auto_lambda(gram: np.ndarray, stats: RidgeStatistics, *, tolerance: float = 0.0,
-                subset_fraction: float = SUBSET_FRACTION) -> float:
-    """λ = ρ̂ / (α h̄), never below 10 × ``tolerance`` (see the module docstring).
+                subset_fraction: float = SUBSET_FRACTION, kernel: str = "trak") -> float:
+    """λ = ρ̂ / (α h̄), never below 10 × ``tolerance`` (see the module docstring); for the
+    Gauss–Newton kernel (``gram`` = ΦᵀHΦ) λ = ρ̂ / α.
 
     Falls back to λ₀ = ``START_FRACTION · trace/N`` where ρ̂ or h̄ is not a positive finite number
     (a checkpoint with no gradient left, outputs that did not move).
+
+    Gauss–Newton kernel: α ΦᵀHΦ + ρI = α(ΦᵀHΦ + (ρ/α)I), so λ = ρ̂/α with no h̄. ρ̂ = gᵀd/dᵀd as
+    above with d the h-weighted fit (ΦᵀHΦ + λ₀I)⁻¹ΦᵀH(f − f₀) (``stats`` from
+    :func:`ridge_statistics` with ``kernel="gauss-newton"``), and λ₀ = ``START_FRACTION`` ·
+    tr(ΦᵀHΦ)/N, so that only the weighted Gram is needed; the fallback is that λ₀.
 
     Args:
       gram: ΦᵀΦ, (k, k) (float64 or float32; read as float64).
@@ -206,12 +219,18 @@ def auto_lambda(gram: np.ndarray, stats: RidgeStatistics, *, tolerance: float = 
     """
     if not 0.0 < subset_fraction <= 1.0:
         raise InvalidArgumentError(f"subset_fraction must be in (0, 1], got {subset_fraction!r}")
-    if stats.num_examples < 1 or not stats.trace > 0:
-        raise InvalidArgumentError("auto_lambda needs N >= 1 and trace(ΦᵀΦ) > 0 (every projected gradient is zero?)")
+    if kernel not in ("trak", "gauss-newton"):
+        raise InvalidArgumentError(f"kernel must be 'trak' or 'gauss-newton', got {kernel!r}")
+    weighted = kernel == "gauss-newton"
+    trace = stats.curvature_trace if weighted else stats.trace
+    if stats.num_examples < 1 or not trace > 0:
+        raise InvalidArgumentError(
+            f"auto_lambda needs N >= 1 and trace({'ΦᵀHΦ' if weighted else 'ΦᵀΦ'}) > 0 "
+            "(every projected gradient, or every curvature, is zero?)")
     floor = 10.0 * float(tolerance)
-    start = START_FRACTION * stats.trace / stats.num_examples
+    start = START_FRACTION * trace / stats.num_examples
     rho = implied_ridge(gram, stats, start)
-    curvature = stats.curvature_trace / stats.trace
+    curvature = 1.0 if weighted else stats.curvature_trace / stats.trace
     lam = rho / (subset_fraction * curvature) if curvature > 0 else float("nan")
     if not (np.isfinite(lam) and lam > 0):
         lam = start

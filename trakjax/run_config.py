@@ -13,6 +13,7 @@ module next to the file imports; ``~`` is expanded everywhere::
     proj_dim = 2048                     # k ("all" with projection = "factorized": every feature)
     seed = 0                            # projection seed
     lambda = "auto"                     # or an absolute λ such as 0.01 (default: "auto")
+    kernel = "auto"                     # or "gauss-newton" (ΦᵀHΦ + λI), "trak" (ΦᵀΦ + λI)
     batch_size = 64                     # examples per featurize step
     projection = "rademacher"           # or "normal", "factorized" (per-layer Kronecker projections)
     factor_dims = 64                    # factorized only: factor sizes, or [k_in, k_out]
@@ -236,6 +237,7 @@ KEYS: dict[str, Key] = {
     "proj_dim": Key(_proj_dim, 2048, "proj_dim"),
     "seed": Key(_integer(0), 0, "seed"),
     "lambda": Key(_lambda, "auto", "lambda_reg"),
+    "kernel": Key(_choice(("auto", "trak", "gauss-newton")), "auto", "kernel"),
     "batch_size": Key(_integer(1), 64, "batch_size"),
     "projection": Key(_choice(("rademacher", "normal", "factorized")), "rademacher", "projection"),
     "factor_dims": Key(_factor_dims, None, "factor_dims"),

@@ -39,6 +39,7 @@ rows it was computed with).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -58,9 +59,16 @@ from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax import store as store_lib
 from trakjax import task_fingerprint as task_fingerprint_lib
+from trakjax import trees
 from trakjax.config import Config, check_int
 from trakjax.errors import ArgumentTypeError, InputsChangedError, InvalidArgumentError, StoreError
-from trakjax.pipeline import RidgeInputs, check_model_ids, check_targets_fit, checkpoint_kernel
+from trakjax.pipeline import (
+    RidgeInputs,
+    check_model_ids,
+    check_targets_fit,
+    checkpoint_kernel,
+    run_kernel,
+)
 from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
@@ -190,6 +198,8 @@ class TRAKer:
                 self.config = store_settings.adopt_stored_settings(self.config, stored["config"])
                 self.seed = self.config.result.seed
                 self.storage = self.config.result.storage_dtype
+        self._resolve_kernel()
+        if (self.save_dir / store_lib.METADATA_FILE).is_file():
             self._store = store_lib.Store.open(self.save_dir, self._store_config())
         self._had_results = bool(self._store is not None and self._store.model_ids())
         self._example = None if init_data is None else featurize_lib.one_example(init_data)
@@ -201,6 +211,13 @@ class TRAKer:
         self._scoring: tuple[str, featurize_lib.Checkpoint] | None = None
         self._last_ind_target = 0
 
+    def _resolve_kernel(self) -> None:
+        """Fix the kernel before the store is opened. An unset kernel has already adopted an
+        existing store's (a store without one ran TRAK's: :mod:`trakjax.store_settings`); what
+        is still ``"auto"`` the task decides (:func:`trakjax.curvature.resolve_kernel`), and an
+        explicit kernel is checked against the task."""
+        resolved = run_kernel(self.task, self.config.result)
+        self.config = self.config.replace(kernel=resolved).with_given(self.config.given_settings())
     def _store_config(self) -> dict:
         return {"task": self.task.name, "train_set_size": self.train_set_size, **self.config.result.record(),
                 **self._store_record}
@@ -485,12 +502,13 @@ class TRAKer:
         return checkpoint_kernel(
             phi[start:stop], self.config.result, proj_dim=phi.shape[1], num_examples=phi.shape[0],
             num_params=int(differentiated["num_params"]), num_features=differentiated.get("k_fac"),
-            mesh=self.mesh, ridge=ridge,
+            mesh=self.mesh, ridge=ridge, kernel=self.config.result.kernel,
         )
 
     def _write_features(self, model_id: int, phi, kernel: solve_lib.KernelSolve) -> None:
         details = {"lambda_reg": kernel.lambda_reg, "rank": kernel.rank, "condition": kernel.condition,
-                   "scale": kernel.scale, "method": kernel.method, "lambda_rule": kernel.lambda_rule}
+                   "scale": kernel.scale, "method": kernel.method, "lambda_rule": kernel.lambda_rule,
+                   "kernel": kernel.kernel, "clipped_curvature": kernel.clipped_curvature}
         self.store.write_features(
             model_id, lambda out: solve_lib.apply_inverse(phi, kernel, out=out, mesh=self.mesh), details
         )

@@ -60,6 +60,16 @@ def _gram_fn(mesh):
     return sharding_lib.shard_map_rows(_block_gram, mesh, 1, 0, reduce=True)
 
 
+def _block_weighted_gram(block: jax.Array, weights: jax.Array) -> jax.Array:
+    block = block.astype(jnp.float32)
+    return jnp.matmul((block * weights[:, None]).T, block, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.cache
+def _weighted_gram_fn(mesh):
+    return sharding_lib.shard_map_rows(_block_weighted_gram, mesh, 2, 0, reduce=True)
+
+
 def row_blocks(array, block_rows: int, devices: int = 1):
     """Yield ``(start, rows, block)``: float32 blocks of ``block_rows`` rows of ``array``.
 
@@ -78,8 +88,11 @@ def row_blocks(array, block_rows: int, devices: int = 1):
         yield start, rows, block
 
 
-def gram(features, *, block_rows: int = GRAM_BLOCK_ROWS, mesh=None) -> np.ndarray:
-    """ΦᵀΦ of (N, k) features (any float dtype, numpy, memmap or jax): (k, k) float64.
+def gram(features, *, block_rows: int = GRAM_BLOCK_ROWS, mesh=None, weights=None) -> np.ndarray:
+    """ΦᵀΦ of (N, k) features (any float dtype, numpy, memmap or jax): (k, k) float64; with
+    ``weights`` w (N,), the weighted Gram ΦᵀWΦ = Σ_i w_i φ_i φ_iᵀ (the Gauss–Newton kernel's
+    ΦᵀHΦ, :mod:`trakjax.curvature`; each block's rows are weighted in float32, then reduced like
+    ΦᵀΦ: a weighted ``psum`` over the mesh).
 
     Each block of ``block_rows`` rows is multiplied in float32 at full precision (split over the
     mesh's devices and reduced with ``psum`` when ``mesh`` has several); blocks are summed in
@@ -90,15 +103,24 @@ def gram(features, *, block_rows: int = GRAM_BLOCK_ROWS, mesh=None) -> np.ndarra
       NumericalError: if the features are not finite, or are finite but so large that their
         float32 Gram overflows (naming the largest magnitude and what to do).
     """
-    _, k = features.shape
-    fn = _gram_fn(mesh if sharding_lib.mesh_size(mesh) > 1 else None)
+    n, k = features.shape
+    devices = sharding_lib.mesh_size(mesh)
+    if weights is not None:
+        weights = np.asarray(weights, np.float32).reshape(-1)
+        if weights.shape != (n,):
+            raise InvalidArgumentError(f"weights need {n} entries (the rows of features), got {weights.shape[0]}")
+        padded_weights = {start: block[:, 0] for start, _, block in row_blocks(weights[:, None], block_rows, devices)}
+        fn = _weighted_gram_fn(mesh if devices > 1 else None)
+    else:
+        fn = _gram_fn(mesh if devices > 1 else None)
     total = np.zeros((k, k), np.float64)
     largest = 0.0
-    for _, _, block in row_blocks(features, block_rows, sharding_lib.mesh_size(mesh)):
+    for start, _, block in row_blocks(features, block_rows, devices):
         if not np.isfinite(block).all():
             raise NumericalError("the features are not finite (NaN or Inf); their Gram cannot be formed")
         largest = max(largest, float(np.abs(block).max(initial=0.0)))
-        total += np.asarray(fn(block), np.float64)
+        part = fn(block) if weights is None else fn(block, padded_weights[start])
+        total += np.asarray(part, np.float64)
     if not np.isfinite(total).all():
         raise NumericalError(
             f"the Gram ΦᵀΦ overflowed float32: the features are finite but reach |φ| = {largest:.3g}, "
@@ -232,6 +254,8 @@ class KernelSolve(NamedTuple):
       lambda_rule: how λ was chosen: ``"implied ridge"`` (``"auto"`` with the checkpoint's
         statistics, :mod:`trakjax.regularization`), ``"0.3·trace/N"`` (``"auto"`` without them),
         or ``"absolute"``.
+      kernel: ``"trak"`` (ΦᵀΦ + λI) or ``"gauss-newton"`` (ΦᵀHΦ + λI, :mod:`trakjax.curvature`).
+      clipped_curvature: how many h < 0 were clipped to 0 (Gauss–Newton kernel).
     """
 
     inverse: np.ndarray
@@ -242,6 +266,8 @@ class KernelSolve(NamedTuple):
     spectrum: Spectrum | None
     method: str = "eigh"
     lambda_rule: str = "absolute"
+    kernel: str = "trak"
+    clipped_curvature: int = 0
 
 
 def _cholesky_inverse(gram_matrix: np.ndarray, lam: float) -> np.ndarray | None:
@@ -264,19 +290,22 @@ def _cholesky_inverse(gram_matrix: np.ndarray, lam: float) -> np.ndarray | None:
     return inverse
 
 
-def _rank_bounds(k: int, num_examples, num_params, num_features) -> dict[str, int]:
-    """What bounds the rank of ΦᵀΦ: k, N, P and (factorized family) K_fac, where known."""
-    named = (("k", k), ("N", num_examples), ("P", num_params), ("K_fac", num_features))
+def _rank_bounds(k: int, num_examples, num_params, num_features, num_curved=None) -> dict[str, int]:
+    """What bounds the rank of ΦᵀΦ (or ΦᵀHΦ): k, N, P, (factorized family) K_fac and
+    (Gauss–Newton kernel) #{h > 0}, where known."""
+    named = (("k", k), ("N", num_examples), ("P", num_params), ("K_fac", num_features), ("#{h>0}", num_curved))
     return {name: int(value) for name, value in named if value is not None}
 
 
-def _singular_error(spec: Spectrum, lambda_reg, bounds: dict[str, int], num_examples) -> NumericalError:
+def _singular_error(spec: Spectrum, lambda_reg, bounds: dict[str, int], num_examples,
+                    kernel: str = "trak") -> NumericalError:
     k = spec.eigenvalues.shape[0]
     structural = min(bounds.values())
     auto = (f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N = {auto_lambda(spec, num_examples):.4g}"
             if num_examples is not None else f"λ = {AUTO_LAMBDA_FRACTION:g}·trace/N")
+    name = "ΦᵀHΦ" if kernel == "gauss-newton" else "ΦᵀΦ"
     return NumericalError(
-        f"lambda_reg={lambda_reg} leaves ΦᵀΦ + λI singular: ΦᵀΦ ({k}×{k}) has numerical rank "
+        f"lambda_reg={lambda_reg} leaves {name} + λI singular: {name} ({k}×{k}) has numerical rank "
         f"{min(spec.rank, structural)} < k (its rank is at most "
         f"min({', '.join(f'{n}={v}' for n, v in bounds.items())})). "
         f"Use lambda_reg=None or 'auto' ({auto}) or a lambda_reg well above "
@@ -284,28 +313,32 @@ def _singular_error(spec: Spectrum, lambda_reg, bounds: dict[str, int], num_exam
     )
 
 
-def choose_lambda(gram_matrix, lambda_reg, num_examples, tolerance: float, ridge=None) -> tuple[float, str]:
+def choose_lambda(gram_matrix, lambda_reg, num_examples, tolerance: float, ridge=None,
+                  kernel: str = "trak") -> tuple[float, str]:
     """(λ, the rule that chose it) for ``lambda_reg``, never below 10·``tolerance`` for ``"auto"``.
 
     ``"auto"`` with ``ridge`` (:class:`~trakjax.regularization.RidgeStatistics`) is the
     implied-ridge rule, :func:`trakjax.regularization.auto_lambda`; without it,
-    :data:`AUTO_LAMBDA_FRACTION` · trace(ΦᵀΦ)/N (:func:`auto_lambda_from`).
+    :data:`AUTO_LAMBDA_FRACTION` · trace(G)/N (:func:`auto_lambda_from`), G the ``gram_matrix``
+    (ΦᵀΦ, or ΦᵀHΦ for the Gauss–Newton ``kernel``).
     """
     if lambda_reg != AUTO:
         return float(lambda_reg), "absolute"
     if ridge is not None:
-        return regularization.auto_lambda(gram_matrix, ridge, tolerance=tolerance), "implied ridge"
+        lam = regularization.auto_lambda(gram_matrix, ridge, tolerance=tolerance, kernel=kernel)
+        return lam, "implied ridge"
     rule = f"{AUTO_LAMBDA_FRACTION:g}·trace/N"
     return auto_lambda_from(float(np.trace(gram_matrix)), num_examples, 10.0 * tolerance), rule
 
 
-def _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds: dict[str, int], ridge=None) -> KernelSolve:
+def _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds: dict[str, int], ridge=None,
+                kernel: str = "trak") -> KernelSolve:
     """The eigendecomposition path: exact rank detection, λ = 0 allowed on a full-rank Gram."""
     spec = spectrum(gram_matrix, noise)
     k = spec.eigenvalues.shape[0]
-    lam, rule = choose_lambda(gram_matrix, lambda_reg, num_examples, spec.tolerance, ridge)
+    lam, rule = choose_lambda(gram_matrix, lambda_reg, num_examples, spec.tolerance, ridge, kernel)
     if (spec.rank < k or min(bounds.values()) < k) and lam <= spec.tolerance:
-        raise _singular_error(spec, lambda_reg, bounds, num_examples)
+        raise _singular_error(spec, lambda_reg, bounds, num_examples, kernel)
     shifted = np.clip(spec.eigenvalues, 0.0, None) + lam
     inverse = (spec.eigenvectors / shifted) @ spec.eigenvectors.T
     condition = float(shifted[-1] / shifted[0]) if shifted[0] > 0 else float("inf")
@@ -323,6 +356,8 @@ def solve(
     method: str = "auto",
     num_features: int | None = None,
     ridge: regularization.RidgeStatistics | None = None,
+    kernel: str = "trak",
+    num_curved: int | None = None,
 ) -> KernelSolve:
     """(ΦᵀΦ + λI)⁻¹ in float64: a Cholesky factorization where λ is well above the Gram's noise,
     else an eigendecomposition with rank detection.
@@ -352,6 +387,11 @@ def solve(
         numbers, which also bounds the rank), likewise.
       ridge: the checkpoint's :class:`~trakjax.regularization.RidgeStatistics`: with them
         ``"auto"`` is the implied-ridge rule (:func:`choose_lambda`).
+      kernel: ``"trak"`` (``gram_matrix`` is ΦᵀΦ) or ``"gauss-newton"`` (it is ΦᵀHΦ,
+        :mod:`trakjax.curvature`; ``ridge`` then from ``ridge_statistics(kernel="gauss-newton")``):
+        sets the implied-ridge rule's form (λ = ρ̂/α, no h̄) and the wording of errors; an
+        absolute λ is added to ΦᵀHΦ, a matrix about h̄ times smaller than ΦᵀΦ.
+      num_curved: #{h > 0} (Gauss–Newton kernel), a bound on the rank named in errors.
 
     Returns:
       :class:`KernelSolve`.
@@ -366,20 +406,23 @@ def solve(
     if method not in ("auto", "eigh"):
         raise InvalidArgumentError(f"method must be 'auto' or 'eigh', got {method!r}")
     noise = rounding_noise(storage_dtype)
-    kernel = None
+    if kernel not in ("trak", "gauss-newton"):
+        raise InvalidArgumentError(f"kernel must be 'trak' or 'gauss-newton', got {kernel!r}")
+    solved = None
     if method == "auto" and lambda_reg != 0.0:
         top = largest_eigenvalue(gram_matrix)
-        lam, rule = choose_lambda(gram_matrix, lambda_reg, num_examples, noise * top, ridge)
+        lam, rule = choose_lambda(gram_matrix, lambda_reg, num_examples, noise * top, ridge, kernel)
         inverse = _cholesky_inverse(gram_matrix, lam) if lam >= CHOLESKY_NOISE_MARGIN * noise * top else None
         if inverse is not None:
-            kernel = KernelSolve(inverse, lam, None, (top + lam) / lam, 1.0, None, "cholesky", rule)
-    if kernel is None:
-        bounds = _rank_bounds(gram_matrix.shape[0], num_examples, num_params, num_features)
-        kernel = _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds, ridge)
+            solved = KernelSolve(inverse, lam, None, (top + lam) / lam, 1.0, None, "cholesky", rule, kernel)
+    if solved is None:
+        bounds = _rank_bounds(gram_matrix.shape[0], num_examples, num_params, num_features, num_curved)
+        solved = _eigh_solve(gram_matrix, lambda_reg, noise, num_examples, bounds, ridge, kernel)
+        solved = solved._replace(kernel=kernel)
     if reference_compat:
-        scale = float(np.abs(kernel.inverse).mean())
-        kernel = kernel._replace(inverse=kernel.inverse / scale, scale=scale)
-    return kernel
+        scale = float(np.abs(solved.inverse).mean())
+        solved = solved._replace(inverse=solved.inverse / scale, scale=scale)
+    return solved
 
 
 def _symmetric(gram_matrix) -> np.ndarray:

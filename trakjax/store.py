@@ -85,7 +85,7 @@ from trakjax.files import (
     write_json_atomic,
     write_rows,
 )
-from trakjax.store_settings import stored_as_current
+from trakjax.store_settings import implied_by_absence, stored_as_current
 from trakjax.version import __version__
 
 # Re-exported: the names trakjax 0.1 callers used from this module.
@@ -140,12 +140,19 @@ def storage_view(array: np.ndarray, storage: np.dtype) -> np.ndarray:
     return array.view(storage)
 
 
+def recorded_setting(stored: dict, key: str):
+    """The store's value of configuration ``key``, reading a missing key as
+    :data:`trakjax.store_settings.STORE_KEYS` says (``"<absent>"`` where it implies none)."""
+    return stored.get(key, implied_by_absence(key, "<absent>"))
+
+
 def config_differences(stored: dict, requested: dict) -> list[str]:
-    """``"field: store has A, this session has B"`` for every field that differs."""
+    """``"field: store has A, this session has B"`` for every field that differs (a field
+    missing on either side read as :data:`trakjax.store_settings.STORE_KEYS` says)."""
     lines = []
     for key in sorted(set(stored) | set(requested)):
-        a = stored.get(key, "<absent>")
-        b = requested.get(key, "<absent>")
+        a = recorded_setting(stored, key)
+        b = recorded_setting(requested, key)
         if a != b:
             lines.append(f"{key}: store has {a!r}, this session has {b!r}")
     return lines
@@ -199,7 +206,7 @@ _STORE_SCHEMA = {
 _READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
 """What opening the lock file for writing raises in a directory this process cannot write."""
 _FINALIZED = {"lambda_reg": _REAL, "rank": (None, _INT), "condition": (_REAL, _STR), "scale": _REAL,
-              "method?": _STR, "lambda_rule?": _STR}
+              "method?": _STR, "lambda_rule?": _STR, "kernel?": _STR, "clipped_curvature?": _INT}
 _MODEL_SCHEMA = {"model_id": _INT, "fingerprint": _STR, "finalized": (None, _FINALIZED)}
 _SCORES_RECORD = {"model_ids": [_INT], "block_rows": _INT, "complete": _BOOL}
 _EXPERIMENT_SCHEMA = {

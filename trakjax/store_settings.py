@@ -101,12 +101,23 @@ STORE_KEYS: dict[str, StoreKey] = {
     "precision": StoreKey("precision"),
     "factor_dims": StoreKey("factor_dims", to_setting=_tuple_or_none),
     "factor_kind": StoreKey("factor_kind"),
+    # stores from before the Gauss–Newton kernel (trakjax <= 0.2) ran TRAK's kernel
+    "kernel": StoreKey("kernel", absent="trak"),
     # the command line's model settings (trakjax attribute), recorded since trakjax 0.3
     "model": StoreKey(absent=NOT_RECORDED),
     "model_kwargs": StoreKey(absent=NOT_RECORDED),
     "apply_kwargs": StoreKey(absent=NOT_RECORDED),
 }
 """Every key of a store's configuration record and how an older store's record reads."""
+
+
+def implied_by_absence(key: str, otherwise: Any) -> Any:
+    """What a store lacking ``key`` implies, where :data:`STORE_KEYS` gives a value; else
+    ``otherwise``."""
+    entry = STORE_KEYS.get(key)
+    if entry is None or entry.absent is ALWAYS_RECORDED or entry.absent is NOT_RECORDED:
+        return otherwise
+    return entry.absent
 
 
 def stored_as_current(stored: dict, requested: dict) -> dict:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trakjax import data as data_lib
-from trakjax.errors import InvalidArgumentError
+from trakjax.errors import ArgumentTypeError, InvalidArgumentError
 
 
 class TaskState(NamedTuple):
@@ -56,9 +56,11 @@ class Task(NamedTuple):
       ridge_terms: optional ``(params, batch, state, q) -> (f₀ (B,), h (B,))``: the output an
         untrained model gives each example (for a margin, its value at uniform probabilities)
         and the loss curvature h = ∂²L/∂f² at the checkpoint, what ``lambda_reg="auto"``'s
-        implied-ridge rule reads (:mod:`trakjax.regularization`). Computed from shapes and q
-        (no extra model pass) by the ready-made tasks; ``None``: ``"auto"`` falls back to
-        0.3·trace(ΦᵀΦ)/N.
+        implied-ridge rule reads (:mod:`trakjax.regularization`), and h what the Gauss–Newton
+        kernel weights by (:mod:`trakjax.curvature`). Computed from shapes and q (no extra
+        model pass) by the ready-made tasks. f₀ = NaN means unknown (``"auto"`` then uses
+        0.3·trace(ΦᵀΦ)/N, h still serves the kernel); ``None``: no curvature either (TRAK's
+        kernel, and 0.3·trace(ΦᵀΦ)/N).
     """
 
     output: Callable[..., jax.Array]
@@ -718,6 +720,7 @@ def from_loss(
     validate: Callable[..., None] | None = None,
     name: str = "from_loss",
     output_offset: float | None = None,
+    curvature: bool = True,
 ) -> Task:
     """A task whose Q is derived by autodiff: Q = −∂L/∂f, with L written as a function of f.
 
@@ -730,9 +733,11 @@ def from_loss(
         classification with the margin output).
       init, uses_key, validate, name: as in :class:`Task`.
       output_offset: f₀, the output an untrained model gives (e.g. −log(C − 1) for a C-class
-        margin). With it, the task has ``ridge_terms`` for ``lambda_reg="auto"``'s implied-ridge
-        rule, the curvature h = ∂²L/∂f² by autodiff (which evaluates the output once more per
-        example); without it, ``"auto"`` uses 0.3·trace(ΦᵀΦ)/N.
+        margin), for ``lambda_reg="auto"``'s implied-ridge rule; without it ``"auto"`` uses
+        0.3·trace(ΦᵀΦ)/N (the task's ``ridge_terms`` then give f₀ = NaN, "unknown").
+      curvature: give the curvature h = ∂²L/∂f² by autodiff (which evaluates the output once
+        more per training example), for the Gauss–Newton kernel and the implied-ridge rule;
+        ``False`` (with no ``output_offset``): no ``ridge_terms``, TRAK's kernel.
     """
 
     def per_example(params, batch, state, fn):
@@ -747,13 +752,20 @@ def from_loss(
     def out_to_loss(params, batch, state):
         return per_example(params, batch, state, lambda f, ex, st: -jax.grad(loss)(f, ex, st))
 
+    if not isinstance(curvature, bool):
+        raise ArgumentTypeError(f"curvature must be a bool, got {curvature!r}")
+    if not curvature and output_offset is not None:
+        raise InvalidArgumentError(
+            f"output_offset={output_offset!r} with curvature=False: the implied-ridge rule that reads "
+            "f₀ also needs the curvature h; pass curvature=True or drop output_offset"
+        )
     ridge_terms = None
-    if output_offset is not None:
-        offset = jnp.float32(float(output_offset))
+    if curvature:
+        offset = jnp.float32(float("nan") if output_offset is None else float(output_offset))
 
         def ridge_terms(params, batch, state, q):
-            curvature = per_example(params, batch, state, jax.grad(jax.grad(loss)))
-            return jnp.full(q.shape, offset, jnp.float32), curvature.astype(jnp.float32)
+            second = per_example(params, batch, state, jax.grad(jax.grad(loss)))
+            return jnp.full(q.shape, offset, jnp.float32), second.astype(jnp.float32)
 
     return Task(output, out_to_loss, init=init, uses_key=uses_key, validate=validate, name=name,
                 ridge_terms=ridge_terms)

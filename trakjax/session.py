@@ -39,7 +39,6 @@ rows it was computed with).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import warnings
@@ -59,7 +58,6 @@ from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax import store as store_lib
 from trakjax import task_fingerprint as task_fingerprint_lib
-from trakjax import trees
 from trakjax.config import Config, check_int
 from trakjax.errors import ArgumentTypeError, InputsChangedError, InvalidArgumentError, StoreError
 from trakjax.pipeline import (

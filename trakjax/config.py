@@ -47,6 +47,11 @@ PROJECTIONS = (*randomness.PROJECTION_KINDS, "factorized")
 DEFAULT_FACTOR_DIMS = (64, 64)
 """Factor sizes (k_in, k_out) of ``projection="factorized"`` when ``factor_dims`` is ``None``."""
 FACTOR_KINDS = ("rademacher", "normal")
+SECOND_STAGES = ("dense", "sparse")
+DEFAULT_SECOND_STAGE = "dense"
+"""The factorized family's second stage when ``second_stage`` is ``None``."""
+DEFAULT_SPARSITY = 1
+"""s, the sparse second stage's nonzeros per input, when ``sparsity`` is ``None``."""
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "high", "default")
 BACKENDS = ("xla", "pallas", "auto")
@@ -159,6 +164,12 @@ class ResultSettings:
       factor_dims: ``"factorized"`` only: factor sizes, an int for both sides or a pair
         ``(k_in, k_out)`` (``None``: :data:`DEFAULT_FACTOR_DIMS`).
       factor_kind: ``"factorized"`` only: the factors' entries, ``"rademacher"`` or ``"normal"``.
+      second_stage: ``"factorized"`` only: how K_fac features are compressed to ``proj_dim``,
+        ``"dense"`` (a K_fac × k random matrix, O(K_fac·k) per example) or ``"sparse"`` (a
+        count-sketch map, O(s·K_fac), :mod:`trakjax.sparse_projection`); ``None``:
+        :data:`DEFAULT_SECOND_STAGE`.
+      sparsity: ``second_stage="sparse"`` only: s, the output coordinates each input feature
+        goes to (``None``: :data:`DEFAULT_SPARSITY`).
       seed: the projection seed, in [0, 2⁶⁴) (also seeds tasks' PRNG keys).
       lambda_reg: ``"auto"`` (also written ``None``) for λ chosen per checkpoint without
         retraining (:func:`trakjax.solve.auto_lambda`), or an absolute float ≥ 0 (the reference
@@ -181,6 +192,8 @@ class ResultSettings:
     reference_compat: bool = False
     factor_dims: int | tuple[int, int] | None = None
     factor_kind: str = "rademacher"
+    second_stage: str | None = None
+    sparsity: int | None = None
 
     def __post_init__(self):
         fix = object.__setattr__
@@ -209,15 +222,35 @@ class ResultSettings:
     def _check_factor_settings(self, factorized: bool) -> None:
         fix = object.__setattr__
         if not factorized:
-            if self.factor_dims is not None:
-                raise InvalidArgumentError(
-                    f"factor_dims={self.factor_dims!r} applies to projection='factorized' only, "
-                    f"got projection={self.projection!r}"
-                )
+            for name in ("factor_dims", "second_stage", "sparsity"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgumentError(
+                        f"{name}={getattr(self, name)!r} applies to projection='factorized' only, "
+                        f"got projection={self.projection!r}"
+                    )
             return
         dims = DEFAULT_FACTOR_DIMS if self.factor_dims is None else self.factor_dims
         fix(self, "factor_dims", check_factor_dims(dims))
         fix(self, "factor_kind", check_choice("factor_kind", self.factor_kind, FACTOR_KINDS))
+        self._check_second_stage()
+
+    def _check_second_stage(self) -> None:
+        fix = object.__setattr__
+        stage = DEFAULT_SECOND_STAGE if self.second_stage is None else self.second_stage
+        fix(self, "second_stage", check_choice("second_stage", stage, SECOND_STAGES))
+        if self.second_stage == "dense":
+            if self.sparsity is not None:
+                raise InvalidArgumentError(
+                    f"sparsity={self.sparsity!r} applies to second_stage='sparse' only, got "
+                    f"second_stage='dense'"
+                )
+            return
+        sparsity = DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+        if isinstance(sparsity, bool) or not is_int(sparsity) or sparsity < 1:
+            raise InvalidArgumentError(f"sparsity must be a positive int, got {sparsity!r}")
+        if is_int(self.proj_dim) and sparsity > self.proj_dim:
+            raise InvalidArgumentError(f"sparsity must be at most proj_dim={self.proj_dim}, got {sparsity}")
+        fix(self, "sparsity", int(sparsity))
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -260,6 +293,9 @@ class ResultSettings:
         if self.projection == "factorized":  # dense records stay those of trakjax 0.1
             record.update(contract_version=randomness.FACTOR_CONTRACT_VERSION,
                           factor_dims=list(self.factor_dims), factor_kind=self.factor_kind)
+            if self.second_stage == "sparse":  # a record without the key: the dense second stage
+                record.update(contract_version=randomness.SPARSE_CONTRACT_VERSION,
+                              second_stage=self.second_stage, sparsity=self.sparsity)
         return record
 
 

@@ -480,7 +480,9 @@ def _factorized_projection(task, params, mask, diff, fixed, aux, config: Config,
         logger.info("projection='factorized': proj_dim=%s ≥ K_fac=%d, so all %d factorized features "
                     "are kept (no second projection)", result.requested_dim, plan.k_fac, plan.k_fac)
     factors = factorized.factor_matrices(plan, seed=result.seed, model_id=model_id, kind=result.factor_kind,
-                                         matrix_cache_bytes=config.run.matrix_cache_bytes // share)
+                                         matrix_cache_bytes=config.run.matrix_cache_bytes // share,
+                                         second_stage=result.second_stage,
+                                         sparsity=result.sparsity or 1)
     example_bytes = factorized.activation_bytes_per_example(output, diff, example, key, plan=plan)
     return _Projection(plan.final_dim, None, factors, plan, example_bytes)
 

@@ -379,8 +379,12 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
     def step(diff, fixed, batch, aux, indices, split_key, proj_key, blocks):
         state = TaskState(aux, example_keys(task, split_key, indices))
         features, outputs = per_example_features(task, spec, diff, fixed, batch, state, proj_key, blocks)
-        if with_out_to_loss:
-            params = merge_parameters(spec.treedef, spec.mask, diff, fixed)
+        params = merge_parameters(spec.treedef, spec.mask, diff, fixed)
+        curvature_from_outputs = None
+        if with_out_to_loss and task.from_outputs is not None:  # one model pass per batch
+            q, curvature_from_outputs = task.from_outputs(outputs, batch, state)
+            q = q.astype(jnp.float32)
+        elif with_out_to_loss:
             q = task.out_to_loss(params, batch, state).astype(jnp.float32)
         else:
             q = jnp.zeros(outputs.shape, jnp.float32)
@@ -392,6 +396,8 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
         offset = curvature = jnp.zeros(outputs.shape, jnp.float32)
         if with_out_to_loss and task.ridge_terms is not None:
             offset, curvature = task.ridge_terms(params, batch, state, q)
+            if curvature_from_outputs is not None:  # (ridge_terms' own h is then dead code)
+                curvature = curvature_from_outputs
         return (features, outputs.astype(jnp.float32), q, jnp.broadcast_to(offset, q.shape).astype(jnp.float32),
                 jnp.broadcast_to(curvature, q.shape).astype(jnp.float32))
 

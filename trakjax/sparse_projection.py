@@ -16,7 +16,8 @@ Determinism: no scatter. The map is tabulated once per checkpoint on the host
 (:func:`fold_table`): for each output column c, the input rows that land in it and their signs,
 padded to the largest column load m with an index one past the input (read as zero). Applying it
 is a gather of (B, k, m) and a sum over m in a fixed order: :func:`apply_sketch`. The padding
-costs k·m − s·K extra gathers, small when K/k is large (m is close to s·K/k).
+costs k·m − s·K extra gathers, small when K/k is large (m is close to s·K/k); m depends on
+(K, k, s) only (:func:`table_width`), so checkpoints share one compiled step.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def fold_table(columns: np.ndarray, signs: np.ndarray, k: int, scale: float = 1.
     flat_signs = signs.reshape(-1)
     order = np.argsort(flat_columns, kind="stable")
     counts = np.bincount(flat_columns, minlength=k)
-    width = max(int(counts.max()), 1) if counts.size else 1
+    width = table_width(num_rows, k, sparsity, int(counts.max()) if counts.size else 1)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.arange(order.size) - np.repeat(starts, counts)
     table_rows = np.full((k, width), num_rows, np.int32)
@@ -67,6 +68,16 @@ def fold_table(columns: np.ndarray, signs: np.ndarray, k: int, scale: float = 1.
     table_rows[flat_columns[order], slot] = flat_rows[order]
     table_signs[flat_columns[order], slot] = flat_signs[order] * np.float32(scale)
     return SketchTable(jnp.asarray(table_rows), jnp.asarray(table_signs))
+
+
+def table_width(num_rows: int, k: int, sparsity: int, largest_load: int) -> int:
+    """The table's width m: a bound on the largest column load that depends on (K, k, s) only,
+    μ + 6√μ + 8 rounded up to a multiple of 8 with μ = s·K/k the mean load, so that every
+    checkpoint's table has the same shape (one compilation); the load itself when larger (a
+    rare event, rounded up likewise)."""
+    mean = sparsity * num_rows / k
+    bound = int(np.ceil(mean + 6.0 * np.sqrt(mean) + 8.0))
+    return -(-max(bound, largest_load, 1) // 8) * 8
 
 
 def sketch_table(seed: int, model_id: int, kind: str, num_rows: int, k: int, sparsity: int) -> SketchTable:

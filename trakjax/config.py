@@ -43,7 +43,11 @@ DEFAULT_PROJ_DIM = 2048
 """k for random projections when ``proj_dim`` is ``None``."""
 AUTO = "auto"
 """``lambda_reg="auto"``: λ chosen per checkpoint without retraining (:mod:`trakjax.solve`)."""
-PROJECTIONS = (*randomness.PROJECTION_KINDS, "factorized")
+AUTO_PROJECTION = "auto"
+"""``projection="auto"`` (the default): the factorized family when the factorizable leaves hold
+most differentiated parameters, dense Rademacher otherwise; resolved once, from a trace of one
+example, by :func:`trakjax.featurize.choose_projection`, and recorded resolved."""
+PROJECTIONS = (*randomness.PROJECTION_KINDS, "factorized", AUTO_PROJECTION)
 DEFAULT_FACTOR_DIMS = (64, 64)
 """Factor sizes (k_in, k_out) of ``projection="factorized"`` when ``factor_dims`` is ``None``."""
 FACTOR_KINDS = ("rademacher", "normal")
@@ -155,8 +159,11 @@ class ResultSettings:
 
     Attributes:
       projection: ``"rademacher"`` or ``"normal"`` (random R, the contract of
-        :mod:`trakjax.randomness`), ``"identity"`` (R = I, k = P), or ``"factorized"`` (per-layer
-        Kronecker projections of gradients never built, :mod:`trakjax.factorized`).
+        :mod:`trakjax.randomness`), ``"identity"`` (R = I, k = P), ``"factorized"`` (per-layer
+        Kronecker projections of gradients never built, :mod:`trakjax.factorized`), or ``"auto"``
+        (the default: ``"factorized"`` when the factorizable leaves hold most differentiated
+        parameters, ``"rademacher"`` otherwise, resolved once per run from a trace of one example
+        and recorded resolved; ``reference_compat=True`` resolves it to ``"rademacher"``).
       proj_dim: k; ``None`` means :data:`DEFAULT_PROJ_DIM` for random projections and P for
         ``"identity"`` (which also accepts P itself). For ``"factorized"``, the final dimension
         (no second projection when it is at least K_fac, the factorized features' count), or
@@ -182,7 +189,7 @@ class ResultSettings:
       reference_compat: rescale each A_m⁻¹ by 1/mean|A_m⁻¹| as the reference library does.
     """
 
-    projection: str = "rademacher"
+    projection: str = AUTO_PROJECTION
     proj_dim: int | None = None
     seed: int = 0
     lambda_reg: float | str = AUTO
@@ -198,6 +205,10 @@ class ResultSettings:
     def __post_init__(self):
         fix = object.__setattr__
         fix(self, "projection", check_choice("projection", self.projection, PROJECTIONS))
+        if self.projection == AUTO_PROJECTION and self.reference_compat is True:
+            fix(self, "projection", "rademacher")  # the reference library's family
+        if self.projection == AUTO_PROJECTION:
+            dataclasses.replace(self, projection="factorized")  # check the factorized settings now
         factorized = self.projection == "factorized"
         if self.proj_dim == "all" and isinstance(self.proj_dim, str):
             if not factorized:
@@ -221,6 +232,8 @@ class ResultSettings:
 
     def _check_factor_settings(self, factorized: bool) -> None:
         fix = object.__setattr__
+        if self.projection == AUTO_PROJECTION:  # checked above; kept as given until resolved
+            return
         if not factorized:
             for name in ("factor_dims", "second_stage", "sparsity"):
                 if getattr(self, name) is not None:
@@ -235,27 +248,45 @@ class ResultSettings:
         self._check_second_stage()
 
     def _check_second_stage(self) -> None:
-        fix = object.__setattr__
-        stage = DEFAULT_SECOND_STAGE if self.second_stage is None else self.second_stage
-        fix(self, "second_stage", check_choice("second_stage", stage, SECOND_STAGES))
-        if self.second_stage == "dense":
-            if self.sparsity is not None:
-                raise InvalidArgumentError(
-                    f"sparsity={self.sparsity!r} applies to second_stage='sparse' only, got "
-                    f"second_stage='dense'"
-                )
+        """Check ``second_stage``/``sparsity``; ``None`` stays (unset: the default, or a store's value)."""
+        if self.second_stage is not None:
+            check_choice("second_stage", self.second_stage, SECOND_STAGES)
+        if self.sparsity is None:
             return
-        sparsity = DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
-        if isinstance(sparsity, bool) or not is_int(sparsity) or sparsity < 1:
-            raise InvalidArgumentError(f"sparsity must be a positive int, got {sparsity!r}")
-        if is_int(self.proj_dim) and sparsity > self.proj_dim:
-            raise InvalidArgumentError(f"sparsity must be at most proj_dim={self.proj_dim}, got {sparsity}")
-        fix(self, "sparsity", int(sparsity))
+        if self.resolved_second_stage != "sparse":
+            raise InvalidArgumentError(
+                f"sparsity={self.sparsity!r} applies to second_stage='sparse' only, got "
+                f"second_stage={self.resolved_second_stage!r}"
+            )
+        if isinstance(self.sparsity, bool) or not is_int(self.sparsity) or self.sparsity < 1:
+            raise InvalidArgumentError(f"sparsity must be a positive int, got {self.sparsity!r}")
+        if is_int(self.proj_dim) and self.sparsity > self.proj_dim:
+            raise InvalidArgumentError(f"sparsity must be at most proj_dim={self.proj_dim}, got {self.sparsity}")
+        object.__setattr__(self, "sparsity", int(self.sparsity))
+
+    @property
+    def resolved_second_stage(self) -> str:
+        """``second_stage`` with ``None`` read as :data:`DEFAULT_SECOND_STAGE`."""
+        return DEFAULT_SECOND_STAGE if self.second_stage is None else self.second_stage
+
+    @property
+    def resolved_sparsity(self) -> int:
+        """``sparsity`` with ``None`` read as :data:`DEFAULT_SPARSITY`."""
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
 
     @property
     def storage_dtype(self) -> np.dtype:
         """The feature storage dtype as a numpy dtype (bfloat16 from ml_dtypes)."""
         return np.dtype(jnp.dtype(self.dtype))
+
+    def resolve_projection(self, family: str) -> ResultSettings:
+        """These settings with ``projection="auto"`` replaced by ``family`` (``"factorized"`` or
+        ``"rademacher"``; the factor settings dropped for the latter); unchanged otherwise."""
+        if self.projection != AUTO_PROJECTION:
+            return self
+        if family == "factorized":
+            return dataclasses.replace(self, projection=family)
+        return dataclasses.replace(self, projection=family, factor_dims=None, second_stage=None, sparsity=None)
 
     def projection_dim(self, num_params: int) -> int:
         """The effective k for ``num_params`` differentiated parameters (P for ``"identity"``).
@@ -263,9 +294,9 @@ class ResultSettings:
         Raises:
           InvalidArgumentError: for ``"identity"`` with a ``proj_dim`` other than P.
         """
-        if self.projection == "factorized":
+        if self.projection in ("factorized", AUTO_PROJECTION):
             raise InvalidArgumentError(
-                "projection='factorized' has no fixed k: its final dimension comes from the "
+                f"projection={self.projection!r} has no fixed k: its final dimension comes from the "
                 "factorization plan (trakjax.featurize.prepare_checkpoint)"
             )
         return projection.check_kind_and_dim(self.projection, self.requested_dim, num_params)
@@ -293,9 +324,9 @@ class ResultSettings:
         if self.projection == "factorized":  # dense records stay those of trakjax 0.1
             record.update(contract_version=randomness.FACTOR_CONTRACT_VERSION,
                           factor_dims=list(self.factor_dims), factor_kind=self.factor_kind)
-            if self.second_stage == "sparse":  # a record without the key: the dense second stage
+            if self.resolved_second_stage == "sparse":  # a record without the key: the dense second stage
                 record.update(contract_version=randomness.SPARSE_CONTRACT_VERSION,
-                              second_stage=self.second_stage, sparsity=self.sparsity)
+                              second_stage="sparse", sparsity=self.resolved_sparsity)
         return record
 
 

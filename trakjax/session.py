@@ -39,6 +39,7 @@ rows it was computed with).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -63,6 +64,7 @@ from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
 logger = logging.getLogger("trakjax")
+PROJECTION_FAMILIES = ("factorized", "rademacher", "normal", "identity")
 
 MAX_LISTED = 10
 """How many indices error messages list."""
@@ -178,6 +180,7 @@ class TRAKer:
         self.save_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(save_dir))))
         self._store = None
         if (self.save_dir / store_lib.METADATA_FILE).exists():
+            self._adopt_stored_projection()
             self._store = store_lib.Store.open(self.save_dir, self._store_config())
         self._example = None if init_data is None else featurize_lib.one_example(init_data)
         self._pending: tuple | None = None  # a load or scoring start waiting for an example
@@ -187,6 +190,28 @@ class TRAKer:
         self._last_ind = 0
         self._scoring: tuple[str, featurize_lib.Checkpoint] | None = None
         self._last_ind_target = 0
+
+    def _adopt_stored_projection(self) -> None:
+        """Settings left unset take the existing store's values: ``projection="auto"`` the family
+        it recorded, an unset ``second_stage`` of a factorized store the dense stage when the
+        store has no ``second_stage`` key (written before the sparse stage existed)."""
+        result = self.config.result
+        stored = store_lib.read_json(self.save_dir / store_lib.METADATA_FILE)
+        stored = (stored.get("config") or {}) if isinstance(stored, dict) else {}
+        family = stored.get("projection")
+        if result.projection == "auto" and family in PROJECTION_FAMILIES:
+            result = result.resolve_projection(family)
+        if result.projection == "factorized" and family == "factorized" and result.second_stage is None:
+            stage = stored.get("second_stage", "dense")
+            result = dataclasses.replace(result, second_stage=stage,
+                                         sparsity=stored.get("sparsity") if stage == "sparse" else None)
+        self.config = Config(result, self.config.run)
+
+    def _resolve_auto(self, params) -> None:
+        """Resolve ``projection="auto"`` once, at the first checkpoint (before the store records it)."""
+        if self.config.result.projection == "auto":
+            self.config = featurize_lib.resolve_auto_projection(
+                self.task, params, self.config, example=self._example, init_data=self.init_data)
 
     def _store_config(self) -> dict:
         return {"task": self.task.name, "train_set_size": self.train_set_size, **self.config.result.record()}
@@ -222,11 +247,12 @@ class TRAKer:
 
     def _needs_example(self) -> bool:
         """The factorized family traces the model on one example, which no call has shown yet."""
-        return self.config.result.projection == "factorized" and self._example is None
+        return self.config.result.projection in ("factorized", "auto") and self._example is None
 
     def _prepare(self, checkpoint, model_id: int):
         """Restore and prepare ``checkpoint``, then check its tree against the store's."""
         params = self._resolve_checkpoint(checkpoint)
+        self._resolve_auto(params)
         prepared = featurize_lib.prepare_checkpoint(
             self.task, params, self.config, model_id, init_data=self.init_data, example=self._example
         )

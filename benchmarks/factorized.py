@@ -141,11 +141,20 @@ def gpt2_child(variant: str, spec: dict) -> dict:
             jax.block_until_ready(value)
 
         seconds = timed(run, spec["repeats"])
+    elif variant == "attribute":  # the whole call on n_train sequences (8 targets): compile included
+        task = tasks.language_modeling(model.apply_fn)
+        train = np.random.default_rng(1).integers(0, spec["vocab"], (spec["n_train"], spec["positions"]))
+        start = time.perf_counter()
+        trakjax.attribute(task, [model.params], train.astype(np.int32), ids[:8], projection="factorized",
+                          factor_dims=64, proj_dim=2048, batch_size=spec["batch"], grad_wrt=["params"],
+                          backend="xla", second_stage=spec.get("second_stage"), progress=False)
+        seconds = time.perf_counter() - start
+        tokens = spec["n_train"] * spec["positions"]
     else:
         task = tasks.language_modeling(model.apply_fn)
         config = trakjax.Config.create(projection="factorized", factor_dims=64, proj_dim=2048,
                                        batch_size=spec["batch"], grad_wrt=["params"], backend="xla",
-                                       grad_memory_bytes=2**40)
+                                       grad_memory_bytes=2**40, second_stage=spec.get("second_stage"))
         checkpoint = featurize.prepare_checkpoint(task, model.params, config, 0, example=ids[0])
         seconds = timed(lambda: featurize.featurize_batch(task, checkpoint, ids, with_out_to_loss=False),
                         spec["repeats"])
@@ -153,12 +162,44 @@ def gpt2_child(variant: str, spec: dict) -> dict:
         extra = {"k_fac": plan.k_fac, "factorized_leaves": len(plan.order), "dense_leaves": len(plan.dense)}
     return {"variant": variant, "tokens_per_s": tokens / seconds, "seconds": seconds,
             "peak_gib": peak_memory_gib(spec["gpu"]), "num_params": int(num_params),
-            **(extra if variant != "train" else {})}
+            **(extra if variant == "factorized" else {})}
+
+
+def table(args) -> None:
+    """The issue's table rows measurable without the PyTorch peers, at its two GPT-2 shapes:
+    tokens/s of a JAX AdamW training step, of featurize_batch (features only) and the marginal
+    tokens/s of the whole attribute call between two training-set sizes (compilation, targets and
+    the k × k solve cancel), each in its own process with its peak memory."""
+    rows = []
+    for layers, d, vocab, positions, n_small, n_large in args.table_shapes:
+        spec = dict(layers=layers, d=d, heads=max(d // 64, 1), vocab=vocab, positions=positions, batch=8,
+                    repeats=args.repeats, gpu=args.gpu, second_stage=args.second_stage)
+        train = run_child("gpt2", "train", spec)
+        fact = run_child("gpt2", "factorized", spec)
+        small = run_child("gpt2", "attribute", dict(spec, n_train=n_small))
+        large = run_child("gpt2", "attribute", dict(spec, n_train=n_large))
+        marginal = (n_large - n_small) * positions / (large["seconds"] - small["seconds"])
+        rows.append((f"{layers} layers, d {d}, vocab {vocab}, seq {positions} ({n_small} → {n_large} sequences)",
+                     train, fact, marginal, large))
+    print(f"\n{machine(args.gpu)}")
+    stage = args.second_stage or "the default"
+    print(f"Tokens/s, batch 8, factor_dims 64, proj_dim 2048, {stage} second stage; marginal rates between "
+          f"two training-set sizes, each variant in its own process\n")
+    memory = "peak device memory GiB" if args.gpu else "peak RSS GiB"
+    print(f"| shape | AdamW training step | featurize_batch (features only) | attribute, whole call, marginal "
+          f"| featurize / train | attribute / train | {memory} (train, featurize, attribute) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, train, fact, marginal, large in rows:
+        print(f"| {name} | {train['tokens_per_s']:.0f} | {fact['tokens_per_s']:.0f} | {marginal:.0f} "
+              f"| {fact['tokens_per_s'] / train['tokens_per_s']:.2f} | {marginal / train['tokens_per_s']:.2f} "
+              f"| {train['peak_gib']:.2f}, {fact['peak_gib']:.2f}, {large['peak_gib']:.2f} |")
 
 
 def gpt2(args) -> None:
+    if args.quick:
+        args.layers, args.d, args.heads, args.vocab, args.positions = 2, 256, 4, 8192, 64
     spec = dict(layers=args.layers, d=args.d, heads=args.heads, vocab=args.vocab, positions=args.positions,
-                batch=args.batch, repeats=args.repeats, gpu=args.gpu)
+                batch=args.batch, repeats=args.repeats, gpu=args.gpu, second_stage=args.second_stage)
     results = {v: run_child("gpt2", v, spec) for v in ("train", "factorized")}
     train, fact = results["train"], results["factorized"]
     print(f"\n{machine(args.gpu)}")
@@ -522,7 +563,7 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="all", choices=["gpt2", "cnn", "mlp50m", "lds", "second_stage", "flops", "all"])
+    parser.add_argument("mode", nargs="?", default="all", choices=["gpt2", "cnn", "mlp50m", "lds", "second_stage", "flops", "table", "all"])
     parser.add_argument("--gpu", action="store_true", help="report device memory (run on a GPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="GPT-2 sequences per batch")
@@ -537,6 +578,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--second-stage-dims", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--sparsities", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--quick", action="store_true", help="gpt2 at 2 layers, d 256, vocab 8192, 64 positions")
+    parser.add_argument("--second-stage", choices=["dense", "sparse"], default=None,
+                        help="the factorized second stage (default: the library's)")
+    parser.add_argument("--table-shapes", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
+                        default=[(2, 256, 8192, 64, 32, 128), (4, 768, 50257, 128, 16, 64)],
+                        help="table shapes as layers,d,vocab,positions,n_small,n_large")
     parser.add_argument("--flops-stages", nargs="+", default=["dense", "sparse"])
     parser.add_argument("--flops-gpt2", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
                         default=[(2, 256, 8192, 64), (4, 768, 50257, 128)],
@@ -546,7 +593,7 @@ def main(argv=None) -> int:
     modes = ["gpt2", "cnn", "mlp50m", "lds"] if args.mode == "all" else [args.mode]
     for mode in modes:
         {"gpt2": gpt2, "cnn": cnn, "mlp50m": mlp50m, "lds": lds, "second_stage": second_stage,
-         "flops": flops}[mode](args)
+         "flops": flops, "table": table}[mode](args)
     return 0
 
 

@@ -112,7 +112,7 @@ def test_random_projection_matches_closed_form_with_the_contract_matrix(lam):
     task = tasks.image_classification(apply_fn)
     got = trakjax.attribute(
         task, [params], train, targets, proj_dim=k, seed=5, lambda_reg=lam, backend="xla",
-        model_ids=[7],
+        model_ids=[7], projection="rademacher",
     )
     p = D * C + C
     r = np.asarray(trakjax.randomness.projection_matrix("rademacher", 5, 7, 0, p, k), np.float64)

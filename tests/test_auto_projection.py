@@ -56,16 +56,16 @@ def test_default_attribute_equals_the_resolved_family():
 
 def test_store_records_the_resolved_family_and_old_stores_keep_theirs(tmp_path):
     checkpoints = helpers.train_checkpoints(1, steps=5)
-    helpers.run_session(tmp_path / "auto", checkpoints, phases=("featurize",))
+    helpers.run_session(tmp_path / "auto", checkpoints, phases=("featurize",), projection="auto")
     record = json.loads((tmp_path / "auto" / "trakjax_store.json").read_text())["config"]
     assert record["projection"] == "factorized"
     # a dense store (as trakjax wrote by default before "auto") reopened with default settings
     helpers.run_session(tmp_path / "dense", checkpoints, phases=("featurize",), projection="rademacher")
-    helpers.run_session(tmp_path / "dense", checkpoints, phases=("finalize",))
+    helpers.run_session(tmp_path / "dense", checkpoints, phases=("finalize",), projection="auto")
     # a factorized store without the second_stage key (the dense second stage) likewise
     helpers.run_session(tmp_path / "fact", checkpoints, phases=("featurize",), projection="factorized",
                         second_stage="dense")
     assert "second_stage" not in json.loads((tmp_path / "fact" / "trakjax_store.json").read_text())["config"]
-    helpers.run_session(tmp_path / "fact", checkpoints, phases=("finalize",))
+    helpers.run_session(tmp_path / "fact", checkpoints, phases=("finalize",), projection="auto")
 
 

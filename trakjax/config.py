@@ -52,9 +52,10 @@ DEFAULT_FACTOR_DIMS = (64, 64)
 """Factor sizes (k_in, k_out) of ``projection="factorized"`` when ``factor_dims`` is ``None``."""
 FACTOR_KINDS = ("rademacher", "normal")
 SECOND_STAGES = ("dense", "sparse")
-DEFAULT_SECOND_STAGE = "dense"
-"""The factorized family's second stage when ``second_stage`` is ``None``."""
-DEFAULT_SPARSITY = 1
+DEFAULT_SECOND_STAGE = "sparse"
+"""The factorized family's second stage when ``second_stage`` is ``None`` (paired LDS against the
+dense stage on digits within 0.005 at k = 128, 512, 2048: benchmarks/README.md)."""
+DEFAULT_SPARSITY = 2
 """s, the sparse second stage's nonzeros per input, when ``sparsity`` is ``None``."""
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "high", "default")

@@ -20,7 +20,20 @@ Modes (each prints a table with the machine; run one, or ``all``):
   per target on the report targets (the selection/report split of lds_digits.py), with a
   bootstrap interval of the mean difference. Target: within 0.01 LDS.
 
-Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|all] [--gpu] [--batch 8] [--layers 12]
+* ``second_stage``: factorized LDS with the sparse second stage (s = 1, 2, 4) paired against the
+  dense second stage at k = 128, 512, 2048 on the same digits models (target: at most 0.005 lost).
+* ``flops``: XLA's compiled cost analysis (FLOPs, bytes accessed) of one factorized featurization
+  step against one AdamW training step of the same batch, for the digits MLP, the 373k CNN and
+  the issue's two GPT-2 shapes (a while loop's body is counted once: the table counts the loops).
+* ``table``: the issue's table rows measurable without the PyTorch peers: tokens/s of a JAX AdamW
+  training step, of ``featurize_batch`` and the marginal tokens/s of the whole ``attribute`` call
+  between two training-set sizes, at 2 layers (d 256, vocab 8192, 64 tokens, 32 → 128 sequences)
+  and 4 layers (d 768, vocab 50257, 128 tokens, 16 → 64 sequences), batch 8, with peak memory.
+
+Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|second_stage|flops|table|all] [--gpu]
+      [--quick] [--second-stage dense|sparse] [--batch 8] [--layers 12]
+
+``gpt2 --quick`` is the 2-layer shape (d 256, vocab 8192, 64 positions) for a fast check.
 """
 
 from __future__ import annotations

@@ -20,7 +20,20 @@ Modes (each prints a table with the machine; run one, or ``all``):
   per target on the report targets (the selection/report split of lds_digits.py), with a
   bootstrap interval of the mean difference. Target: within 0.01 LDS.
 
-Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|all] [--gpu] [--batch 8] [--layers 12]
+* ``second_stage``: factorized LDS with the sparse second stage (s = 1, 2, 4) paired against the
+  dense second stage at k = 128, 512, 2048 on the same digits models (target: at most 0.005 lost).
+* ``flops``: XLA's compiled cost analysis (FLOPs, bytes accessed) of one factorized featurization
+  step against one AdamW training step of the same batch, for the digits MLP, the 373k CNN and
+  the issue's two GPT-2 shapes (a while loop's body is counted once: the table counts the loops).
+* ``table``: the issue's table rows measurable without the PyTorch peers: tokens/s of a JAX AdamW
+  training step, of ``featurize_batch`` and the marginal tokens/s of the whole ``attribute`` call
+  between two training-set sizes, at 2 layers (d 256, vocab 8192, 64 tokens, 32 → 128 sequences)
+  and 4 layers (d 768, vocab 50257, 128 tokens, 16 → 64 sequences), batch 8, with peak memory.
+
+Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|second_stage|flops|table|all] [--gpu]
+      [--quick] [--second-stage dense|sparse] [--batch 8] [--layers 12]
+
+``gpt2 --quick`` is the 2-layer shape (d 256, vocab 8192, 64 positions) for a fast check.
 """
 
 from __future__ import annotations
@@ -141,11 +154,20 @@ def gpt2_child(variant: str, spec: dict) -> dict:
             jax.block_until_ready(value)
 
         seconds = timed(run, spec["repeats"])
+    elif variant == "attribute":  # the whole call on n_train sequences (8 targets): compile included
+        task = tasks.language_modeling(model.apply_fn)
+        train = np.random.default_rng(1).integers(0, spec["vocab"], (spec["n_train"], spec["positions"]))
+        start = time.perf_counter()
+        trakjax.attribute(task, [model.params], train.astype(np.int32), ids[:8], projection="factorized",
+                          factor_dims=64, proj_dim=2048, batch_size=spec["batch"], grad_wrt=["params"],
+                          backend="xla", second_stage=spec.get("second_stage"), progress=False)
+        seconds = time.perf_counter() - start
+        tokens = spec["n_train"] * spec["positions"]
     else:
         task = tasks.language_modeling(model.apply_fn)
         config = trakjax.Config.create(projection="factorized", factor_dims=64, proj_dim=2048,
                                        batch_size=spec["batch"], grad_wrt=["params"], backend="xla",
-                                       grad_memory_bytes=2**40)
+                                       grad_memory_bytes=2**40, second_stage=spec.get("second_stage"))
         checkpoint = featurize.prepare_checkpoint(task, model.params, config, 0, example=ids[0])
         seconds = timed(lambda: featurize.featurize_batch(task, checkpoint, ids, with_out_to_loss=False),
                         spec["repeats"])
@@ -153,12 +175,44 @@ def gpt2_child(variant: str, spec: dict) -> dict:
         extra = {"k_fac": plan.k_fac, "factorized_leaves": len(plan.order), "dense_leaves": len(plan.dense)}
     return {"variant": variant, "tokens_per_s": tokens / seconds, "seconds": seconds,
             "peak_gib": peak_memory_gib(spec["gpu"]), "num_params": int(num_params),
-            **(extra if variant != "train" else {})}
+            **(extra if variant == "factorized" else {})}
+
+
+def table(args) -> None:
+    """The issue's table rows measurable without the PyTorch peers, at its two GPT-2 shapes:
+    tokens/s of a JAX AdamW training step, of featurize_batch (features only) and the marginal
+    tokens/s of the whole attribute call between two training-set sizes (compilation, targets and
+    the k × k solve cancel), each in its own process with its peak memory."""
+    rows = []
+    for layers, d, vocab, positions, n_small, n_large in args.table_shapes:
+        spec = dict(layers=layers, d=d, heads=max(d // 64, 1), vocab=vocab, positions=positions, batch=8,
+                    repeats=args.repeats, gpu=args.gpu, second_stage=args.second_stage)
+        train = run_child("gpt2", "train", spec)
+        fact = run_child("gpt2", "factorized", spec)
+        small = run_child("gpt2", "attribute", dict(spec, n_train=n_small))
+        large = run_child("gpt2", "attribute", dict(spec, n_train=n_large))
+        marginal = (n_large - n_small) * positions / (large["seconds"] - small["seconds"])
+        rows.append((f"{layers} layers, d {d}, vocab {vocab}, seq {positions} ({n_small} → {n_large} sequences)",
+                     train, fact, marginal, large))
+    print(f"\n{machine(args.gpu)}")
+    stage = args.second_stage or "the default"
+    print(f"Tokens/s, batch 8, factor_dims 64, proj_dim 2048, {stage} second stage; marginal rates between "
+          f"two training-set sizes, each variant in its own process\n")
+    memory = "peak device memory GiB" if args.gpu else "peak RSS GiB"
+    print(f"| shape | AdamW training step | featurize_batch (features only) | attribute, whole call, marginal "
+          f"| featurize / train | attribute / train | {memory} (train, featurize, attribute) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, train, fact, marginal, large in rows:
+        print(f"| {name} | {train['tokens_per_s']:.0f} | {fact['tokens_per_s']:.0f} | {marginal:.0f} "
+              f"| {fact['tokens_per_s'] / train['tokens_per_s']:.2f} | {marginal / train['tokens_per_s']:.2f} "
+              f"| {train['peak_gib']:.2f}, {fact['peak_gib']:.2f}, {large['peak_gib']:.2f} |")
 
 
 def gpt2(args) -> None:
+    if args.quick:
+        args.layers, args.d, args.heads, args.vocab, args.positions = 2, 256, 4, 8192, 64
     spec = dict(layers=args.layers, d=args.d, heads=args.heads, vocab=args.vocab, positions=args.positions,
-                batch=args.batch, repeats=args.repeats, gpu=args.gpu)
+                batch=args.batch, repeats=args.repeats, gpu=args.gpu, second_stage=args.second_stage)
     results = {v: run_child("gpt2", v, spec) for v in ("train", "factorized")}
     train, fact = results["train"], results["factorized"]
     print(f"\n{machine(args.gpu)}")
@@ -256,13 +310,14 @@ def mlp50m(args) -> None:
 # --------------------------------------------------------------------------- lds
 
 
-def lds(args) -> None:
+def lds_settings(args):
+    """The LDS benchmark's models, trained checkpoints and ground truth:
+    yields (name, task, checkpoints, train, targets, halves) for the MLP and the small CNN."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import optax
 
-    import trakjax
     from trakjax import evaluation, tasks
 
     sys.path.insert(0, str(HERE))
@@ -287,7 +342,6 @@ def lds(args) -> None:
         parameters are an nn.Conv's."""
 
     train, targets = digits(1000)
-    rows = []
     # (trained and retrained as patch matmuls; attributed as nn.Conv, whose kernels the
     # factorized family reaches through their patches)
     for name, model, attributed in (("MLP 64-64-10", MLP(64), MLP(64)),
@@ -303,8 +357,14 @@ def lds(args) -> None:
         masks = evaluation.subset_masks(1000, args.subsets, 0.5, seed=0)
         margins = evaluation.retrain_margins(init, model.apply, optimizer, args.steps, train, targets, masks,
                                              seed=1, chunk_size=50)
-        halves = Halves(masks, margins)
-        task = tasks.image_classification(attributed.apply)
+        yield name, tasks.image_classification(attributed.apply), checkpoints, train, targets, Halves(masks, margins)
+
+
+def lds(args) -> None:
+    import trakjax
+
+    rows = []
+    for name, task, checkpoints, train, targets, halves in lds_settings(args):
         common = dict(proj_dim=2048, batch_size=256, backend="xla")
         dense = trakjax.attribute(task, checkpoints, train, targets, projection="rademacher", **common)
         fact = trakjax.attribute(task, checkpoints, train, targets, projection="factorized", factor_dims=64, **common)
@@ -321,6 +381,44 @@ def lds(args) -> None:
     for name, a, b, (mean, low, high) in rows:
         print(f"| {name} | {a.mean:.3f} [{a.ci_low:.3f}, {a.ci_high:.3f}] | {b.mean:.3f} [{b.ci_low:.3f}, "
               f"{b.ci_high:.3f}] | {mean:+.4f} [{low:+.4f}, {high:+.4f}] |")
+
+
+def second_stage(args) -> None:
+    """Factorized LDS with the sparse second stage (s = 1, 2, 4) paired against the dense one at
+    k = 128, 512, 2048 (factor_dims 64), with each variant's whole-call time."""
+    import jax
+
+    import trakjax
+
+    rows = []
+    for name, task, checkpoints, train, targets, halves in lds_settings(args):
+        for k in args.second_stage_dims:
+            common = dict(proj_dim=k, batch_size=256, backend="xla", projection="factorized", factor_dims=64)
+            example = jax.tree_util.tree_map(lambda a: a[0], train)
+            plan = trakjax.describe_factorization(task, checkpoints[0], example, factor_dims=64, proj_dim=k).plan
+            start = time.perf_counter()
+            dense = trakjax.attribute(task, checkpoints, train, targets, second_stage="dense", **common)
+            dense_s = time.perf_counter() - start
+            base = halves.report_lds(dense)
+            for s in args.sparsities:
+                start = time.perf_counter()
+                sparse = trakjax.attribute(task, checkpoints, train, targets, second_stage="sparse", sparsity=s,
+                                           **common)
+                seconds = time.perf_counter() - start
+                diff = paired_difference(sparse, dense, halves)
+                rows.append((name, k, plan.k_fac, plan.second_stage, s, base.mean, halves.report_lds(sparse).mean,
+                             diff, dense_s, seconds))
+                print(rows[-1], flush=True)
+    print(f"\n{machine()}")
+    print(f"Sparse against dense second stage, factorized (factor_dims 64), digits: N = 1000, report half 398 "
+          f"targets, {args.subsets} half-subset retrains, 10 checkpoints, λ auto\n")
+    print("| model | k | K_fac | s | dense-stage LDS | sparse-stage LDS | sparse − dense (paired, 95% CI) "
+          "| whole call dense / sparse (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, k, k_fac, staged, s, a, b, (mean, low, high), ta, tb in rows:
+        note = "" if staged else " (no second stage: k ≥ K_fac)"
+        print(f"| {name} | {k}{note} | {k_fac} | {s} | {a:.4f} | {b:.4f} | {mean:+.4f} [{low:+.4f}, {high:+.4f}] "
+              f"| {ta:.1f} / {tb:.1f} |")
 
 
 def _fit(model, init, optimizer, train, steps, key):
@@ -356,6 +454,107 @@ def paired_difference(a, b, halves, n_boot: int = 2000, seed: int = 0) -> tuple[
     return float(per_target.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
+# --------------------------------------------------------------------------- flops
+
+
+def cost(compiled) -> tuple[float, float, int]:
+    """(FLOPs, bytes accessed, while loops) of a compiled XLA executable. XLA's cost analysis
+    counts a loop body once, whatever its trip count: the loop count says where it undercounts."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
+        analysis = analysis[0]
+    return (float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
+            compiled.as_text().count(" while("))
+
+
+def flops_models(args):
+    """(name, task, params, batch, loss(params, batch), train params, grad_wrt) of every
+    benchmark model: the digits MLP, the 373k CNN and the issue's two GPT-2 shapes."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import trakjax
+    from trakjax import tasks
+
+    sys.path.insert(0, str(HERE))
+    from featurize_cpu import CNN
+
+    class DigitsMLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.relu(nn.Dense(64)(nn.relu(nn.Dense(64)(x)))))
+
+    rng = np.random.default_rng(0)
+    for name, model, x, batch in (("digits MLP 64-64-10", DigitsMLP(), rng.normal(size=(256, 64)), 256),
+                                  ("CNN 373k (32×32×3)", CNN(), rng.normal(size=(64, 32, 32, 3)), 64)):
+        x = x.astype(np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int32)
+        params = model.init(jax.random.key(0), x[:1])
+
+        def loss(p, b, model=model):
+            return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, b[0]), b[1]).mean()
+
+        yield name, tasks.image_classification(model.apply), params, (x, y), loss, params, None
+    for layers, d, vocab, positions in args.flops_gpt2:
+        model = trakjax.flax.from_nnx(gpt2_model(layers, d, max(d // 64, 1), vocab, positions))
+        ids = rng.integers(0, vocab, (8, positions)).astype(np.int32)
+        fixed = model.params["state"]
+
+        def loss(p, b, model=model, fixed=fixed):
+            logits = model.apply_fn({"params": p, "state": fixed}, b)[:, :-1]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean()
+
+        yield (f"GPT-2 {layers} layers, d {d}, vocab {vocab}, seq {positions}", tasks.language_modeling(model.apply_fn),
+               model.params, jnp.asarray(ids), loss, model.params["params"], ["params"])
+
+
+def flops(args) -> None:
+    """XLA's compiled cost of one factorized featurization step against one AdamW training step
+    of the same batch (a device-independent estimate)."""
+    import jax
+    import optax
+
+    import trakjax
+    from trakjax import featurize
+
+    rows = []
+    for name, task, params, batch, loss, train_params, grad_wrt in flops_models(args):
+        optimizer = optax.adamw(1e-4)
+
+        def train_step(p, state, b, loss=loss, optimizer=optimizer):
+            value, grads = jax.value_and_grad(loss)(p, b)
+            updates, state = optimizer.update(grads, state, p)
+            return optax.apply_updates(p, updates), state, value
+
+        train = cost(jax.jit(train_step).lower(train_params, optimizer.init(train_params), batch).compile())
+        size = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+        example = jax.tree_util.tree_map(lambda a: a[0], batch)
+        for stage in args.flops_stages:
+            config = trakjax.Config.create(projection="factorized", factor_dims=64, proj_dim=2048, batch_size=size,
+                                           grad_wrt=grad_wrt, backend="xla", grad_memory_bytes=2**40,
+                                           second_stage=stage)
+            checkpoint = featurize.prepare_checkpoint(task, params, config, 0, example=example)
+            key = featurize.task_key(checkpoint.seed, 0, featurize.TRAIN_SPLIT)
+            lowered = checkpoint.train_step.lower(checkpoint.diff, checkpoint.fixed, batch, checkpoint.aux,
+                                                  np.arange(size, dtype=np.int32), key, checkpoint.proj_key,
+                                                  checkpoint.blocks)
+            fact = cost(lowered.compile())
+            rows.append((name, stage, checkpoint.spec.plan.k_fac, size, train, fact))
+            print(rows[-1], flush=True)
+    print(f"\n{machine()}")
+    print("XLA compiled cost analysis, one step on one batch: factorized featurization (factor_dims 64, "
+          "proj_dim 2048, with q) against value_and_grad of the mean loss + AdamW. A while loop's body is "
+          "counted once (the loops column: 0 means nothing is undercounted)\n")
+    print("| model | second stage | K_fac | batch | train GFLOP | featurize GFLOP | FLOP ratio (featurize/train) "
+          "| train GB accessed | featurize GB accessed | loops (train, featurize) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, stage, k_fac, size, (tf, tb, tl), (ff, fb, fl) in rows:
+        print(f"| {name} | {stage} | {k_fac} | {size} | {tf / 1e9:.3f} | {ff / 1e9:.3f} | {ff / tf:.2f} "
+              f"| {tb / 1e9:.3f} | {fb / 1e9:.3f} | {tl}, {fl} |")
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -377,7 +576,7 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="all", choices=["gpt2", "cnn", "mlp50m", "lds", "all"])
+    parser.add_argument("mode", nargs="?", default="all", choices=["gpt2", "cnn", "mlp50m", "lds", "second_stage", "flops", "table", "all"])
     parser.add_argument("--gpu", action="store_true", help="report device memory (run on a GPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="GPT-2 sequences per batch")
@@ -390,11 +589,24 @@ def main(argv=None) -> int:
     parser.add_argument("--mlp-batch", type=int, default=256)
     parser.add_argument("--subsets", type=int, default=200)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--second-stage-dims", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--sparsities", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--quick", action="store_true", help="gpt2 at 2 layers, d 256, vocab 8192, 64 positions")
+    parser.add_argument("--second-stage", choices=["dense", "sparse"], default=None,
+                        help="the factorized second stage (default: the library's)")
+    parser.add_argument("--table-shapes", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
+                        default=[(2, 256, 8192, 64, 32, 128), (4, 768, 50257, 128, 16, 64)],
+                        help="table shapes as layers,d,vocab,positions,n_small,n_large")
+    parser.add_argument("--flops-stages", nargs="+", default=["dense", "sparse"])
+    parser.add_argument("--flops-gpt2", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
+                        default=[(2, 256, 8192, 64), (4, 768, 50257, 128)],
+                        help="GPT-2 shapes for flops as layers,d,vocab,positions")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     modes = ["gpt2", "cnn", "mlp50m", "lds"] if args.mode == "all" else [args.mode]
     for mode in modes:
-        {"gpt2": gpt2, "cnn": cnn, "mlp50m": mlp50m, "lds": lds}[mode](args)
+        {"gpt2": gpt2, "cnn": cnn, "mlp50m": mlp50m, "lds": lds, "second_stage": second_stage,
+         "flops": flops, "table": table}[mode](args)
     return 0
 
 

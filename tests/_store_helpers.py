@@ -18,7 +18,7 @@ BATCH = 32
 SEED = 5
 NUM_MODELS = 2
 EXPERIMENT = "digits"
-SESSION_KW = dict(proj_dim=PROJ_DIM, seed=SEED, batch_size=BATCH, backend="xla")
+SESSION_KW = dict(proj_dim=PROJ_DIM, seed=SEED, batch_size=BATCH, backend="xla", projection="rademacher")
 
 
 def configure_jax_cache() -> None:

@@ -111,7 +111,7 @@ def test_random_projection_matches_closed_form_with_the_contract_matrix(lam):
     k = 8
     task = tasks.image_classification(apply_fn)
     got = trakjax.attribute(
-        task, [params], train, targets, proj_dim=k, seed=5, lambda_reg=lam, backend="xla", kernel="trak",
+        task, [params], train, targets, projection="rademacher", proj_dim=k, seed=5, lambda_reg=lam, backend="xla", kernel="trak",
         model_ids=[7],
     )
     p = D * C + C

@@ -31,7 +31,7 @@ def test_create_routes_each_setting_to_its_half_and_numpy_numbers_count():
     assert config.result.grad_wrt == ("params/Dense_0",)
     assert config.replace(batch_size=32).result == config.result  # run settings leave results alone
     assert Config.create(config, lambda_reg=None).result.lambda_reg == "auto"
-    assert Config().result.projection_dim(10_000) == DEFAULT_PROJ_DIM == 2048
+    assert Config.create(projection="rademacher").result.projection_dim(10_000) == DEFAULT_PROJ_DIM == 2048
     assert Config.create(projection="identity").result.projection_dim(37) == 37
 
 

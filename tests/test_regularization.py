@@ -171,9 +171,10 @@ def test_attribute_auto_is_the_implied_ridge_rule_on_its_features():
     task = tasks.image_classification(lambda p, z: z @ p["w"] + p["b"])
     params = _trained(task, x[:80], y[:80])
     _, details = trakjax.attribute(task, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
-                                   backend="xla", return_details=True, kernel="trak")
+                                   backend="xla", return_details=True, kernel="trak", projection="rademacher")
     assert details[0].lambda_rule == "implied ridge"
-    checkpoint = featurize.prepare_checkpoint(task, params, trakjax.Config.create(proj_dim=12, backend="xla"))
+    checkpoint = featurize.prepare_checkpoint(task, params, trakjax.Config.create(
+        proj_dim=12, backend="xla", projection="rademacher"))
     out = featurize.featurize(task, checkpoint, (x[:80], y[:80]))
     np.testing.assert_allclose(out.output_offset, -np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(out.curvature, out.out_to_loss * (1 - out.out_to_loss), rtol=1e-6)
@@ -186,7 +187,8 @@ def test_attribute_auto_is_the_implied_ridge_rule_on_its_features():
     assert details[0].lambda_reg != pytest.approx(0.3 * np.trace(gram) / 80, rel=1e-2)
     # The Gauss–Newton kernel: λ = ρ̂/α from the h-weighted Gram and fit.
     _, gn_details = trakjax.attribute(task, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
-                                      backend="xla", return_details=True, kernel="gauss-newton")
+                                      backend="xla", return_details=True, kernel="gauss-newton",
+                                      projection="rademacher")
     h = out.curvature.astype(np.float64)
     weighted = phi.T @ (phi * h[:, None])
     gn_stats = regularization.ridge_statistics(phi, out.out_to_loss, out.outputs, output_offset=-np.log(2.0),
@@ -198,7 +200,7 @@ def test_attribute_auto_is_the_implied_ridge_rule_on_its_features():
     # A task without ridge_terms falls back to the former rule.
     bare = task._replace(ridge_terms=None)
     _, bare_details = trakjax.attribute(bare, [params], (x[:80], y[:80]), (x[80:], y[80:]), proj_dim=12,
-                                        backend="xla", return_details=True)
+                                        backend="xla", return_details=True, projection="rademacher")
     assert bare_details[0].lambda_rule == "0.3·trace/N"
     assert bare_details[0].lambda_reg == pytest.approx(0.3 * np.trace(gram) / 80, rel=1e-4)
 

@@ -145,7 +145,7 @@ def test_experiment_names_are_whole_matches_and_save_dirs_expand_the_home(tmp_pa
             store_lib.check_experiment_name(name)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    traker = trakjax.TRAKer(helpers.task(), 16, "~/runs/x", proj_dim=8)
+    traker = trakjax.TRAKer(helpers.task(), 16, "~/runs/x", proj_dim=8, projection="rademacher")
     traker.load_checkpoint({"w": np.zeros((64, 10), np.float32)}, 0)
     assert (tmp_path / "home" / "runs" / "x" / store_lib.METADATA_FILE).is_file()
     assert not (tmp_path / "~").exists()
@@ -247,14 +247,16 @@ def test_a_grad_wrt_typo_creates_nothing(project, tmp_path, capsys):
     assert cli.main(["attribute", "--config", str(config)]) == 2
     assert "grad_wrt entry 'params/Dense_9' matches no parameter" in one_error_line(capsys.readouterr().err, "attribute")
     assert not (tmp_path / "out").exists()
-    traker = trakjax.TRAKer(helpers.task(), 16, tmp_path / "store", proj_dim=8, grad_wrt=["params/Dense_9"])
+    traker = trakjax.TRAKer(helpers.task(), 16, tmp_path / "store", proj_dim=8, grad_wrt=["params/Dense_9"],
+                            projection="rademacher")
     with pytest.raises(errors.InvalidArgumentError, match="matches no parameter"):
         traker.load_checkpoint(helpers.train_checkpoints(1, steps=1)[0], 0)
     assert not (tmp_path / "store").exists()
 
 
 def test_numpy_integers_are_integers_and_the_store_records_python_ones(tmp_path):
-    traker = trakjax.TRAKer(helpers.task(), np.int64(16), tmp_path, proj_dim=np.int64(8), seed=np.int32(2))
+    traker = trakjax.TRAKer(helpers.task(), np.int64(16), tmp_path, proj_dim=np.int64(8), seed=np.int32(2),
+                            projection="rademacher")
     traker.load_checkpoint(helpers.train_checkpoints(1, steps=1)[0], np.int64(0))
     config = json.loads((tmp_path / store_lib.METADATA_FILE).read_text())["config"]
     assert config["proj_dim"] == 8 and config["seed"] == 2 and config["train_set_size"] == 16

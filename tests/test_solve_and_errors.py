@@ -134,8 +134,9 @@ def test_callable_data_is_reread_for_every_checkpoint():
         return iter([(x[:16], y[:16]), (x[16:], y[16:])])
 
     checkpoints = [make_params(0), make_params(1)]
-    from_iterator = trakjax.attribute(TASK, checkpoints, train, (x[:3], y[:3]), proj_dim=8, backend="xla")
-    from_arrays = trakjax.attribute(TASK, checkpoints, (x, y), (x[:3], y[:3]), proj_dim=8, backend="xla", batch_size=7)
+    dense = dict(proj_dim=8, backend="xla", projection="rademacher")  # "auto" reads a first batch once more
+    from_iterator = trakjax.attribute(TASK, checkpoints, train, (x[:3], y[:3]), **dense)
+    from_arrays = trakjax.attribute(TASK, checkpoints, (x, y), (x[:3], y[:3]), batch_size=7, **dense)
     assert len(calls) == 2
     np.testing.assert_allclose(from_iterator, from_arrays, rtol=1e-4, atol=1e-6)
 

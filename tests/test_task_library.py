@@ -123,13 +123,13 @@ def test_text_classification_end_to_end_and_jitted_scorer(text_setup):
     q = np.asarray(q_of(task, params, train, TaskState()), np.float64)
     expected, lam = closed_form_scores(g_train, g_targets, q, proj_dim=K, seed=SEED, model_id=0)
     got = trakjax.attribute(
-        task, [params], train, targets, proj_dim=K, seed=SEED, lambda_reg=lam, batch_size=32,
+        task, [params], train, targets, projection="rademacher", proj_dim=K, seed=SEED, lambda_reg=lam, batch_size=32,
         backend="xla", kernel="trak",
     )
     assert relative_error(got, expected) < 1e-4
     # The same scores from the pure function inside jit, with dict inputs.
     features = trakjax.train_features(
-        task, [params], train, proj_dim=K, seed=SEED, lambda_reg=lam, batch_size=32, backend="xla", kernel="trak"
+        task, [params], train, projection="rademacher", proj_dim=K, seed=SEED, lambda_reg=lam, batch_size=32, backend="xla", kernel="trak"
     )
     jitted = jax.jit(lambda score_fn, p, b: score_fn(p, b))(
         trakjax.scorer(task, features), params, targets
@@ -190,7 +190,7 @@ def test_binary_classification_end_to_end():
     q = 1 - sigmoid(np.asarray(signed(params, train), np.float64))
     expected, lam = closed_form_scores(g_train, g_targets, q, proj_dim=16, seed=SEED, model_id=0)
     got = trakjax.attribute(
-        task, [params], train, targets, proj_dim=16, seed=SEED, lambda_reg=lam, backend="xla", kernel="trak"
+        task, [params], train, targets, projection="rademacher", proj_dim=16, seed=SEED, lambda_reg=lam, backend="xla", kernel="trak"
     )
     assert relative_error(got, expected) < 1e-4
 
@@ -200,7 +200,7 @@ def test_binary_classification_rejects_bad_logits_and_labels():
     task = tasks.binary_classification(mlp)  # two logits per example
     x, y = binary_data(4, 0)
     with pytest.raises(ValueError, match=r"binary_classification: apply_fn\(params, x\) must return one scalar per example.*\(4, 2\)"):
-        trakjax.attribute(task, [params], (x, y), (x, y), proj_dim=8, backend="xla", kernel="trak")
+        trakjax.attribute(task, [params], (x, y), (x, y), projection="rademacher", proj_dim=8, backend="xla", kernel="trak")
     ok = tasks.binary_classification(mlp)
     with pytest.raises(ValueError, match=r"labels must be 0 or 1.*\[2\] at batch positions \[1\]"):
         ok.validate(mlp_params(0, 6, 5, 1), (x, np.array([0, 2, 1, 0])))
@@ -330,12 +330,12 @@ def test_clip_end_to_end_with_a_bank_per_checkpoint_and_jitted_scorer():
     kernel = np.mean([kernel_scores(phi, psi, lam) for phi, psi, _ in parts], axis=0)
     expected = kernel * np.mean([q for _, _, q in parts], axis=0)[:, None]
     got = trakjax.attribute(
-        task, checkpoints, train, targets, proj_dim=k, seed=SEED, lambda_reg=lam, batch_size=32,
+        task, checkpoints, train, targets, projection="rademacher", proj_dim=k, seed=SEED, lambda_reg=lam, batch_size=32,
         backend="xla", kernel="trak",
     )
     assert relative_error(got, expected) < 1e-4
     features = trakjax.train_features(
-        task, checkpoints, train, proj_dim=k, seed=SEED, lambda_reg=lam, batch_size=32,
+        task, checkpoints, train, projection="rademacher", proj_dim=k, seed=SEED, lambda_reg=lam, batch_size=32,
         backend="xla", kernel="trak",
     )
     for m, params in enumerate(checkpoints):  # the bank of θ_m travels with F_m
@@ -356,7 +356,7 @@ def test_clip_rejects_embeddings_of_the_wrong_shape():
 
     task = tasks.clip(image_fn, short_text_fn, temperature=TAU, n_negatives=NEG)
     with pytest.raises(ValueError, match=r"clip: image_fn.*text_fn.*got \(4, 4\) and \(4, 3\) for images \(4, 5\)"):
-        trakjax.attribute(task, [params], data, data, proj_dim=8, backend="xla", kernel="trak")
+        trakjax.attribute(task, [params], data, data, projection="rademacher", proj_dim=8, backend="xla", kernel="trak")
     flat = tasks.clip(lambda p, x: image_fn(p, x).sum(-1), short_text_fn, temperature=TAU)
     with pytest.raises(ValueError, match=r"\(B, D\) embeddings.*\(4,\)"):
         flat.validate(params, data)
@@ -458,12 +458,12 @@ def test_language_modeling_end_to_end_and_bad_token_ids():
         q, proj_dim=K, seed=SEED, model_id=0,
     )
     got = trakjax.attribute(
-        task, [params], train, targets, proj_dim=K, seed=SEED, lambda_reg=lam, backend="xla", kernel="trak"
+        task, [params], train, targets, projection="rademacher", proj_dim=K, seed=SEED, lambda_reg=lam, backend="xla", kernel="trak"
     )
     assert relative_error(got, expected) < 1e-4
     bad = dict(targets, input_ids=np.where(np.arange(LM_LENGTH) == 2, LM_VOCAB, targets["input_ids"]))
     with pytest.raises(ValueError, match=r"language_modeling: token ids must be in \[0, 11\).*\(3, 7, 11\)"):
-        trakjax.attribute(task, [params], train, bad, proj_dim=K, backend="xla", kernel="trak")
+        trakjax.attribute(task, [params], train, bad, projection="rademacher", proj_dim=K, backend="xla", kernel="trak")
 
 
 # --------------------------------------------------------------------------- regression
@@ -490,13 +490,13 @@ def test_regression_q_matches_autodiff_and_end_to_end():
         residual, proj_dim=16, seed=SEED, model_id=0,
     )
     got = trakjax.attribute(
-        task, [params], train, targets, proj_dim=16, seed=SEED, lambda_reg=lam, backend="xla", kernel="trak"
+        task, [params], train, targets, projection="rademacher", proj_dim=16, seed=SEED, lambda_reg=lam, backend="xla", kernel="trak"
     )
     assert relative_error(got, expected) < 1e-4
 
     wide = tasks.regression(lambda p, x: jnp.tile(mlp(p, x), (1, 3)))
     with pytest.raises(ValueError, match=r"regression: apply_fn\(params, x\) must return one scalar per example.*\(4, 3\)"):
-        trakjax.attribute(wide, [params], targets, targets, proj_dim=8, backend="xla", kernel="trak")
+        trakjax.attribute(wide, [params], targets, targets, projection="rademacher", proj_dim=8, backend="xla", kernel="trak")
 
 
 # --------------------------------------------------------------------------- the general featurize path
@@ -507,14 +507,14 @@ def test_featurize_rejects_a_task_whose_output_is_not_a_scalar():
     x, y = binary_data(4, 0)
     vector = tasks.from_loss(lambda p, ex, s: mlp(p, ex[0][None])[0], lambda f, ex, s: jnp.sum(f))
     with pytest.raises(ValueError, match=r"output\(params, example, state\) must return one scalar per example; got shape \(3,\)"):
-        trakjax.attribute(vector, [params], (x, y), (x, y), proj_dim=8, backend="xla", kernel="trak")
+        trakjax.attribute(vector, [params], (x, y), (x, y), projection="rademacher", proj_dim=8, backend="xla", kernel="trak")
     column_q = tasks.Task(
         output=lambda p, ex, s: mlp(p, ex[0][None])[0, 0],
         out_to_loss=lambda p, b, s: jnp.ones((b[0].shape[0], 1)),  # (B, 1) like the reference
         name="column_q",
     )
     with pytest.raises(ValueError, match=r"task 'column_q': out_to_loss must return a \(B,\) array; got out_to_loss shape \(4, 1\) for a batch of 4"):
-        trakjax.attribute(column_q, [params], (x, y), (x, y), proj_dim=8, backend="xla", kernel="trak")
+        trakjax.attribute(column_q, [params], (x, y), (x, y), projection="rademacher", proj_dim=8, backend="xla", kernel="trak")
 
 
 def test_text_classification_rejects_labels_outside_the_logits():
@@ -524,4 +524,4 @@ def test_text_classification_rejects_labels_outside_the_logits():
     task = tasks.text_classification(model.apply)
     labels[2] = CLASSES
     with pytest.raises(ValueError, match=r"text_classification: labels must be in \[0, 3\) for logits of shape \(4, 3\); got \[3\]"):
-        trakjax.attribute(task, [params], (inputs, labels), (inputs, labels), proj_dim=8, backend="xla", kernel="trak")
+        trakjax.attribute(task, [params], (inputs, labels), (inputs, labels), projection="rademacher", proj_dim=8, backend="xla", kernel="trak")

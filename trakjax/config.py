@@ -43,10 +43,20 @@ DEFAULT_PROJ_DIM = 2048
 """k for random projections when ``proj_dim`` is ``None``."""
 AUTO = "auto"
 """``lambda_reg="auto"``: λ chosen per checkpoint without retraining (:mod:`trakjax.solve`)."""
-PROJECTIONS = (*randomness.PROJECTION_KINDS, "factorized")
+AUTO_PROJECTION = "auto"
+"""``projection="auto"`` (the default): the factorized family when the factorizable leaves hold
+most differentiated parameters, dense Rademacher otherwise; resolved once, from a trace of one
+example, by :func:`trakjax.featurize.choose_projection`, and recorded resolved."""
+PROJECTIONS = (*randomness.PROJECTION_KINDS, "factorized", AUTO_PROJECTION)
 DEFAULT_FACTOR_DIMS = (64, 64)
 """Factor sizes (k_in, k_out) of ``projection="factorized"`` when ``factor_dims`` is ``None``."""
 FACTOR_KINDS = ("rademacher", "normal")
+SECOND_STAGES = ("dense", "sparse")
+DEFAULT_SECOND_STAGE = "sparse"
+"""The factorized family's second stage when ``second_stage`` is ``None`` (paired LDS against the
+dense stage on digits within 0.005 at k = 128, 512, 2048: benchmarks/README.md)."""
+DEFAULT_SPARSITY = 2
+"""s, the sparse second stage's nonzeros per input, when ``sparsity`` is ``None``."""
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("highest", "high", "default")
 BACKENDS = ("xla", "pallas", "auto")
@@ -157,8 +167,11 @@ class ResultSettings:
 
     Attributes:
       projection: ``"rademacher"`` or ``"normal"`` (random R, the contract of
-        :mod:`trakjax.randomness`), ``"identity"`` (R = I, k = P), or ``"factorized"`` (per-layer
-        Kronecker projections of gradients never built, :mod:`trakjax.factorized`).
+        :mod:`trakjax.randomness`), ``"identity"`` (R = I, k = P), ``"factorized"`` (per-layer
+        Kronecker projections of gradients never built, :mod:`trakjax.factorized`), or ``"auto"``
+        (the default: ``"factorized"`` when the factorizable leaves hold most differentiated
+        parameters, ``"rademacher"`` otherwise, resolved once per run from a trace of one example
+        and recorded resolved; ``reference_compat=True`` resolves it to ``"rademacher"``).
       proj_dim: k; ``None`` means :data:`DEFAULT_PROJ_DIM` for random projections and P for
         ``"identity"`` (which also accepts P itself). For ``"factorized"``, the final dimension
         (no second projection when it is at least K_fac, the factorized features' count), or
@@ -166,6 +179,12 @@ class ResultSettings:
       factor_dims: ``"factorized"`` only: factor sizes, an int for both sides or a pair
         ``(k_in, k_out)`` (``None``: :data:`DEFAULT_FACTOR_DIMS`).
       factor_kind: ``"factorized"`` only: the factors' entries, ``"rademacher"`` or ``"normal"``.
+      second_stage: ``"factorized"`` only: how K_fac features are compressed to ``proj_dim``,
+        ``"dense"`` (a K_fac × k random matrix, O(K_fac·k) per example) or ``"sparse"`` (a
+        count-sketch map, O(s·K_fac), :mod:`trakjax.sparse_projection`); ``None``:
+        :data:`DEFAULT_SECOND_STAGE`.
+      sparsity: ``second_stage="sparse"`` only: s, the output coordinates each input feature
+        goes to (``None``: :data:`DEFAULT_SPARSITY`).
       seed: the projection seed, in [0, 2⁶⁴) (also seeds tasks' PRNG keys).
       lambda_reg: ``"auto"`` (also written ``None``) for λ chosen per checkpoint without
         retraining (:func:`trakjax.solve.auto_lambda`), or an absolute float ≥ 0 (the reference
@@ -184,7 +203,7 @@ class ResultSettings:
         a session reopening a store adopts the store's kernel).
     """
 
-    projection: str = "rademacher"
+    projection: str = AUTO_PROJECTION
     proj_dim: int | None = None
     seed: int = 0
     lambda_reg: float | str = AUTO
@@ -195,10 +214,16 @@ class ResultSettings:
     factor_dims: int | tuple[int, int] | None = None
     factor_kind: str = "rademacher"
     kernel: str | None = AUTO
+    second_stage: str | None = None
+    sparsity: int | None = None
 
     def __post_init__(self):
         fix = object.__setattr__
         fix(self, "projection", check_choice("projection", self.projection, PROJECTIONS))
+        if self.projection == AUTO_PROJECTION and self.reference_compat is True:
+            fix(self, "projection", "rademacher")  # the reference library's family
+        if self.projection == AUTO_PROJECTION:
+            dataclasses.replace(self, projection="factorized")  # check the factorized settings now
         factorized = self.projection == "factorized"
         if self.proj_dim == "all" and isinstance(self.proj_dim, str):
             if not factorized:
@@ -229,21 +254,61 @@ class ResultSettings:
 
     def _check_factor_settings(self, factorized: bool) -> None:
         fix = object.__setattr__
+        if self.projection == AUTO_PROJECTION:  # checked above; kept as given until resolved
+            return
         if not factorized:
-            if self.factor_dims is not None:
-                raise InvalidArgumentError(
-                    f"factor_dims={self.factor_dims!r} applies to projection='factorized' only, "
-                    f"got projection={self.projection!r}"
-                )
+            for name in ("factor_dims", "second_stage", "sparsity"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgumentError(
+                        f"{name}={getattr(self, name)!r} applies to projection='factorized' only, "
+                        f"got projection={self.projection!r}"
+                    )
             return
         dims = DEFAULT_FACTOR_DIMS if self.factor_dims is None else self.factor_dims
         fix(self, "factor_dims", check_factor_dims(dims))
         fix(self, "factor_kind", check_choice("factor_kind", self.factor_kind, FACTOR_KINDS))
+        self._check_second_stage()
+
+    def _check_second_stage(self) -> None:
+        """Check ``second_stage``/``sparsity``; ``None`` stays (unset: the default, or a store's value)."""
+        if self.second_stage is not None:
+            check_choice("second_stage", self.second_stage, SECOND_STAGES)
+        if self.sparsity is None:
+            return
+        if self.resolved_second_stage != "sparse":
+            raise InvalidArgumentError(
+                f"sparsity={self.sparsity!r} applies to second_stage='sparse' only, got "
+                f"second_stage={self.resolved_second_stage!r}"
+            )
+        if isinstance(self.sparsity, bool) or not is_int(self.sparsity) or self.sparsity < 1:
+            raise InvalidArgumentError(f"sparsity must be a positive int, got {self.sparsity!r}")
+        if is_int(self.proj_dim) and self.sparsity > self.proj_dim:
+            raise InvalidArgumentError(f"sparsity must be at most proj_dim={self.proj_dim}, got {self.sparsity}")
+        object.__setattr__(self, "sparsity", int(self.sparsity))
+
+    @property
+    def resolved_second_stage(self) -> str:
+        """``second_stage`` with ``None`` read as :data:`DEFAULT_SECOND_STAGE`."""
+        return DEFAULT_SECOND_STAGE if self.second_stage is None else self.second_stage
+
+    @property
+    def resolved_sparsity(self) -> int:
+        """``sparsity`` with ``None`` read as :data:`DEFAULT_SPARSITY`."""
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
 
     @property
     def storage_dtype(self) -> np.dtype:
         """The feature storage dtype as a numpy dtype (bfloat16 from ml_dtypes)."""
         return np.dtype(jnp.dtype(self.dtype))
+
+    def resolve_projection(self, family: str) -> ResultSettings:
+        """These settings with ``projection="auto"`` replaced by ``family`` (``"factorized"`` or
+        ``"rademacher"``; the factor settings dropped for the latter); unchanged otherwise."""
+        if self.projection != AUTO_PROJECTION:
+            return self
+        if family == "factorized":
+            return dataclasses.replace(self, projection=family)
+        return dataclasses.replace(self, projection=family, factor_dims=None, second_stage=None, sparsity=None)
 
     def projection_dim(self, num_params: int) -> int:
         """The effective k for ``num_params`` differentiated parameters (P for ``"identity"``).
@@ -251,9 +316,9 @@ class ResultSettings:
         Raises:
           InvalidArgumentError: for ``"identity"`` with a ``proj_dim`` other than P.
         """
-        if self.projection == "factorized":
+        if self.projection in ("factorized", AUTO_PROJECTION):
             raise InvalidArgumentError(
-                "projection='factorized' has no fixed k: its final dimension comes from the "
+                f"projection={self.projection!r} has no fixed k: its final dimension comes from the "
                 "factorization plan (trakjax.featurize.prepare_checkpoint)"
             )
         return projection.check_kind_and_dim(self.projection, self.requested_dim, num_params)
@@ -282,6 +347,9 @@ class ResultSettings:
         if self.projection == "factorized":  # dense records stay those of trakjax 0.1
             record.update(contract_version=randomness.FACTOR_CONTRACT_VERSION,
                           factor_dims=list(self.factor_dims), factor_kind=self.factor_kind)
+            if self.resolved_second_stage == "sparse":  # a record without the key: the dense second stage
+                record.update(contract_version=randomness.SPARSE_CONTRACT_VERSION,
+                              second_stage="sparse", sparsity=self.resolved_sparsity)
         return record
 
 

@@ -22,6 +22,8 @@ Scaling: each block is divided by √(product of its random sides' k), so E[φ_W
 (K_fac numbers) the features are
 
     φ = R2ᵀ u / √P       when a second stage runs (proj_dim < K_fac; R2 is K_fac × proj_dim)
+    φ = S u / √P         with the sparse second stage (S: k × K_fac, s entries ±√(k/s) per column,
+                         :mod:`trakjax.sparse_projection`)
     φ = u · √(K_fac / P) otherwise,
 
 so E[φᵀφ′] = (k/P)·gᵀg′ with k the final dimension, the dense family's convention: λ means the
@@ -59,7 +61,7 @@ import numpy as np
 
 from trakjax import factorized_compat as compat
 from trakjax import projection as projection_lib
-from trakjax import randomness
+from trakjax import randomness, sparse_projection
 from trakjax.errors import InvalidArgumentError
 from trakjax.factorized_analysis import Analysis, analyze
 from trakjax.factorized_eval import Context, LeafArrays, evaluate
@@ -202,6 +204,7 @@ class Factors(NamedTuple):
     leaf (``projection.projection_blocks``), or None to generate it chunk by chunk;
     ``second_matrix``: R2 materialized, (K_fac, final_dim), or None to generate it on the fly.
     Materialized or generated, the entries are the same.
+    ``second_table``: the sparse second stage (contract v3) tabulated, or None for the dense R2.
     """
 
     leaves: tuple
@@ -209,6 +212,7 @@ class Factors(NamedTuple):
     second_key: jax.Array
     dense_blocks: list | None = None
     second_matrix: jax.Array | None = None
+    second_table: sparse_projection.SketchTable | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -217,7 +221,8 @@ def _generator(kind: str, rows: int, k: int):
 
 
 def factor_matrices(
-    plan: FactorPlan, *, seed: int, model_id: int, kind: str, matrix_cache_bytes: int = 2**30
+    plan: FactorPlan, *, seed: int, model_id: int, kind: str, matrix_cache_bytes: int = 2**30,
+    second_stage: str = "dense", sparsity: int = 1,
 ) -> Factors:
     """The factor matrices of every factorized leaf and slice, and the projection keys.
 
@@ -229,7 +234,14 @@ def factor_matrices(
     remainder's R (4·P_rest·k_rest bytes) are materialized when they fit this budget (per
     device); otherwise :func:`factorized_features` generates them chunk by chunk on every call
     (hashing costs about as much as the multiply: materializing is much faster when it fits).
+
+    ``second_stage``: ``"dense"`` (contract v2's R2) or ``"sparse"`` (the count-sketch map of
+    contract v3 with ``sparsity`` = s nonzeros per input, :mod:`trakjax.sparse_projection`:
+    O(s·K_fac) per example instead of O(K_fac·final_dim)).
     """
+    if second_stage not in sparse_projection.SECOND_STAGES:
+        raise InvalidArgumentError(f"second_stage must be one of {sparse_projection.SECOND_STAGES}, "
+                                   f"got {second_stage!r}")
     if kind not in FACTOR_KINDS:
         raise InvalidArgumentError(f"kind must be one of {FACTOR_KINDS} for the factorized family, got {kind!r}")
     randomness.check_seed_and_model_id(seed, model_id)
@@ -251,8 +263,11 @@ def factor_matrices(
     dense_key = jnp.uint32(randomness.stream_key(seed, model_id, kind))
     second_key = jnp.uint32(randomness.second_stage_key(seed, model_id, kind))
     budget = int(matrix_cache_bytes)
-    second = None
-    if plan.second_stage and 4 * plan.k_fac * plan.final_dim <= budget:
+    second = table = None
+    if plan.second_stage and second_stage == "sparse":
+        sparsity = sparse_projection.check_sparsity(sparsity, plan.final_dim)
+        table = sparse_projection.sketch_table(seed, model_id, kind, plan.k_fac, plan.final_dim, sparsity)
+    elif plan.second_stage and 4 * plan.k_fac * plan.final_dim <= budget:
         second = _second_generator(kind, plan.k_fac, plan.final_dim)(second_key)
         budget -= 4 * plan.k_fac * plan.final_dim
     blocks = None
@@ -260,7 +275,7 @@ def factor_matrices(
         layout = projection_lib.parameter_layout(
             [jax.ShapeDtypeStruct(plan.leaves[i].shape, jnp.float32) for i in plan.dense])
         blocks = _blocks_generator(layout, kind, plan.k_rest)(dense_key)
-    return Factors(tuple(leaves), dense_key, second_key, blocks, second)
+    return Factors(tuple(leaves), dense_key, second_key, blocks, second, table)
 
 
 @functools.lru_cache(maxsize=16)
@@ -344,7 +359,10 @@ def factorized_features(
     )(batch, keys)
     u = _concatenate(plan, factors, z_grads, dense_grads, values.shape[0], kind, precision, chunk_rows)
     scale = 1.0 / math.sqrt(plan.num_params)
-    if plan.second_stage:
+    if plan.second_stage and factors.second_table is not None:
+        # the table's weights are ±√(k/s): φ = S u/√P, E[φᵀφ′] = (k/P)·uᵀu′ as below.
+        phi = sparse_projection.apply_sketch(u, factors.second_table) * jnp.float32(scale)
+    elif plan.second_stage:
         # project() divides by √K_fac: φ = R2ᵀu/√P = project(u)·√K_fac/√P.
         second = None if factors.second_matrix is None else [factors.second_matrix]
         phi = projection_lib.project([u], kind=kind, proj_dim=plan.final_dim, key=factors.second_key,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -45,7 +46,7 @@ TARGET_SPLIT = 1
 __all__ = [
     "DEFAULT_GRAD_MEMORY_BYTES", "DEFAULT_MATRIX_CACHE_BYTES", "TARGET_SPLIT", "TRAIN_SPLIT",
     "BatchFeatures", "Checkpoint", "FeatureSpec", "Features", "FeaturizeConfig", "GradWrt",
-    "describe_factorization", "featurize", "one_example", "output_fn", "task_output_fn", "featurize_batch", "merge_parameters", "parameter_paths", "per_example_features",
+    "choose_projection", "describe_factorization", "featurize", "resolve_auto_projection", "one_example", "output_fn", "task_output_fn", "featurize_batch", "merge_parameters", "parameter_paths", "per_example_features",
     "per_example_grads", "prepare_checkpoint", "select_parameters", "split_parameters", "task_key",
 ]
 
@@ -324,6 +325,47 @@ def _check_one_example(task: Task, params, example, state: TaskState) -> None:
             f"example of shapes {shapes}, not a scalar: is it a batch? {advice}")
 
 
+AUTO_FACTORIZED_SHARE = 0.5
+"""``projection="auto"`` picks the factorized family when the factorizable leaves (and the biases
+folded into them) hold more than this share of the differentiated parameters."""
+
+
+def choose_projection(
+    task: Task, params, example, *, grad_wrt: GradWrt = None, state: TaskState | None = None
+) -> tuple[str, float]:
+    """What ``projection="auto"`` resolves to: ``("factorized" or "rademacher", share)``.
+
+    ``share`` is the fraction of differentiated parameters in leaves the factorized family
+    factorizes (:func:`describe_factorization`: one trace of one example); above
+    :data:`AUTO_FACTORIZED_SHARE` the factorized family, else the dense Rademacher projection.
+    Without an example (nothing to trace) it is the dense family, share 0.
+    """
+    if example is None:
+        return "rademacher", 0.0
+    plan = describe_factorization(task, params, example, grad_wrt=grad_wrt, state=state).plan
+    covered = sum(math.prod(leaf.shape) for leaf in plan.leaves if leaf.treatment in ("factorized", "bias"))
+    share = covered / max(plan.num_params, 1)
+    return ("factorized" if share > AUTO_FACTORIZED_SHARE else "rademacher"), float(share)
+
+
+def resolve_auto_projection(task: Task, params, config: Config, example=None, aux=None, init_data=None) -> Config:
+    """``config`` with ``projection="auto"`` resolved (:func:`choose_projection`) and logged;
+    unchanged for any other projection. ``example`` defaults to ``init_data``'s first and ``aux``
+    to ``task.init(params, init_data)``."""
+    result = config.result
+    if result.projection != "auto":
+        return config
+    if example is None and init_data is not None:
+        example = one_example(init_data)
+    if aux is None:
+        aux = _task_state(task, params, init_data)
+    state = TaskState(aux, jax.random.key(0) if task.uses_key else None)
+    family, share = choose_projection(task, params, example, grad_wrt=result.grad_wrt, state=state)
+    logger.info("projection='auto' resolved to %r: factorizable leaves hold %.1f%% of the differentiated "
+                "parameters", family, 100 * share)
+    return Config(result.resolve_projection(family), config.run, config.given_settings())
+
+
 # --------------------------------------------------------------------------- per-checkpoint featurizer
 
 
@@ -402,8 +444,12 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
     def step(diff, fixed, batch, aux, indices, split_key, proj_key, blocks):
         state = TaskState(aux, example_keys(task, split_key, indices))
         features, outputs = per_example_features(task, spec, diff, fixed, batch, state, proj_key, blocks)
-        if with_out_to_loss:
-            params = merge_parameters(spec.treedef, spec.mask, diff, fixed)
+        params = merge_parameters(spec.treedef, spec.mask, diff, fixed)
+        curvature_from_outputs = None
+        if with_out_to_loss and task.from_outputs is not None:  # one model pass per batch
+            q, curvature_from_outputs = task.from_outputs(outputs, batch, state)
+            q = q.astype(jnp.float32)
+        elif with_out_to_loss:
             q = task.out_to_loss(params, batch, state).astype(jnp.float32)
         else:
             q = jnp.zeros(outputs.shape, jnp.float32)
@@ -415,6 +461,8 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
         offset = curvature = jnp.zeros(outputs.shape, jnp.float32)
         if with_out_to_loss and task.ridge_terms is not None:
             offset, curvature = task.ridge_terms(params, batch, state, q)
+            if curvature_from_outputs is not None:  # (ridge_terms' own h is then dead code)
+                curvature = curvature_from_outputs
         return (features, outputs.astype(jnp.float32), q, jnp.broadcast_to(offset, q.shape).astype(jnp.float32),
                 jnp.broadcast_to(curvature, q.shape).astype(jnp.float32))
 
@@ -503,7 +551,9 @@ def _factorized_projection(task, params, mask, diff, fixed, aux, config: Config,
         logger.info("projection='factorized': proj_dim=%s ≥ K_fac=%d, so all %d factorized features "
                     "are kept (no second projection)", result.requested_dim, plan.k_fac, plan.k_fac)
     factors = factorized.factor_matrices(plan, seed=result.seed, model_id=model_id, kind=result.factor_kind,
-                                         matrix_cache_bytes=config.run.matrix_cache_bytes // share)
+                                         matrix_cache_bytes=config.run.matrix_cache_bytes // share,
+                                         second_stage=result.resolved_second_stage,
+                                         sparsity=result.resolved_sparsity)
     example_bytes = factorized.activation_bytes_per_example(output, diff, example, key, plan=plan)
     return _Projection(plan.final_dim, None, factors, plan, example_bytes)
 
@@ -544,8 +594,12 @@ def prepare_checkpoint(
     # Simulated CPU devices of one process share host memory: split the budgets between them.
     share = devices if sharding_lib.cpu_devices_share_memory(mesh) else 1
     aux = _task_state(task, params, init_data)
-    if result.projection == "factorized":
+    if result.projection in ("factorized", "auto"):
         example = example if example is not None or init_data is None else one_example(init_data)
+    if result.projection == "auto":  # callers resolve once per run; this resolves a direct call
+        config = resolve_auto_projection(task, params, config, example, aux)
+        result = config.result
+    if result.projection == "factorized":
         projected = _factorized_projection(task, params, mask, diff, fixed, aux, config, model_id, example, share)
     else:
         projected = _dense_projection(config, layout, model_id, backend, share, diff)

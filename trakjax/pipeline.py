@@ -287,6 +287,8 @@ def solved_checkpoints(
     kernel_name = run_kernel(task, config.result)
     share, start, num_train = _process_share(train)
     storage = config.result.storage_dtype
+    # projection="auto": resolved once, on the first checkpoint (the choice depends on structure only)
+    config = featurize_lib.resolve_auto_projection(task, checkpoints[0], config, init_data=train)
     bar = progress_bar(len(checkpoints), "checkpoints", "checkpoint", config.run.progress)
     for params, model_id in zip(checkpoints, model_ids, strict=True):
         checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)

@@ -332,3 +332,67 @@ def factor_rows(kind: str, key, rows, k: int) -> jax.Array:
     if kind == "normal":
         return normal_from_words(word, bit[..., None])
     raise InvalidArgumentError(f"kind must be 'rademacher' or 'normal', got {kind!r}")
+
+
+# --------------------------------------------------------------------------- sparse second stage (v3)
+
+SPARSE_CONTRACT_VERSION = 3
+"""Version of the randomness contract of the sparse (count-sketch) second stage.
+
+Contract v3 = contract v2, unchanged, plus the sparse Johnson–Lindenstrauss map below. A store
+whose factorized features were compressed by the sparse second stage records this version (dense
+second-stage stores keep :data:`FACTOR_CONTRACT_VERSION`); any change to the functions of this
+section must bump it.
+
+Sparse map (contract v3)
+------------------------
+The output columns 0 .. k − 1 are cut into s blocks, block j holding columns
+``start_j = ⌊j·k/s⌋ .. start_{j+1} − 1`` (size ``n_j = start_{j+1} − start_j``). Input row r
+(an index into the features being compressed, < 2³²) goes to exactly one column of each block,
+with a sign::
+
+    base          = stream_key(seed, model_id, kind)                    (contract v1)
+    sparse_key    = mix(mix(base ^ SPARSE_DOMAIN) + 0x165667b1)          SPARSE_DOMAIN = 0x27d4eb2f
+    row_word      = mix(mix(sparse_key ^ r) + GOLDEN)
+    word_j        = mix(row_word + (j + 1)·0x85ebca77)
+    column_j(r)   = start_j + ((word_j >> 1) mod n_j)
+    sign_j(r)     = 1 − 2·(word_j & 1)
+
+so S (k × K) has s entries ±1 in each column r, one per block, and E[(Su)ᵀ(Su′)] = s·uᵀu′.
+"""
+
+SPARSE_DOMAIN = 0x27D4EB2F
+_SPARSE_SALT = 0x165667B1
+_BLOCK_STEP = 0x85EBCA77
+
+
+def sparse_key(seed: int, model_id: int, kind: str) -> int:
+    """The 32-bit key of the sparse second stage (contract v3), as a Python int."""
+    key = _mix_int(stream_key(seed, model_id, kind) ^ SPARSE_DOMAIN)
+    return _mix_int(key + _SPARSE_SALT)
+
+
+def block_starts(k: int, sparsity: int) -> np.ndarray:
+    """``start_j = ⌊j·k/s⌋`` for j = 0 .. s: (s + 1,) int64, the blocks' column ranges."""
+    if not 1 <= sparsity <= k:
+        raise InvalidArgumentError(f"sparsity must be in [1, proj_dim={k}], got {sparsity}")
+    return np.array([j * k // sparsity for j in range(sparsity + 1)], np.int64)
+
+
+def sparse_columns_and_signs(key: int, rows: np.ndarray, k: int, sparsity: int):
+    """Columns and signs of rows ``rows`` of the sparse map: ((n, s) int64, (n, s) float32).
+
+    Host-side numpy (the map is tabulated once per checkpoint, :mod:`trakjax.sparse_projection`).
+    """
+    rows = np.asarray(rows, np.uint64)
+    if rows.size and int(rows.max()) >= 2**32:
+        raise InvalidArgumentError(f"sparse second stage rows must be < 2**32, got {int(rows.max())}")
+    starts = block_starts(k, sparsity)
+    sizes = np.diff(starts).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        row_word = mix(mix(np.uint32(key) ^ rows.astype(np.uint32)) + np.uint32(GOLDEN))
+        steps = (np.arange(1, sparsity + 1, dtype=np.uint32) * np.uint32(_BLOCK_STEP)).astype(np.uint32)
+        word = mix(row_word[:, None] + steps[None, :])
+    columns = starts[:-1][None, :] + ((word >> np.uint32(1)) % sizes[None, :]).astype(np.int64)
+    signs = (1.0 - 2.0 * (word & np.uint32(1)).astype(np.float32)).astype(np.float32)
+    return columns, signs

@@ -15,7 +15,7 @@ module next to the file imports; ``~`` is expanded everywhere::
     lambda = "auto"                     # or an absolute λ such as 0.01 (default: "auto")
     kernel = "auto"                     # or "gauss-newton" (ΦᵀHΦ + λI), "trak" (ΦᵀΦ + λI)
     batch_size = 64                     # examples per featurize step
-    projection = "rademacher"           # or "normal", "factorized" (per-layer Kronecker projections)
+    projection = "auto"                 # or "rademacher", "normal", "factorized" (per-layer Kronecker projections)
     factor_dims = 64                    # factorized only: factor sizes, or [k_in, k_out]
     factor_kind = "rademacher"          # factorized only: or "normal"
     dtype = "float32"                   # feature storage: or "bfloat16", "float16"
@@ -239,7 +239,7 @@ KEYS: dict[str, Key] = {
     "lambda": Key(_lambda, "auto", "lambda_reg"),
     "kernel": Key(_choice(("auto", "trak", "gauss-newton")), "auto", "kernel"),
     "batch_size": Key(_integer(1), 64, "batch_size"),
-    "projection": Key(_choice(("rademacher", "normal", "factorized")), "rademacher", "projection"),
+    "projection": Key(_choice(("auto", "rademacher", "normal", "factorized")), "auto", "projection"),
     "factor_dims": Key(_factor_dims, None, "factor_dims"),
     "factor_kind": Key(_choice(("rademacher", "normal")), "rademacher", "factor_kind"),
     "dtype": Key(_choice(("float32", "bfloat16", "float16")), "float32", "dtype"),

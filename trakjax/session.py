@@ -71,6 +71,7 @@ from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
 logger = logging.getLogger("trakjax")
+PROJECTION_FAMILIES = ("factorized", "rademacher", "normal", "identity")
 
 MAX_LISTED = 10
 """How many indices error messages list."""
@@ -216,6 +217,13 @@ class TRAKer:
         explicit kernel is checked against the task."""
         resolved = run_kernel(self.task, self.config.result)
         self.config = self.config.replace(kernel=resolved).with_given(self.config.given_settings())
+
+    def _resolve_auto(self, params) -> None:
+        """Resolve ``projection="auto"`` once, at the first checkpoint (before the store records it)."""
+        if self.config.result.projection == "auto":
+            self.config = featurize_lib.resolve_auto_projection(
+                self.task, params, self.config, example=self._example, init_data=self.init_data)
+
     def _store_config(self) -> dict:
         return {"task": self.task.name, "train_set_size": self.train_set_size, **self.config.result.record(),
                 **self._store_record}
@@ -301,11 +309,12 @@ class TRAKer:
 
     def _needs_example(self) -> bool:
         """The factorized family traces the model on one example, which no call has shown yet."""
-        return self.config.result.projection == "factorized" and self._example is None
+        return self.config.result.projection in ("factorized", "auto") and self._example is None
 
     def _prepare(self, checkpoint, model_id: int):
         """Restore and prepare ``checkpoint``, then check its tree against the store's."""
         params = self._resolve_checkpoint(checkpoint)
+        self._resolve_auto(params)
         prepared = featurize_lib.prepare_checkpoint(
             self.task, params, self.config, model_id, init_data=self.init_data, example=self._example
         )

@@ -71,12 +71,23 @@ class StoreKey(NamedTuple):
       to_setting: the recorded value as the setting's value (for adopting it).
       normalize: a recorded value as the current version would record it (e.g. an older
         spelling), applied to the store's values before comparing.
+      applies: whether ``absent`` applies to a given store record (e.g. only factorized stores
+        have a second stage).
+      auto_adopts: the setting's ``"auto"`` asks trakjax to choose, and the store records what
+        was chosen: a given ``"auto"`` adopts the store's value like an unset setting
+        (``projection``, ``kernel``).
     """
 
     setting: str | None = None
     absent: Any = ALWAYS_RECORDED
     to_setting: Callable[[Any], Any] = _same
     normalize: Callable[[Any], Any] = _same
+    applies: Callable[[dict], bool] = lambda stored: True
+    auto_adopts: bool = False
+
+
+def _factorized(stored: dict) -> bool:
+    return stored.get("projection") == "factorized"
 
 
 def _normalize_grad_wrt(value):
@@ -90,7 +101,7 @@ def _normalize_grad_wrt(value):
 STORE_KEYS: dict[str, StoreKey] = {
     "task": StoreKey(),
     "train_set_size": StoreKey(),
-    "projection": StoreKey("projection"),
+    "projection": StoreKey("projection", auto_adopts=True),
     "proj_dim": StoreKey("proj_dim"),
     "seed": StoreKey("seed"),
     "contract_version": StoreKey(),
@@ -102,7 +113,11 @@ STORE_KEYS: dict[str, StoreKey] = {
     "factor_dims": StoreKey("factor_dims", to_setting=_tuple_or_none),
     "factor_kind": StoreKey("factor_kind"),
     # stores from before the Gauss–Newton kernel (trakjax <= 0.2) ran TRAK's kernel
-    "kernel": StoreKey("kernel", absent="trak"),
+    "kernel": StoreKey("kernel", absent="trak", auto_adopts=True),
+    # factorized stores from before the sparse second stage (trakjax <= 0.2) used the dense one;
+    # a store records `sparsity` only with the sparse stage
+    "second_stage": StoreKey("second_stage", absent="dense", applies=_factorized),
+    "sparsity": StoreKey("sparsity"),
     # the command line's model settings (trakjax attribute), recorded since trakjax 0.3
     "model": StoreKey(absent=NOT_RECORDED),
     "model_kwargs": StoreKey(absent=NOT_RECORDED),
@@ -120,19 +135,24 @@ def implied_by_absence(key: str, otherwise: Any) -> Any:
     return entry.absent
 
 
-def stored_as_current(stored: dict, requested: dict) -> dict:
+def stored_as_current(stored: dict, requested: dict, every_key: bool = False) -> dict:
     """The store's record as this version reads it: older spellings normalized, and each key
-    the store lacks but this version records filled with what its absence implies (a key
-    marked :data:`NOT_RECORDED` takes the requested value: it is not compared)."""
+    the store lacks but this version records (with ``every_key``, any key of
+    :data:`STORE_KEYS`) filled with what its absence implies (a key marked
+    :data:`NOT_RECORDED` takes the requested value: it is not compared)."""
     read = {}
     for key, value in stored.items():
         entry = STORE_KEYS.get(key)
         read[key] = entry.normalize(value) if entry else value
-    for key, value in requested.items():
+    for key in STORE_KEYS if every_key else requested:
         entry = STORE_KEYS.get(key)
-        if key in read or entry is None or entry.absent is ALWAYS_RECORDED:
+        if key in read or entry is None or entry.absent is ALWAYS_RECORDED or not entry.applies(stored):
             continue
-        read[key] = value if entry.absent is NOT_RECORDED else entry.absent
+        if entry.absent is NOT_RECORDED:
+            if key in requested:
+                read[key] = requested[key]
+            continue
+        read[key] = entry.absent
     return read
 
 
@@ -150,10 +170,12 @@ def adopt_stored_settings(config: Config, stored: dict) -> Config:
       comparison reports the difference.
     """
     given = config.given_settings()
-    read = stored_as_current(stored, config.result.record())
+    read = stored_as_current(stored, config.result.record(), every_key=True)
     adopted = {}
     for key, entry in STORE_KEYS.items():
-        if entry.setting is None or entry.setting in given or key not in read:
+        if entry.setting is None or key not in read:
+            continue
+        if entry.setting in given and not (entry.auto_adopts and getattr(config.result, entry.setting) == "auto"):
             continue
         if read[key] is NOT_RECORDED:
             continue

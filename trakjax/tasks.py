@@ -61,6 +61,13 @@ class Task(NamedTuple):
         model pass) by the ready-made tasks. f₀ = NaN means unknown (``"auto"`` then uses
         0.3·trace(ΦᵀΦ)/N, h still serves the kernel); ``None``: no curvature either (TRAK's
         kernel, and 0.3·trace(ΦᵀΦ)/N).
+      from_outputs: optional ``(outputs (B,), batch, state) -> (q (B,), h (B,))``: Q and the
+        curvature h = ∂²L/∂f² from the outputs f that the featurization's forward pass already
+        computed, so a featurize step runs the model once per batch instead of twice (one pass
+        for the features, one more for ``out_to_loss``). Ready-made tasks whose Q is a function of
+        f alone have it (margins at temperature 1: Q = σ(−f); the binary signed logit; regression:
+        Q = y − f; :func:`from_loss`: Q = −L′(f), h = L″(f)). ``None`` (a custom task with only
+        ``out_to_loss``, or a task whose Q needs more than f): the extra pass runs.
     """
 
     output: Callable[..., jax.Array]
@@ -70,6 +77,7 @@ class Task(NamedTuple):
     validate: Callable[..., None] | None = None
     name: str = "custom"
     ridge_terms: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    from_outputs: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
 
 def describe_shapes(tree) -> str:
@@ -164,6 +172,14 @@ def margin_ridge_terms(apply_fn: Callable, inputs_of: Callable = lambda batch: b
     return ridge_terms
 
 
+def logistic_from_outputs(outputs, batch, state):
+    """``from_outputs`` of a log-odds output f = log p/(1 − p) with L = log(1 + e^{−f}):
+    Q = σ(−f) = 1 − p and h = Q(1 − Q), with no model pass."""
+    del batch, state
+    q = jax.nn.sigmoid(-outputs.astype(jnp.float32))
+    return q, logistic_curvature(q)
+
+
 def classification_margin(logits: jax.Array, label) -> jax.Array:
     """logit[y] − logsumexp(logits without y) = log p/(1 − p), for one (C,) logit vector."""
     others = jnp.where(jnp.arange(logits.shape[-1]) == label, -jnp.inf, logits)
@@ -206,7 +222,8 @@ def image_classification(
         _label_range_check("image_classification", apply_fn, params, batch[0], batch[1])
 
     return Task(output, out_to_loss, validate=validate, name="image_classification",
-                ridge_terms=margin_ridge_terms(apply_fn))
+                ridge_terms=margin_ridge_terms(apply_fn),
+                from_outputs=logistic_from_outputs if temperature == 1.0 else None)
 
 
 def _check_logits_rank(name: str, logits, expected: str, ok: bool, inputs) -> None:
@@ -260,7 +277,8 @@ def text_classification(
         _check_pair(name, batch, "inputs", "labels")
         _label_range_check(name, apply_fn, params, batch[0], batch[1], what="inputs")
 
-    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=margin_ridge_terms(apply_fn))
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=margin_ridge_terms(apply_fn),
+                from_outputs=logistic_from_outputs if temperature == 1.0 else None)
 
 
 # --------------------------------------------------------------------------- binary classification
@@ -336,7 +354,8 @@ def binary_classification(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         del params, batch, state
         return jnp.zeros(q.shape, jnp.float32), logistic_curvature(q)
 
-    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms)
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms,
+                from_outputs=logistic_from_outputs)
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -708,7 +727,15 @@ def regression(apply_fn: Callable[[Any, Any], jax.Array]) -> Task:
         del params, batch, state
         return jnp.zeros(q.shape, jnp.float32), jnp.ones(q.shape, jnp.float32)
 
-    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms)
+    def from_outputs(outputs, batch, state):  # the residual y − ŷ, with f = ŷ from the features' pass
+        del state
+        y = batch[1]
+        size = outputs.shape[0]
+        q = jnp.reshape(y, (size,)).astype(jnp.float32) - outputs.astype(jnp.float32)
+        return q, jnp.ones(q.shape, jnp.float32)
+
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms,
+                from_outputs=from_outputs)
 
 
 def from_loss(
@@ -767,5 +794,14 @@ def from_loss(
             second = per_example(params, batch, state, jax.grad(jax.grad(loss)))
             return jnp.full(q.shape, offset, jnp.float32), second.astype(jnp.float32)
 
+    def from_outputs(outputs, batch, state):  # Q = −L′(f), h = L″(f) at the features' f: no model call
+        def one(f, example, key):
+            example_state = TaskState(state.aux, key)
+            return -jax.grad(loss)(f, example, example_state), jax.grad(jax.grad(loss))(f, example, example_state)
+
+        keys = state.key
+        q, h = jax.vmap(one, in_axes=(0, 0, None if keys is None else 0))(outputs, batch, keys)
+        return q.astype(jnp.float32), h.astype(jnp.float32)
+
     return Task(output, out_to_loss, init=init, uses_key=uses_key, validate=validate, name=name,
-                ridge_terms=ridge_terms)
+                ridge_terms=ridge_terms, from_outputs=from_outputs)

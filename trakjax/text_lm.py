@@ -319,16 +319,19 @@ def optimizer(learning_rate: float = 3e-3) -> optax.GradientTransformation:
 
 
 def train_models(config: LMConfig, train_ids: np.ndarray, num_models: int, steps: int, seed: int = 0, *,
-                 batch_size: int = 32, learning_rate: float = 3e-3) -> list[dict]:
+                 batch_size: int = 32, learning_rate: float = 3e-3, first_model: int = 0) -> list[dict]:
     """Train ``num_models`` models on all of ``train_ids`` (N, L): a list of parameter pytrees.
 
-    Model m uses key ``fold_in(key(seed), m)``: the recipe of :func:`retrain_outputs` with every
-    weight 1 (Adam, ``steps`` minibatches of ``batch_size`` drawn with replacement).
+    Model m uses key ``fold_in(key(seed), first_model + m)``: the recipe of
+    :func:`retrain_outputs` with every weight 1 (Adam, ``steps`` minibatches of ``batch_size``
+    drawn with replacement). Training models one call at a time with ``first_model`` gives the
+    same models as one call.
     """
     _check_training(num_models, steps, batch_size, learning_rate)
     train = _make_trainer(config, int(steps), int(batch_size), float(learning_rate))
     base = jax.random.key(int(seed))
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_models, dtype=jnp.uint32))
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
+        jnp.arange(first_model, first_model + num_models, dtype=jnp.uint32))
     weights = jnp.ones((num_models, train_ids.shape[0]), jnp.float32)
     stacked = train(keys, weights, jnp.asarray(train_ids, jnp.int32))
     return [jax.tree_util.tree_map(lambda leaf, m=m: np.asarray(leaf[m]), stacked) for m in range(num_models)]

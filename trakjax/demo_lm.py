@@ -71,13 +71,13 @@ class LMDemoSettings(NamedTuple):
     out: Path = Path("trakjax-demo-lm")
     checkpoints: int = 4
     proj_dim: int = 1024
-    train_size: int = 1000
+    train_size: int = 500
     num_targets: int = 50
     width: int = 64
     sequence_length: int = 64
-    steps: int = 300
-    minibatch: int = 32
-    learning_rate: float = 3e-3
+    steps: int = 200
+    minibatch: int = 16
+    learning_rate: float = 1e-3
     lds_subsets: int = 64
     batch_size: int = 50
     seed: int = 0

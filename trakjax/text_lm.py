@@ -324,8 +324,8 @@ def train_models(config: LMConfig, train_ids: np.ndarray, num_models: int, steps
 
     Model m uses key ``fold_in(key(seed), first_model + m)``: the recipe of
     :func:`retrain_outputs` with every weight 1 (Adam, ``steps`` minibatches of ``batch_size``
-    drawn with replacement). Training models one call at a time with ``first_model`` gives the
-    same models as one call.
+    drawn with replacement). Training models one call at a time with ``first_model`` uses the
+    keys of one call for all.
     """
     _check_training(num_models, steps, batch_size, learning_rate)
     train = _make_trainer(config, int(steps), int(batch_size), float(learning_rate))

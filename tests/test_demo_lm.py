@@ -66,6 +66,7 @@ def test_lm_demo_end_to_end_tiny(tmp_path, capsys):
 
     record = json.loads((out / "run.json").read_text())
     assert record["decoder"] == "bytes" and record["complete"] is True
+    assert not (out / "attributions.png").exists()  # windows of 16 bytes are not 4×4 images
     summary = json.loads((out / "summary.json").read_text())
     corpus = text_lm.load_corpus(16)
     assert summary["corpus"]["content_hash"] == corpus.content_hash
@@ -83,7 +84,8 @@ def test_lm_demo_end_to_end_tiny(tmp_path, capsys):
     outputs = np.concatenate([
         text_lm.retrain_outputs(demo_lm.lm_config(settings), train.ids, targets.ids,
                                 masks[s : s + demo_lm.LDS_CHUNK], steps=5, seed=10_000 + s,
-                                batch_size=8, chunk_size=demo_lm.LDS_CHUNK)
+                                batch_size=8, learning_rate=settings.learning_rate,
+                                chunk_size=demo_lm.LDS_CHUNK)
         for s in range(0, 5, demo_lm.LDS_CHUNK)])
     predicted = masks.astype(np.float64) @ scores.astype(np.float64)
     expected = np.mean([scipy.stats.spearmanr(predicted[:, j], outputs[:, j])[0] for j in range(4)])
@@ -103,6 +105,15 @@ def test_lm_demo_end_to_end_tiny(tmp_path, capsys):
     assert data["content"]["target"]["0"]["text"] == text_lm.decode(targets.ids[0])
     first = table["targets"][0]["proponents"][0]["train_index"]
     assert data["content"]["train"][str(first)]["text"] == text_lm.decode(train.ids[first])
+
+    # show: redraws the table and the explorer (decoded text, the demo's summary) from the store.
+    before = (out / "topk.csv").read_text()
+    (out / "topk.csv").unlink()
+    (out / "index.html").unlink()
+    assert cli.main(["show", str(out), "--quiet"]) == 0
+    assert (out / "topk.csv").read_text() == before
+    assert (out / "index.html").read_text(encoding="utf-8") == page
+    assert not (out / "attributions.png").exists()
 
 
 def test_lm_demo_rejects_flags_of_the_other_task(tmp_path, capsys):

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "byte-level causal transformers on windows of Python's standard-library source, attribute "
         "held-out windows to the training windows (factorized projection), and report held-out "
         "loss, LDS and time per stage, with the explorer showing decoded text; defaults take "
-        "about 5-8 minutes on an idle 2-core CPU. A size left out takes its task's default.",
+        "about 400 CPU seconds (4-7 minutes on an idle 2-core CPU). A size left out takes its task's default.",
     )
     demo.add_argument("--task", choices=("digits", "lm"), default="digits",
                       help="digits: MLPs on sklearn's digits; lm: a byte-level LM (default: digits)")

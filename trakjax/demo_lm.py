@@ -49,7 +49,8 @@ LDS_CHUNK = 16
 
 
 class LMDemoSettings(NamedTuple):
-    """Sizes of the LM demo; the defaults take about 5–8 minutes on an idle 2-core CPU.
+    """Sizes of the LM demo; the defaults took 404 CPU seconds on a 2-core CPU (about 4–7 minutes
+    idle; most of it the LDS retrains).
 
     Attributes:
       out: output directory.

@@ -471,6 +471,9 @@ def render(out_dir: str | os.PathLike, record: dict, top: Any, write_dir: str | 
            *, explorer: bool = True) -> dict:
     """Write the top-k table, for image inputs the picture, and the explorer of a run.
 
+    The picture is drawn when the record's ``inputs`` is "auto" (absent) or "image" and the
+    inputs are drawable (:func:`as_images`).
+
     Args:
       out_dir: the run's output directory.
       record: its run record (see :func:`write_run_record`).
@@ -492,9 +495,10 @@ def render(out_dir: str | os.PathLike, record: dict, top: Any, write_dir: str | 
     csv_path, json_path = write_top_k(
         write_dir, records, {"experiment": record.get("experiment"), "k": int(np.shape(top.proponents)[0])}
     )
-    train_images = as_images(_as_array(_load(out_dir, data, "train_inputs")))
-    target_images = as_images(_as_array(_load(out_dir, data, "target_inputs")))
     picture = None
+    drawable = record.get("inputs", "auto") in ("auto", "image")  # not token ids of a square length
+    train_images = as_images(_as_array(_load(out_dir, data, "train_inputs"))) if drawable else None
+    target_images = as_images(_as_array(_load(out_dir, data, "target_inputs"))) if drawable else None
     if train_images is not None and target_images is not None:
         predictions = _load(out_dir, record, "predictions")
         columns = record.get("picture_targets") or list(range(min(8, np.shape(top.proponents)[1])))

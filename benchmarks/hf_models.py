@@ -5,10 +5,12 @@ Issue 20's HF measurement, on transformers 4.57.6 (the last release with Flax cl
 built here (no download):
 
 * ``gpt2``: ``FlaxGPT2LMHeadModel``, 2 layers, d 256, 4 heads, vocab 8192, 64 positions (tied
-  embeddings, dropout 0), ``tasks.language_modeling``; rates in tokens/s.
+  embeddings, dropout 0), ``tasks.language_modeling``; rates in tokens/s; 32 → 128 sequences.
+* ``gpt2-large``: the same at issue 20's larger shape, 4 layers, d 768, 12 heads, vocab 50257,
+  128 positions; 16 → 64 sequences (the architecture of benchmarks/peers.py's PyTorch side).
 * ``resnet18``: ``FlaxResNetForImageClassification`` (basic blocks, depths 2-2-2-2, widths
   64-128-256-512, 10 classes) on 32×32×3 images, batch statistics held fixed,
-  ``tasks.image_classification``; rates in examples/s.
+  ``tasks.image_classification``; rates in examples/s; 32 → 128 images.
 
 For each model, in its own process (so each has its own peak RSS, VmHWM):
 
@@ -26,7 +28,7 @@ For each model, in its own process (so each has its own peak RSS, VmHWM):
   and q) and of one training step, on the same batch. XLA counts a loop body once: the number of
   ``while`` loops in each compiled module is printed so an undercount can be seen.
 
-Run:  python benchmarks/hf_models.py [gpt2|resnet18|all] [--sizes 32 128] [--batch 8]
+Run:  python benchmarks/hf_models.py [gpt2|gpt2-large|resnet18|all] [--sizes 32 128] [--batch 8]
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ import time
 import numpy as np
 
 FACTORIZED = dict(projection="factorized", factor_dims=64, proj_dim=2048)
-UNITS = {"gpt2": "tokens", "resnet18": "examples"}
+GPT2_SHAPES = {  # issue 20's two shapes: layers, d, heads, vocab, positions; training-set sizes
+    "gpt2": dict(layers=2, d=256, heads=4, vocab=8192, positions=64, sizes=[32, 128]),
+    "gpt2-large": dict(layers=4, d=768, heads=12, vocab=50257, positions=128, sizes=[16, 64]),
+}
+SIZES = {"resnet18": [32, 128], **{name: shape["sizes"] for name, shape in GPT2_SHAPES.items()}}
+UNITS = {"gpt2": "tokens", "gpt2-large": "tokens", "resnet18": "examples"}
 
 
 def machine() -> str:
@@ -95,11 +102,13 @@ def build(name: str, n: int, seed: int = 0):
     from trakjax import tasks
 
     rng = np.random.default_rng(seed)
-    if name == "gpt2":
+    if name in GPT2_SHAPES:
         from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
-        config = GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=8192, n_positions=64,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        shape = GPT2_SHAPES[name]
+        config = GPT2Config(n_layer=shape["layers"], n_embd=shape["d"], n_head=shape["heads"],
+                            vocab_size=shape["vocab"], n_positions=shape["positions"], bos_token_id=0,
+                            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         hf = FlaxGPT2LMHeadModel(config, seed=0)
 
         def logits(module, ids):
@@ -107,13 +116,13 @@ def build(name: str, n: int, seed: int = 0):
             return module(ids, jnp.ones_like(ids), positions, deterministic=True).logits
 
         model = trakjax.flax.from_linen(hf.module, {"params": hf.params}, method=logits)
-        data = rng.integers(0, config.vocab_size, (n, 64)).astype(np.int32)
+        data = rng.integers(0, config.vocab_size, (n, shape["positions"])).astype(np.int32)
 
         def loss(variables, ids):
             out = model.apply_fn(variables, ids)[:, :-1]
             return optax.softmax_cross_entropy_with_integer_labels(out, ids[:, 1:]).mean(), None
 
-        return model, tasks.language_modeling(model.apply_fn), data, loss, 64
+        return model, tasks.language_modeling(model.apply_fn), data, loss, shape["positions"]
     if name == "resnet18":
         from transformers import FlaxResNetForImageClassification, ResNetConfig
 
@@ -131,7 +140,7 @@ def build(name: str, n: int, seed: int = 0):
             return value, updates["batch_stats"]
 
         return model, tasks.image_classification(model.apply_fn), data, loss, 1
-    raise ValueError(f"unknown model {name!r}: expected gpt2 or resnet18")
+    raise ValueError(f"unknown model {name!r}: expected one of {sorted(UNITS)}")
 
 
 # --------------------------------------------------------------------------- children
@@ -227,7 +236,7 @@ def run_child(name: str, variant: str, spec: dict) -> dict:
 
 def report(name: str, spec: dict, train: dict, fact: dict) -> None:
     unit = UNITS[name]
-    per = spec["batch"] * (64 if name == "gpt2" else 1)
+    per = spec["batch"] * (GPT2_SHAPES[name]["positions"] if name in GPT2_SHAPES else 1)
     small, large = spec["sizes"]
     print(f"\n{name}: {train['num_params'] / 1e6:.2f}M parameters; batch {spec['batch']}; factor_dims 64, "
           f"proj_dim 2048 (K_fac = {fact['k_fac']}, {fact['factorized_leaves']} leaves factorized, "
@@ -256,23 +265,24 @@ def main(argv=None) -> int:
         print(json.dumps(child(name, spec)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", default="all", choices=["gpt2", "resnet18", "all"])
+    parser.add_argument("model", nargs="?", default="all", choices=[*UNITS, "all"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--sizes", type=int, nargs=2, default=[32, 128], help="the two training-set sizes")
+    parser.add_argument("--sizes", type=int, nargs=2, help="the two training-set sizes (default: per model)")
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of a step")
     parser.add_argument("--attribute-repeats", type=int, default=2, help="attribute calls per size")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    spec = dict(batch=args.batch, sizes=args.sizes, targets=args.targets, repeats=args.repeats,
+    spec = dict(batch=args.batch, targets=args.targets, repeats=args.repeats,
                 attribute_repeats=args.attribute_repeats)
     print(f"load average at the start {os.getloadavg()[0]:.1f}", flush=True)
     results = {}
-    for name in (["gpt2", "resnet18"] if args.model == "all" else [args.model]):
-        results[name] = (run_child(name, "train", spec), run_child(name, "factorized", spec))
+    for name in (list(UNITS) if args.model == "all" else [args.model]):
+        sized = {**spec, "sizes": args.sizes or SIZES[name]}
+        results[name] = (sized, run_child(name, "train", sized), run_child(name, "factorized", sized))
     print(f"\n{machine()}")
-    for name, (train, fact) in results.items():
-        report(name, spec, train, fact)
+    for name, (sized, train, fact) in results.items():
+        report(name, sized, train, fact)
     return 0
 
 

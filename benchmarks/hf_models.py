@@ -56,8 +56,11 @@ UNITS = {"gpt2": "tokens", "gpt2-large": "tokens", "resnet18": "examples"}
 def machine() -> str:
     import jax
 
+    import trakjax
+
     return (f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, jax "
-            f"{jax.__version__} ({jax.default_backend()}); load average {os.getloadavg()[0]:.1f} at the end")
+            f"{jax.__version__} ({jax.default_backend()}), trakjax from {os.path.dirname(trakjax.__file__)}; "
+            f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def peak_rss_gib() -> float:

@@ -199,8 +199,10 @@ def factorized_child(name: str, spec: dict) -> dict:
                     spec["repeats"])
     indices = np.arange(batch, dtype=np.int32)
     split_key = featurize.task_key(checkpoint.seed, checkpoint.model_id, featurize.TRAIN_SPLIT)
-    step_cost = cost(checkpoint.train_step, checkpoint.diff, checkpoint.fixed, first, checkpoint.aux,
-                     indices, split_key, checkpoint.proj_key, checkpoint.blocks)
+    step_args = (checkpoint.diff, checkpoint.fixed, first, checkpoint.aux, indices, split_key,
+                 checkpoint.proj_key, checkpoint.blocks)
+    step_cost = cost(checkpoint.train_step, *step_args)
+    features_cost = cost(checkpoint.target_step, *step_args)  # without q (what targets run)
     plan = checkpoint.spec.plan
     targets = take(data, large, large + spec["targets"])
     times = {small: [], large: []}
@@ -219,6 +221,7 @@ def factorized_child(name: str, spec: dict) -> dict:
     marginal = (large - small) * units / (times[large] - times[small])
     return {"featurize_rate": batch * units / seconds, "attribute_rate": marginal,
             "attribute_seconds": {str(n): t for n, t in times.items()}, "cost": step_cost,
+            "cost_features_only": features_cost,
             "peak_gib": peak_rss_gib(), "k_fac": plan.k_fac, "factorized_leaves": len(plan.order),
             "dense_leaves": len(plan.dense)}
 
@@ -252,6 +255,10 @@ def report(name: str, spec: dict, train: dict, fact: dict) -> None:
           f"{t['flops'] / 1e9:.2f} | {t['bytes'] / 1e9:.2f} | {t['while_loops']} |")
     print(f"| factorized featurization, features only | {fact['featurize_rate']:.0f} | | "
           f"{f['flops'] / 1e9:.2f} (features + q) | {f['bytes'] / 1e9:.2f} | {f['while_loops']} |")
+    g = fact.get("cost_features_only")
+    if g:
+        print(f"| (the same step without q) | | | {g['flops'] / 1e9:.2f} | {g['bytes'] / 1e9:.2f} | "
+              f"{g['while_loops']} |")
     print(f"| factorized `attribute`, whole call, marginal | {fact['attribute_rate']:.0f} | "
           f"{fact['peak_gib']:.2f} | | | |")
     print(f"\n{name} ratios: attribute / training step {fact['attribute_rate'] / train['rate']:.2f}×; "

@@ -154,7 +154,8 @@ def dattri_child(shape: dict, spec: dict) -> dict:
 
     def featurize(n):
         task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-        attributor = LoGraAttributor(task, hessian="Identity", proj_dim=144, device="cpu", offload="none")
+        attributor = LoGraAttributor(task, hessian="Identity", proj_dim=144, device="cpu", offload="none",
+                                     cache_dir=tempfile.mkdtemp(prefix="dattri-"))  # its metadata file
         examples = [{"input_ids": row} for row in ids[:n]]  # dicts: dattri calls model(**batch)
         attributor.cache(DataLoader(examples, batch_size=spec["batch"]))
         dims.update(layers=len(attributor.layer_names), features=attributor.total_proj_dim)

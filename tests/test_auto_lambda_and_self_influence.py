@@ -58,7 +58,7 @@ def test_attribute_with_auto_lambda_when_k_exceeds_parameters_and_examples():
     train, targets = make_data(0)
     small = (train[0][:8], train[1][:8])  # N = 8, P = 28, k = 64: rank ≤ 8
     got, details = trakjax.attribute(
-        TASK, [make_params(0)], small, targets, proj_dim=64, lambda_reg="auto", backend="xla", kernel="trak",
+        TASK, [make_params(0)], small, targets, proj_dim=64, lambda_reg="auto", backend="xla", kernel="trak", projection="rademacher",
         return_details=True,
     )
     assert np.isfinite(got).all() and np.abs(got).max() > 0

@@ -222,7 +222,8 @@ def run_chromium(*args: str, timeout: float = 60.0) -> str:
     """Run headless Chromium with a fresh profile; its stdout. The process group is killed after."""
     with tempfile.TemporaryDirectory(prefix="trakjax-chromium-") as profile:
         command = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-        assert "--allow-file-access-from-files" not in command
+        # the page must work as users open it: never with file access widened for the test
+        assert not any(flag.startswith("--allow-file-access") for flag in command)
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    start_new_session=True)
         try:

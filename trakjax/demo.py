@@ -333,6 +333,18 @@ def lds_stage(model, optimizer, settings: DemoSettings, train, targets, scores, 
             "targets": settings.num_targets}
 
 
+def lds_and_stage_lines(summary: dict) -> list[str]:
+    """The summary's LDS line (with its interval) and seconds per stage, as both demos print them."""
+    lds = summary["lds"]
+    if lds is None:
+        lines = ["  LDS             skipped (--lds-subsets 0)"]
+    else:
+        lines = [f"  LDS             {lds['mean']:.3f}  ({lds['confidence']:.0%} CI {lds['ci_low']:.3f} .. "
+                 f"{lds['ci_high']:.3f}; {lds['subsets']} half-subset retrains, {lds['targets']} targets)"]
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
+    return lines + [f"  time per stage  {stages}"]
+
+
 def summary_text(summary: dict, records: list[dict]) -> str:
     """The console summary: accuracy, LDS, time per stage, and a few top proponents."""
     acc = summary["accuracy"]
@@ -343,16 +355,8 @@ def summary_text(summary: dict, records: list[dict]) -> str:
         f"{settings['num_targets']} test digits attributed, k = {settings['proj_dim']}",
         f"  test accuracy   {acc['mean']:.3f} per model (mean), {acc['ensemble']:.3f} ensemble",
     ]
-    lds = summary["lds"]
-    if lds is None:
-        lines.append("  LDS             skipped (--lds-subsets 0)")
-    else:
-        lines.append(
-            f"  LDS             {lds['mean']:.3f}  ({lds['confidence']:.0%} CI {lds['ci_low']:.3f} .. "
-            f"{lds['ci_high']:.3f}; {lds['subsets']} half-subset retrains, {lds['targets']} targets)"
-        )
+    lines += lds_and_stage_lines(summary)
     seconds = summary["seconds"]
-    lines.append("  time per stage  " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     total = sum(seconds.values())
     attribution = sum(seconds.get(k, 0.0) for k in ("featurize", "finalize", "score"))
     lines.append(f"  total           {total:.1f} s (attribution {attribution:.1f} s, "

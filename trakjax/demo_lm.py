@@ -49,8 +49,8 @@ LDS_CHUNK = 16
 
 
 class LMDemoSettings(NamedTuple):
-    """Sizes of the LM demo; the defaults took 404 CPU seconds on a 2-core CPU (about 4–7 minutes
-    idle; most of it the LDS retrains).
+    """Sizes of the LM demo; the defaults took 3 min 23 s on an idle 2-core CPU (340 CPU seconds,
+    most of it the LDS retrains).
 
     Attributes:
       out: output directory.
@@ -262,16 +262,8 @@ def summary_text(summary: dict, records: list[dict], train_ids: np.ndarray, targ
         f"  held-out loss   {quality['mean_held_out_loss']:.3f} nats/byte (mean of models; "
         f"train loss {quality['train_loss_model_0']:.3f})",
     ]
-    lds = summary["lds"]
-    if lds is None:
-        lines.append("  LDS             skipped (--lds-subsets 0)")
-    else:
-        lines.append(
-            f"  LDS             {lds['mean']:.3f}  ({lds['confidence']:.0%} CI {lds['ci_low']:.3f} .. "
-            f"{lds['ci_high']:.3f}; {lds['subsets']} half-subset retrains, {lds['targets']} targets)"
-        )
+    lines += demo.lds_and_stage_lines(summary)
     seconds = summary["seconds"]
-    lines.append("  time per stage  " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     lines.append(f"  total           {sum(seconds.values()):.1f} s ({summary['cpu_seconds']:.0f} CPU s)")
     lines.append(f"  top-k table     {summary['top_k'][0]}, {summary['top_k'][1]}")
     lines.append(f"  explorer        {summary['explorer']}  (open it in a browser)")

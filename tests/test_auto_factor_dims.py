@@ -9,7 +9,7 @@ import jax
 import pytest
 
 import trakjax
-from trakjax import featurize, factorized_plan
+from trakjax import factorized_plan, featurize
 
 # The digits MLP 64-64-10 with biases folded in: sides (65, 64) and (65, 10).
 DIGITS_MLP = [(1, 65, 64), (1, 65, 10)]

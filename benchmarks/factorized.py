@@ -488,7 +488,7 @@ def defaults(args) -> None:
              ("defaults (no setting)", "factorized 64, dense stage (old factorized)"),
              ("factorized 64, sparse stage", "factorized 64, dense stage (old factorized)"),
              ("defaults (no setting)", "factorized auto sizes, dense stage")]
-    lines = []
+    lines, saved = [], {}
     for name, task, checkpoints, train, targets, truth, extra in settings:
         example = jax.tree_util.tree_map(lambda a: a[0], train)
         for k in args.defaults_dims:
@@ -510,10 +510,16 @@ def defaults(args) -> None:
                 lines.append(f"| {name} | {k} | {variant} | {what} | {lds_value.mean:.4f} "
                              f"[{lds_value.ci_low:.4f}, {lds_value.ci_high:.4f}] | {seconds:.1f} |")
                 print(lines[-1], flush=True)
-            for a, b in pairs:
+            sweep = [v for v in variants if v.startswith("factorized ") and v.endswith(", sparse stage")
+                     and not v.startswith("factorized 64,")]
+            for a, b in pairs + [(v, base) for v in sweep for base in (pairs[0][1], pairs[1][1])]:
                 mean, low, high = paired_difference(scores[a], scores[b], truth)
                 lines.append(f"| {name} | {k} | {a} − {b} | paired | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | |")
                 print(lines[-1], flush=True)
+            saved.update({f"{name} | {k} | {v}": value for v, value in scores.items()})
+            saved[f"{name} | masks"], saved[f"{name} | margins"] = truth.masks, truth.margins
+            if args.scores_out:
+                np.savez_compressed(args.scores_out, **saved)
     print(f"\n{machine()}")
     print("| setting | k | variant | resolved to | LDS (95% CI) or paired difference (95% bootstrap CI) "
           "| whole call (s) |")
@@ -701,6 +707,7 @@ def main(argv=None) -> int:
     parser.add_argument("--defaults-settings", nargs="+", default=["mlp", "cnn", "lm"], choices=["mlp", "cnn", "lm"])
     parser.add_argument("--factor-sweep", type=int, nargs="*", default=[], help="defaults: extra factor sizes")
     parser.add_argument("--lm-subsets", type=int, default=64, help="defaults: LM half-subset retrains")
+    parser.add_argument("--scores-out", default=None, help="defaults: save every score matrix here (.npz)")
     parser.add_argument("--lm-targets", type=int, default=200, help="defaults: LM held-out targets")
     parser.add_argument("--flops-stages", nargs="+", default=["dense", "sparse"])
     parser.add_argument("--flops-gpt2", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",

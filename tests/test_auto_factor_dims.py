@@ -1,4 +1,4 @@
-"""factor_dims=None: factor sizes chosen from proj_dim (K_factor ≈ 8·proj_dim, one power of two in
+"""factor_dims=None: factor sizes chosen from proj_dim (K_factor ≈ 32·proj_dim, one power of two in
 [8, 128] for both sides), resolved once per run, recorded resolved in stores; an explicit value
 keeps its meaning and an older store keeps its recorded sizes."""
 
@@ -20,19 +20,20 @@ def k_factor(blocks, k):
 
 
 @pytest.mark.parametrize("proj_dim,expected", [
-    (8, 8),      # target 64: 8 gives 128 (the smallest size)
-    (64, 16),    # target 512: 16 gives 416, 32 gives 1344
-    (512, 64),   # target 4096: 64 gives 4736, 32 gives 1344
-    (2048, 128),  # target 16384: 128 makes every side the identity (4810, P itself)
+    (2, 8),      # target 64: 8 gives 128 (the smallest size)
+    (8, 16),     # target 256: 16 gives 416, 8 gives 128
+    (64, 32),    # target 2048: 32 gives 1344, 64 gives 4736
+    (128, 64),   # target 4096: 64 gives 4736
+    (512, 128),  # target 16384: 128 makes every side the identity (4810, P itself)
 ])
 def test_digits_mlp_sizes(proj_dim, expected):
     assert factorized_plan.auto_factor_size(DIGITS_MLP, proj_dim) == expected
 
 
 def test_k_factor_follows_proj_dim_on_wide_layers():
-    # 16 layers 1024 × 1024, 2 slices each: k_factor(k) = 32·k², so 8·proj_dim is met exactly
+    # 16 layers 1024 × 1024, 2 slices each: k_factor(k) = 32·k², so 32·proj_dim is met exactly
     blocks = [(2, 1024, 1024)] * 16
-    for proj_dim, k in ((256, 8), (1024, 16), (4096, 32), (16384, 64), (65536, 128)):
+    for proj_dim, k in ((64, 8), (256, 16), (1024, 32), (4096, 64), (16384, 128)):
         assert factorized_plan.auto_factor_size(blocks, proj_dim) == k
         assert k_factor(blocks, k) == factorized_plan.AUTO_FEATURES_PER_OUTPUT * proj_dim
     assert factorized_plan.auto_factor_size(blocks, 1) == 8  # clamped below
@@ -40,8 +41,8 @@ def test_k_factor_follows_proj_dim_on_wide_layers():
 
 
 def test_closest_in_ratio_ties_to_the_larger_and_identity_sides_to_the_smallest():
-    # k_factor: 8 → 64, 16 → 256; target 128 = 8·16 is a factor 2 from both: the larger wins
-    assert factorized_plan.auto_factor_size([(1, 16, 16)], 16) == 16
+    # k_factor: 8 → 64, 16 → 256; target 128 = 32·4 is a factor 2 from both: the larger wins
+    assert factorized_plan.auto_factor_size([(1, 16, 16)], 4) == 16
     # every side already the identity at 8: larger sizes give the same plan, 8 is kept
     assert factorized_plan.auto_factor_size([(3, 5, 7)], 4096) == 8
     assert factorized_plan.auto_factor_size([], 512) == 8
@@ -56,7 +57,8 @@ def _digits_mlp():
 
 def test_the_plan_of_none_is_the_plan_of_the_chosen_pair():
     task, params, example = _digits_mlp()  # 64 → 16 → 10: sides (65, 16) and (17, 10)
-    for proj_dim, expected in ((32, (16, 16)), (256, (128, 128)), ("all", (64, 64))):
+    # k_factor: 8 → 144, 16 → 416, 32 → 682, 64 → 1194, 128 → 1210 (P)
+    for proj_dim, expected in ((8, (16, 16)), (32, (64, 64)), (256, (128, 128)), ("all", (64, 64))):
         auto = featurize.describe_factorization(task, params, example, proj_dim=proj_dim).plan
         explicit = featurize.describe_factorization(task, params, example, factor_dims=expected,
                                                     proj_dim=proj_dim).plan
@@ -68,21 +70,22 @@ def test_config_keeps_none_and_resolution_fixes_the_pair():
     assert trakjax.Config.create(projection="factorized", factor_dims=64).result.factor_dims == (64, 64)
     task, params, example = _digits_mlp()
     for projection in ("auto", "factorized"):
-        config = trakjax.Config.create(projection=projection, proj_dim=32)
+        config = trakjax.Config.create(projection=projection, proj_dim=8)
         resolved = featurize.resolve_auto_projection(task, params, config, example=example)
         assert (resolved.result.projection, resolved.result.factor_dims) == ("factorized", (16, 16))
         assert "factor_dims" not in resolved.given_settings()  # still unset: a store's value is adopted
-    explicit = trakjax.Config.create(projection="factorized", proj_dim=32, factor_dims=4)
+    explicit = trakjax.Config.create(projection="factorized", proj_dim=8, factor_dims=4)
     assert featurize.resolve_auto_projection(task, params, explicit, example=example).result.factor_dims == (4, 4)
 
 
 def test_store_records_the_resolved_sizes_and_an_old_store_keeps_its_own(tmp_path):
     checkpoints = helpers.train_checkpoints(1, steps=5)
-    helpers.run_session(tmp_path / "auto", checkpoints, phases=("featurize",), projection="factorized")
+    helpers.run_session(tmp_path / "auto", checkpoints, phases=("featurize",), projection="factorized",
+                        proj_dim=8)
     record = json.loads((tmp_path / "auto" / "trakjax_store.json").read_text())["config"]
-    assert record["factor_dims"] == [16, 16]  # proj_dim 32: target 256, 16 gives 416
+    assert record["factor_dims"] == [16, 16]  # proj_dim 8: target 256, 16 gives 416, 8 gives 144
     # a store written with the former default factor_dims=64, reopened with factor_dims unset
     helpers.run_session(tmp_path / "old", checkpoints, phases=("featurize",), projection="factorized",
-                        factor_dims=64)
-    helpers.run_session(tmp_path / "old", checkpoints, phases=("finalize",), projection="factorized")
+                        proj_dim=8, factor_dims=64)
+    helpers.run_session(tmp_path / "old", checkpoints, phases=("finalize",), projection="factorized", proj_dim=8)
     assert json.loads((tmp_path / "old" / "trakjax_store.json").read_text())["config"]["factor_dims"] == [64, 64]

@@ -42,8 +42,10 @@ from trakjax.factorized_analysis import Analysis
 
 AUTO_FACTOR_SIZES = (8, 16, 32, 64, 128)
 """The per-side factor sizes ``factor_dims=None`` chooses from (:func:`auto_factor_size`)."""
-AUTO_FEATURES_PER_OUTPUT = 8
-"""c: with ``factor_dims=None`` the factorized blocks hold about c·proj_dim features."""
+AUTO_FEATURES_PER_OUTPUT = 32
+"""c: with ``factor_dims=None`` the factorized blocks hold about c·proj_dim features (a Kronecker
+map's error on a rank-one a δᵀ goes as 1/√k_side, not 1/√(k_0·k_1): its features count for far
+fewer JL dimensions than their number; paired LDS in benchmarks/README.md, issue 20)."""
 ALL_FEATURES_FACTOR_SIZE = 64
 """The factor size ``factor_dims=None`` means with ``proj_dim="all"`` (no proj_dim to follow)."""
 

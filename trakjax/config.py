@@ -37,7 +37,7 @@ import numpy as np
 
 from trakjax import projection, randomness, sharding
 from trakjax.errors import ArgumentTypeError, InvalidArgumentError
-from trakjax.factorized_plan import check_factor_dims
+from trakjax.factorized.plan import check_factor_dims
 
 DEFAULT_PROJ_DIM = 2048
 """k for random projections when ``proj_dim`` is ``None``."""

@@ -224,7 +224,7 @@ class FeatureSpec(NamedTuple):
       chunk_rows: rows of R per generated chunk (``None``: the default).
       precision: matmul precision policy of the projection.
       backend: ``"xla"`` or ``"pallas"``.
-      plan: the :class:`~trakjax.factorized_plan.FactorPlan` for ``projection="factorized"``,
+      plan: the :class:`~trakjax.factorized.plan.FactorPlan` for ``projection="factorized"``,
         else None.
     """
 

@@ -7,12 +7,12 @@ through row gathers, tied output heads), ∇_W f = Σ_t a_t δ_tᵀ, and the fea
     φ_W = P_0ᵀ (∇_W f) P_1 = Σ_t (P_Cᵀ a_t)(P_Fᵀ δ_t)ᵀ  (oriented to k_0 × k_1)
         = (P_0 ⊗ P_1)ᵀ vec(∇_W f)                       (W flattened row-major)
 
-computed from a_t and δ_t without forming ∇_W f (see :mod:`trakjax.factorized_taps`). Sides are
+computed from a_t and δ_t without forming ∇_W f (see :mod:`trakjax.factorized.taps`). Sides are
 W's two axis groups (the axes its sites contract with activations, and the free ones), not
 in/out roles: side 0 is the group holding W's first non-slice axis, side 1 the other. When a
 group is not a contiguous run (an Einsum kernel (heads, d, head_dim) contracted on d),
 "row-major" means W transposed to (side 0 axes, side 1 axes) first (see
-:mod:`trakjax.factorized_plan`). A side whose factor size is at least its dimension is the
+:mod:`trakjax.factorized.plan`). A side whose factor size is at least its dimension is the
 identity; a bias folds in as a constant-1 input row; stacked layers (``lax.scan`` over a stacked
 leaf), static indices and dot_general batch axes of W get one factor pair per slice.
 
@@ -31,7 +31,7 @@ same in both families.
 
 Division of labour (pure functions; the caller owns configuration, batching, meshes, stores):
 
-1. :func:`plan_factorization` -> :class:`~trakjax.factorized_plan.FactorPlan`: static, hashable;
+1. :func:`plan_factorization` -> :class:`~trakjax.factorized.plan.FactorPlan`: static, hashable;
    which leaves are factorized (sides, sizes, slices, folded bias, feature offset) or dense (why);
    K_fac, P, the final dimension, whether a second stage runs.
 2. :func:`factor_matrices` -> :class:`Factors`: every random factor matrix and the keys of the
@@ -59,15 +59,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import factorized_compat as compat
+from trakjax.factorized import compat
 from trakjax import projection as projection_lib
 from trakjax import randomness, sparse_projection
 from trakjax.errors import InvalidArgumentError
-from trakjax.factorized_analysis import Analysis, analyze
-from trakjax.factorized_eval import Context, LeafArrays, evaluate
-from trakjax.factorized_plan import FactorPlan, LeafPlan, c_side, resolve
-from trakjax.factorized_report import format_report
-from trakjax.factorized_taps import TapConfig
+from trakjax.factorized.analysis import Analysis, analyze
+from trakjax.factorized.evaluation import Context, LeafArrays, evaluate
+from trakjax.factorized.plan import FactorPlan, LeafPlan, c_side, resolve
+from trakjax.factorized.report import format_report
+from trakjax.factorized.taps import TapConfig
 
 FACTOR_KINDS = ("rademacher", "normal")
 
@@ -172,7 +172,7 @@ def plan_factorization(
         whole).
 
     Returns:
-      The :class:`~trakjax.factorized_plan.FactorPlan`.
+      The :class:`~trakjax.factorized.plan.FactorPlan`.
 
     Raises:
       ValueError: if no leaf can be factorized (naming every leaf and its reason; use a dense
@@ -301,7 +301,7 @@ def _structure(plan: FactorPlan) -> FactorPlan:
 
 
 def tap_configs(plan: FactorPlan, analysis: Analysis, precision: str) -> dict:
-    """One :class:`~trakjax.factorized_taps.TapConfig` per site of a factorized leaf."""
+    """One :class:`~trakjax.factorized.taps.TapConfig` per site of a factorized leaf."""
     taps = {}
     for key, rec in analysis.sites.items():
         leaf = plan.leaves[rec.leaf]

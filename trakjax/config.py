@@ -467,5 +467,3 @@ class Config:
     def replace(self, **settings) -> Config:
         """A copy with ``settings`` changed (validated like :meth:`create`)."""
         return Config.create(self, **settings)
-
-    _replace = replace  # the NamedTuple spelling of trakjax 0.1's FeaturizeConfig

@@ -33,4 +33,10 @@ def family_for(projection: str) -> ProjectionFamily:
     return FAMILIES[projection]
 
 
-__all__ = ["BY_NAME", "FAMILIES", "family_for", "family_of"]
+def needs_example(projection: str) -> bool:
+    """Whether featurizing with ``projection`` traces the model on one example (``"auto"`` does,
+    to choose its family)."""
+    return projection not in FAMILIES or FAMILIES[projection].needs_example
+
+
+__all__ = ["BY_NAME", "FAMILIES", "family_for", "family_of", "needs_example"]

@@ -465,7 +465,7 @@ def prepare_checkpoint(
     # Simulated CPU devices of one process share host memory: split the budgets between them.
     share = devices if sharding_lib.cpu_devices_share_memory(mesh) else 1
     aux = _task_state(task, params, init_data)
-    if example is None and init_data is not None:
+    if example is None and init_data is not None and families.needs_example(result.projection):
         example = one_example(init_data)
     if result.projection == AUTO_PROJECTION:  # callers resolve once per run; this resolves a direct call
         config = resolve_auto_projection(task, params, config, example, aux)

@@ -26,8 +26,8 @@ import numpy as np
 
 from trakjax import curvature as curvature_lib
 from trakjax import data as data_lib
+from trakjax import families, memory_limits, regularization
 from trakjax import featurize as featurize_lib
-from trakjax import memory_limits, regularization
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax.config import GAUSS_NEWTON_KERNEL, TRAK_KERNEL, Config, ResultSettings
@@ -289,7 +289,7 @@ def solved_checkpoints(
     storage = config.result.storage_dtype
     # projection="auto": resolved once, on the first checkpoint (the choice depends on structure only)
     config = featurize_lib.resolve_auto_projection(task, checkpoints[0], config, init_data=train)
-    example = featurize_lib.one_example(train)
+    example = featurize_lib.one_example(train) if families.needs_example(config.result.projection) else None
     spec = None  # planned at the first checkpoint, reused by the others (one trace per run)
     bar = progress_bar(len(checkpoints), "checkpoints", "checkpoint", config.run.progress)
     for params, model_id in zip(checkpoints, model_ids, strict=True):

@@ -17,6 +17,8 @@ E[φᵀφ′] = (k/P)·gᵀg′ (so λ means the same in every family). It is a 
   ``proj_dim`` and the family's own, e.g. ``k_fac``).
 * ``scoring_arrays(spec, arrays) -> arrays``: the part of ``arrays`` a scorer keeps per
   checkpoint (caches that can be regenerated are dropped).
+* ``needs_example``: whether ``plan`` traces the model on one example (then callers read the
+  data's first example once per run; otherwise they need not).
 
 Families are registered by projection name in :mod:`trakjax.families`; nothing outside a family's
 module branches on which family runs.
@@ -99,6 +101,7 @@ class ProjectionFamily(NamedTuple):
     features: Callable[..., tuple]
     record: Callable[[FeatureSpec], dict]
     scoring_arrays: Callable[[FeatureSpec, Any], Any]
+    needs_example: bool = False
 
 
 __all__ = ["FeatureSpec", "PlanRequest", "ProjectionFamily"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -331,15 +330,6 @@ def score(task: Task, train_features: TrainFeatures, params, batch, indices=None
             yield part, train_features.out_to_loss[m]
 
     return scores_lib.ensemble(parts())
-
-
-def scores(task: Task, train_features: TrainFeatures, params, batch, indices=None) -> jax.Array:
-    """Deprecated name of :func:`score` (it shadowed the :mod:`trakjax.scores` module)."""
-    warnings.warn(
-        "trakjax.scoring_fn.scores is deprecated; use trakjax.scoring_fn.score",
-        DeprecationWarning, stacklevel=2,
-    )
-    return score(task, train_features, params, batch, indices)
 
 
 @functools.lru_cache(maxsize=64)

@@ -51,8 +51,8 @@ import numpy as np
 
 from trakjax import checkpoints as checkpoints_lib
 from trakjax import data as data_lib
+from trakjax import families, manifest, memory_limits, store_settings, trees
 from trakjax import featurize as featurize_lib
-from trakjax import manifest, memory_limits, store_settings, trees
 from trakjax import scores as scores_lib
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
@@ -76,8 +76,6 @@ PROJECTION_FAMILIES = ("factorized", "rademacher", "normal", "identity")
 MAX_LISTED = 10
 """How many indices error messages list."""
 
-restore_orbax = checkpoints_lib.restore
-"""Restore a params pytree from an orbax directory (:func:`trakjax.checkpoints.restore`)."""
 
 
 def _listed(indices: np.ndarray) -> str:
@@ -310,7 +308,7 @@ class TRAKer:
 
     def _needs_example(self) -> bool:
         """The factorized family traces the model on one example, which no call has shown yet."""
-        return self.config.result.projection in ("factorized", "auto") and self._example is None
+        return families.needs_example(self.config.result.projection) and self._example is None
 
     def _prepare(self, checkpoint, model_id: int):
         """Restore and prepare ``checkpoint``, then check its tree against the store's."""
@@ -704,9 +702,10 @@ class TRAKer:
             overwrite: bool = False, on_stage: Callable[[str], None] | None = None) -> np.ndarray:
         """Featurize, finalize and score end to end; the experiment's (N, T) scores.
 
-        The calls of the module docstring's example, in order: every checkpoint's training
-        features (this process's share under ``jax.distributed``), :meth:`finalize_features`, the
-        targets at every checkpoint, :meth:`finalize_scores` for exactly these ``model_ids``.
+        The calls of the module docstring's example, with each checkpoint read and prepared once:
+        at every checkpoint its training features, then its targets' (this process's shares
+        under ``jax.distributed``), one checkpoint held at a time; then
+        :meth:`finalize_features`, and :meth:`finalize_scores` for exactly these ``model_ids``.
         Rerunning resumes: finished checkpoints, rows, targets and score blocks are skipped, and
         a finished experiment returns at once.
 
@@ -725,8 +724,9 @@ class TRAKer:
           model_ids: one id per checkpoint (default ``0 .. M − 1``).
           progress: progress bars (default: the config's ``progress``).
           overwrite: recompute when the inputs changed, instead of raising.
-          on_stage: called with ``"featurize"``, ``"finalize"`` and ``"score"`` as each stage
-            ends (e.g. to time them).
+          on_stage: called with ``"featurize"`` (every checkpoint's training and target
+            features), ``"finalize"`` (the solves) and ``"score"`` (the score matrix) as each
+            stage ends (e.g. to time them).
 
         Returns:
           The (N, T) float32 scores, a read-only memory map of the store's file.
@@ -847,32 +847,34 @@ class TRAKer:
         is skipped without reading the checkpoint. One prepared checkpoint is held at a time."""
         train_start, train_stop = sharding_lib.process_slice(self.train_set_size)
         target_start, target_stop = sharding_lib.process_slice(work.num_targets)
-        per_checkpoint = (train_stop - train_start) + (target_stop - target_start)
-        bar = progress_bar(per_checkpoint * len(ids), "featurize", "example", progress)
+        train_bar = progress_bar((train_stop - train_start) * len(ids), "featurize", "example", progress)
+        target_bar = progress_bar((target_stop - target_start) * len(ids), "score", "target", progress)
         for index, (checkpoint, model_id) in enumerate(zip(checkpoints, ids, strict=True)):
             train_done = self.store.has_model(model_id) and self.store.is_finalized(model_id)
             targets_done = self._targets_done(work.experiment, model_id, target_start, target_stop)
             if train_done and targets_done:
-                bar.update(per_checkpoint)
+                train_bar.update(train_stop - train_start)
+                target_bar.update(target_stop - target_start)
                 continue
             params = first if index == 0 else self._resolve_checkpoint(checkpoint)
             prepared = None
             if train_done:
-                bar.update(train_stop - train_start)
+                train_bar.update(train_stop - train_start)
             else:
                 self.load_checkpoint(params, model_id)
-                self._feed(work.train, self.train_set_size, self.featurize, bar)
+                self._feed(work.train, self.train_set_size, self.featurize, train_bar)
                 prepared = self._checkpoint
             if targets_done:
-                bar.update(target_stop - target_start)
+                target_bar.update(target_stop - target_start)
             else:
                 self._scoring = self._target_arrays = None
                 self._last_ind_target = 0
                 self._start_scoring(work.experiment, params, model_id, work.num_targets,
                                     work.targets_fingerprint, prepared)
-                self._feed(work.targets, work.num_targets, self.score, bar)
+                self._feed(work.targets, work.num_targets, self.score, target_bar)
             self._checkpoint = self._train_arrays = self._scoring = self._target_arrays = None
-        bar.close()
+        train_bar.close()
+        target_bar.close()
 
     def _targets_done(self, experiment: str, model_id: int, start: int, stop: int) -> bool:
         if not self.store.has_experiment(experiment):

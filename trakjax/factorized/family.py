@@ -94,7 +94,7 @@ def scoring_arrays(spec: FeatureSpec, arrays: Factors) -> Factors:
     return arrays
 
 
-FAMILY = ProjectionFamily(plan, instantiate, features, record, scoring_arrays)
+FAMILY = ProjectionFamily(plan, instantiate, features, record, scoring_arrays, needs_example=True)
 """The factorized family (``projection="factorized"``)."""
 
 __all__ = ["FAMILY", "NAME", "FactorizedDetail", "features", "instantiate", "plan", "record", "scoring_arrays"]

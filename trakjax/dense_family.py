@@ -51,10 +51,16 @@ def instantiate(spec: FeatureSpec, seed: int, model_id: int, matrix_cache_bytes:
 
 def features(task: Task, spec: FeatureSpec, arrays: second_stage.DenseArrays, diff, fixed, batch,
              state: TaskState):
-    """``(φ (B, k), f (B,), {})``: per-example gradients, then R_mᵀ g / √P."""
-    outputs, grads = gradients.value_and_grads(task, spec.treedef, spec.mask, diff, fixed, batch, state)
+    """``(φ (B, k), f (B,), extras)``: per-example gradients, then R_mᵀ g / √P; ``extras["aux"]``
+    holds the task's auxiliary outputs when it has ``output_with_aux``."""
+    with_aux = gradients.has_aux(task)
+    values, grads = gradients.value_and_grads(task, spec.treedef, spec.mask, diff, fixed, batch, state,
+                                              with_aux=with_aux)
     phi = second_stage.DENSE.apply(_stage(spec), arrays, grads, 1.0 / math.sqrt(spec.layout.total))
-    return phi, outputs, {}
+    if with_aux:
+        outputs, out_aux = values
+        return phi, outputs, {"aux": out_aux}
+    return phi, values, {}
 
 
 def record(spec: FeatureSpec) -> dict:

@@ -264,11 +264,12 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
 
     def step(diff, fixed, batch, aux, indices, split_key, arrays):
         state = TaskState(aux, example_keys(task, split_key, indices))
-        features, outputs, _ = per_example_features(task, spec, arrays, diff, fixed, batch, state)
+        features, outputs, extras = per_example_features(task, spec, arrays, diff, fixed, batch, state)
         params = merge_parameters(spec.treedef, spec.mask, diff, fixed)
         curvature_from_outputs = None
         if with_out_to_loss and task.from_outputs is not None:  # one model pass per batch
-            q, curvature_from_outputs = task.from_outputs(outputs, batch, state)
+            from_pass = (outputs, batch, state, extras["aux"]) if "aux" in extras else (outputs, batch, state)
+            q, curvature_from_outputs = task.from_outputs(*from_pass)
             q = q.astype(jnp.float32)
         elif with_out_to_loss:
             q = task.out_to_loss(params, batch, state).astype(jnp.float32)

@@ -25,7 +25,7 @@ parameter_paths = leaf_paths
 """The '/'-joined path of every leaf of a params pytree (:func:`trakjax.trees.leaf_paths`)."""
 
 __all__ = [
-    "check_scalar_output", "merge_parameters", "output_fn", "parameter_paths", "per_example_grads",
+    "check_scalar_output", "has_aux", "merge_parameters", "output_fn", "parameter_paths", "per_example_grads",
     "select_parameters", "split_parameters", "task_output_fn", "value_and_grads",
 ]
 
@@ -124,17 +124,31 @@ def check_scalar_output(task: Task, value, example) -> None:
         )
 
 
-def output_fn(task: Task, treedef, mask, fixed, aux=None) -> Callable:
+def output_fn(task: Task, treedef, mask, fixed, aux=None, *, with_aux: bool = False) -> Callable:
     """``output(diff_leaves, example, key) -> ()``: the task's output of ONE example as a function
-    of the differentiated leaves, the fixed leaves and the task's ``aux`` closed over."""
+    of the differentiated leaves, the fixed leaves and the task's ``aux`` closed over.
+
+    With ``with_aux`` (for a task with ``output_with_aux``), ``-> (f (), out_aux)``: the task's
+    ``output_with_aux``, the same f and what its ``from_outputs`` reads, from one pass.
+    """
 
     def output(diff_leaves, example, key):
         params = merge_parameters(treedef, mask, diff_leaves, fixed)
-        value = task.output(params, example, TaskState(aux, key))
+        state = TaskState(aux, key)
+        if with_aux:
+            value, out_aux = task.output_with_aux(params, example, state)
+            check_scalar_output(task, value, example)
+            return value, out_aux
+        value = task.output(params, example, state)
         check_scalar_output(task, value, example)
         return value
 
     return output
+
+
+def has_aux(task: Task) -> bool:
+    """Whether featurization takes the task's auxiliary outputs from the features' pass."""
+    return task.output_with_aux is not None
 
 
 def task_output_fn(task: Task, params, mask, state: TaskState | None = None) -> tuple[Callable, list]:
@@ -144,15 +158,17 @@ def task_output_fn(task: Task, params, mask, state: TaskState | None = None) -> 
     return output_fn(task, jax.tree_util.tree_structure(params), tuple(mask), fixed, state.aux), diff
 
 
-def value_and_grads(task: Task, treedef, mask, diff, fixed, batch, state: TaskState):
+def value_and_grads(task: Task, treedef, mask, diff, fixed, batch, state: TaskState, *, with_aux: bool = False):
     """``(outputs (B,), gradient leaves (B, *leaf_shape))`` of the differentiated leaves ``diff``.
 
     ``jax.vmap(jax.value_and_grad(output))`` over the batch, the fixed leaves closed over as
-    constants; ``state.key``, if given, is a (B,) batch of keys.
+    constants; ``state.key``, if given, is a (B,) batch of keys. With ``with_aux``:
+    ``((outputs, out_aux), grads)``, ``out_aux`` the task's auxiliary outputs batched (B, ...).
     """
-    output = output_fn(task, treedef, mask, fixed, state.aux)
+    output = output_fn(task, treedef, mask, fixed, state.aux, with_aux=with_aux)
     key_axis = None if state.key is None else 0
-    return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)
+    grad = jax.value_and_grad(output, has_aux=with_aux)
+    return jax.vmap(grad, in_axes=(None, 0, key_axis))(diff, batch, state.key)
 
 
 def per_example_grads(

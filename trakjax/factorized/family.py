@@ -50,8 +50,10 @@ def plan(task: Task, request: PlanRequest, config: Config) -> FeatureSpec:
             "projection='factorized' traces the model on one example to find its layers: pass the "
             "training data (init_data) or an example"
         )
-    output = gradients.output_fn(task, request.treedef, request.mask, request.fixed, request.aux)
-    closed = trace_output(output, list(request.diff), request.example, request.key)
+    with_aux = gradients.has_aux(task)
+    output = gradients.output_fn(task, request.treedef, request.mask, request.fixed, request.aux, with_aux=with_aux)
+    traced = trace_output(output, list(request.diff), request.example, request.key, has_aux=with_aux)
+    closed = traced[0] if with_aux else traced
     factor_plan = resolve(analyze(closed, len(request.paths)), list(request.paths), result.factor_dims,
                           result.requested_dim)
     if not factor_plan.second_stage and result.proj_dim != "all":
@@ -74,11 +76,17 @@ def instantiate(spec: FeatureSpec, seed: int, model_id: int, matrix_cache_bytes:
 
 
 def features(task: Task, spec: FeatureSpec, arrays: Factors, diff, fixed, batch, state: TaskState):
-    """``(φ (B, final_dim), f (B,), {})``: the Kronecker-projected features of the batch."""
-    output = gradients.output_fn(task, spec.treedef, spec.mask, fixed, state.aux)
-    outputs, phi = factorized_features(output, diff, batch, state.key, spec.detail.plan, arrays, kind=spec.kind,
-                                       precision=spec.precision, chunk_rows=spec.chunk_rows,
-                                       backend=spec.backend)
+    """``(φ (B, final_dim), f (B,), extras)``: the Kronecker-projected features of the batch;
+    ``extras["aux"]`` holds the task's auxiliary outputs when it has ``output_with_aux``."""
+    with_aux = gradients.has_aux(task)
+    output = gradients.output_fn(task, spec.treedef, spec.mask, fixed, state.aux, with_aux=with_aux)
+    result = factorized_features(output, diff, batch, state.key, spec.detail.plan, arrays, kind=spec.kind,
+                                 precision=spec.precision, chunk_rows=spec.chunk_rows, backend=spec.backend,
+                                 has_aux=with_aux)
+    if with_aux:
+        outputs, phi, out_aux = result
+        return phi, outputs, {"aux": out_aux}
+    outputs, phi = result
     return phi, outputs, {}
 
 

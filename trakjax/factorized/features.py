@@ -83,19 +83,27 @@ def _struct(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), dtype)
 
 
-def trace_output(output_fn: Callable, diff_leaves: Sequence, example, key=None):
+def trace_output(output_fn: Callable, diff_leaves: Sequence, example, key=None, *, has_aux: bool = False):
     """The ClosedJaxpr of ``output_fn(diff_leaves, example, key)`` for one example.
 
     Its invars are the flattened ``(diff_leaves, example, key)``, the leaves first. Arrays or
-    ``jax.ShapeDtypeStruct`` are accepted; only shapes and dtypes are used.
+    ``jax.ShapeDtypeStruct`` are accepted; only shapes and dtypes are used. With ``has_aux``,
+    ``output_fn`` returns ``(f, aux)``: the jaxpr's outputs are f then aux's leaves, and the
+    result is ``(closed, aux_treedef)``.
     """
     structs = jax.tree_util.tree_map(_struct, (list(diff_leaves), example, key))
-    closed = jax.make_jaxpr(lambda d, e, k: output_fn(d, e, k))(*structs)
-    if len(closed.out_avals) != 1 or closed.out_avals[0].shape != ():
+    closed, shapes = jax.make_jaxpr(lambda d, e, k: output_fn(d, e, k), return_shape=True)(*structs)
+    if has_aux and not (isinstance(shapes, tuple) and len(shapes) == 2):
+        raise InvalidArgumentError("output_fn(diff_leaves, example, key) must return (f, aux) with has_aux=True")
+    value = shapes[0] if has_aux else shapes
+    if not isinstance(value, jax.ShapeDtypeStruct) or value.shape != () or (
+            not has_aux and len(closed.out_avals) != 1):
         raise InvalidArgumentError(
             "output_fn(diff_leaves, example, key) must return one scalar for one example; got "
             f"{[tuple(a.shape) for a in closed.out_avals]}"
         )
+    if has_aux:
+        return closed, jax.tree_util.tree_structure(shapes[1])
     return closed
 
 
@@ -332,9 +340,11 @@ def factorized_features(
     precision: str = "highest",
     chunk_rows: int | None = None,
     backend: str = "xla",
-    closed=None,
-) -> tuple[jax.Array, jax.Array]:
-    """Outputs and factorized features of a batch: ``(outputs (B,) float32, φ (B, final_dim) float32)``.
+    has_aux: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Outputs and factorized features of a batch: ``(outputs (B,) float32, φ (B, final_dim) float32)``,
+    and with ``has_aux`` the output function's aux (``output_fn`` then returns ``(f, aux)``) batched:
+    ``(outputs, φ, aux)``.
 
     Pure and jit/vmap/shard_map compatible: ``plan``, ``kind``, ``precision``, ``chunk_rows``
     and ``backend`` are static; ``diff_leaves``, ``batch``, ``keys`` and ``factors`` may be traced.
@@ -350,16 +360,15 @@ def factorized_features(
       precision: matmul precision policy of the taps and projections.
       chunk_rows: rows of R generated at a time by the dense remainder and the second stage.
       backend: ``"xla"`` or ``"pallas"``: the dense stages' multiply.
-      closed: the output's ClosedJaxpr for one example, if the caller traced it already
-        (:func:`trace_output` of this output function); else it is traced here.
+      has_aux: whether ``output_fn`` returns ``(f, aux)`` (aux is not differentiated).
 
     Raises:
       ValueError: if the output function's detected structure differs from ``plan``.
     """
-    if closed is None:
-        example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
-        key_struct = None if keys is None else jax.ShapeDtypeStruct(keys.shape[1:], keys.dtype)
-        closed = trace_output(output_fn, diff_leaves, example, key_struct)
+    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    key_struct = None if keys is None else jax.ShapeDtypeStruct(keys.shape[1:], keys.dtype)
+    traced = trace_output(output_fn, diff_leaves, example, key_struct, has_aux=has_aux)
+    closed, aux_tree = traced if has_aux else (traced, None)
     analysis = analyze(closed, len(diff_leaves))
     again = resolve(analysis, [leaf.path for leaf in plan.leaves], plan.factor_dims, plan.proj_dim)
     if _structure(again) != _structure(plan):
@@ -367,9 +376,10 @@ def factorized_features(
                          "(recompute it with plan_factorization for these leaves and shapes)")
     ctx = Context(analysis, tap_configs(plan, analysis, precision), frozenset(plan.order))
     values, z_grads, dense_grads = jax.vmap(
-        lambda ex, key: _one_example(ctx, closed, plan, factors, list(diff_leaves), ex, key),
+        lambda ex, key: _one_example(ctx, closed, aux_tree, plan, factors, list(diff_leaves), ex, key),
         in_axes=(0, None if keys is None else 0),
     )(batch, keys)
+    values, out_aux = values if has_aux else (values, None)
     name = _second_stage_name(factors)
     # (the sparse map's s is in its table: applying it needs no sparsity)
     second_spec, remainder_spec = stage_specs(plan, kind=kind, second_stage=name or "dense",
@@ -380,6 +390,8 @@ def factorized_features(
         phi = second_stage_lib.stage(name).apply(second_spec, factors.second, [u], scale)
     else:
         phi = u * jnp.float32(math.sqrt(plan.k_fac) * scale)
+    if has_aux:
+        return values.astype(jnp.float32), phi, out_aux
     return values.astype(jnp.float32), phi
 
 
@@ -390,8 +402,9 @@ def _second_stage_name(factors: Factors) -> str | None:
     return "sparse" if isinstance(factors.second, sparse_projection.SketchTable) else "dense"
 
 
-def _one_example(ctx, closed, plan: FactorPlan, factors: Factors, leaves, example, key):
-    """(output, Z gradients in plan order, dense-remainder gradients) of one example."""
+def _one_example(ctx, closed, aux_tree, plan: FactorPlan, factors: Factors, leaves, example, key):
+    """(output, Z gradients in plan order, dense-remainder gradients) of one example; the output
+    is ``(f, aux)`` when ``aux_tree`` (the aux outputs' treedef) is given."""
 
     def output(zs, dense_values):
         args = list(leaves)
@@ -400,7 +413,10 @@ def _one_example(ctx, closed, plan: FactorPlan, factors: Factors, leaves, exampl
         scope = {i: LeafArrays(factors.leaves[i].p0, factors.leaves[i].p1, z, plan.leaves[i].slice_axes)
                  for i, z in zip(plan.order, zs, strict=True)}
         flat = jax.tree_util.tree_leaves((args, example, key))
-        return evaluate(ctx, closed, flat, scope)[0]
+        outs = evaluate(ctx, closed, flat, scope)
+        if aux_tree is None:
+            return outs[0]
+        return outs[0], jax.tree_util.tree_unflatten(aux_tree, outs[1:])
 
     zs = []
     for i in plan.order:
@@ -408,7 +424,8 @@ def _one_example(ctx, closed, plan: FactorPlan, factors: Factors, leaves, exampl
         shape = tuple(leaf.shape[a] for a in leaf.slice_axes) + (leaf.sides[0].k, leaf.sides[1].k)
         zs.append(jnp.zeros(shape, jnp.float32))
     dense_values = [leaves[i] for i in plan.dense]
-    value, (z_grads, dense_grads) = jax.value_and_grad(output, argnums=(0, 1))(zs, dense_values)
+    grad = jax.value_and_grad(output, argnums=(0, 1), has_aux=aux_tree is not None)
+    value, (z_grads, dense_grads) = grad(zs, dense_values)
     return value, z_grads, dense_grads
 
 

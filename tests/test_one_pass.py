@@ -2,6 +2,9 @@
 outputs f the features' pass computed) against their ``out_to_loss``/``ridge_terms``, the batched
 model call gone from the step, and custom tasks with only ``out_to_loss`` unchanged."""
 
+import pathlib
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,9 @@ import numpy as np
 import pytest
 
 from trakjax import Config, featurize, tasks
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from task_helpers import clip_data, clip_fns, clip_params  # noqa: E402
 
 
 class _MLP(nn.Module):
@@ -116,19 +122,8 @@ def _lm_setup():
 
 
 def _clip_setup():
-    def normalize(e):
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-    def image_fn(p, images):
-        return normalize(jnp.tanh(images @ p["img"]))
-
-    def text_fn(p, texts):
-        return normalize(texts @ p["txt"])
-
-    rng = np.random.default_rng(0)
-    params = {"img": rng.normal(size=(5, 4)).astype(np.float32), "txt": rng.normal(size=(3, 4)).astype(np.float32)}
-    batch = (rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32))
-    return tasks.clip(image_fn, text_fn, temperature=0.5, n_negatives=4), params, batch
+    image_fn, text_fn = clip_fns()
+    return tasks.clip(image_fn, text_fn, temperature=0.5, n_negatives=4), clip_params(0), clip_data(6, 0)
 
 
 @pytest.mark.parametrize("projection", ["rademacher", "factorized"])

@@ -517,19 +517,3 @@ def _jaxpr_bytes(jaxpr) -> int:
         else:
             total += sum(_aval_bytes(v.aval) for v in eqn.outvars)
     return total
-
-
-__all__ = [
-    "FactorPlan",
-    "Factors",
-    "FactorizationReport",
-    "LeafFactors",
-    "activation_bytes_per_example",
-    "block_scale",
-    "canonical_paths",
-    "describe",
-    "factor_matrices",
-    "factorized_features",
-    "plan_factorization",
-    "trace_output",
-]

@@ -71,8 +71,6 @@ from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
 logger = logging.getLogger("trakjax")
-PROJECTION_FAMILIES = ("factorized", "rademacher", "normal", "identity")
-
 MAX_LISTED = 10
 """How many indices error messages list."""
 

@@ -1,20 +1,22 @@
 """Featurization: per-example gradients of the model output, projected to k dimensions.
 
-For checkpoint θ_m and example z_i this computes ``φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P`` together
-with f(z_i; θ_m) and, for training examples, the output-to-loss term ``q_i = −∂L/∂f``.
+For checkpoint θ_m and example z_i this computes ``φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P`` (or a
+factorized family's features) together with f(z_i; θ_m) and, for training examples, the
+output-to-loss term ``q_i = −∂L/∂f`` and the curvature h.
 
-* :func:`select_parameters` turns ``grad_wrt`` into a mask over the parameter pytree. Only the
-  selected leaves are differentiated: the rest are closed over as constants, so XLA never
-  computes their gradients.
-* :func:`per_example_grads` is ``jax.vmap(jax.value_and_grad(output))`` over a batch.
-* :func:`per_example_features` is the one per-example step, pure and jit-compatible: gradients
-  then projection, for a :class:`FeatureSpec`. Featurization and the jitted scorer
-  (:mod:`trakjax.scoring_fn`) both run it.
+* :func:`plan_features` plans once per run: the projection family's ``plan``
+  (:mod:`trakjax.projection_family`, :mod:`trakjax.families`) on the checkpoint's structure,
+  a hashable :class:`~trakjax.projection_family.FeatureSpec` keyed by its :class:`StructureKey`.
 * :func:`prepare_checkpoint` does the per-checkpoint work once (parameter split, the task's
-  auxiliary state, the projection key, R materialized when it fits the budget);
-  :func:`featurize_batch` then featurizes batches of examples with one jitted step, micro-batched
-  so that a micro-batch of per-example gradients fits ``grad_memory_bytes``.
-* :func:`featurize` runs :func:`featurize_batch` over a whole data set.
+  auxiliary state, the family's randomness: R's key and R materialized when it fits the budget,
+  or the factor matrices), reusing the run's spec when the structure matches.
+* :func:`per_example_features` is the one per-example step, pure and jit-compatible; the
+  featurize step and the jitted scorer (:mod:`trakjax.scoring_fn`) both run it.
+* :func:`featurize_batch` featurizes batches of examples with one jitted step, micro-batched so
+  that a micro-batch of per-example memory fits ``grad_memory_bytes``; :func:`featurize` runs it
+  over a whole data set.
+* Parameter selection and the output function live in :mod:`trakjax.gradients` and are
+  re-exported here (:func:`select_parameters`, :func:`per_example_grads`, ...).
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def sequence_child(spec: dict) -> dict:
         traces, before = counter[0], timers.snapshot()
         start = time.perf_counter()
         checkpoint = featurize.prepare_checkpoint(task, params_m, config, model_id=m, init_data=train)
-        jax.block_until_ready(jax.tree_util.tree_leaves((checkpoint.diff, checkpoint.blocks)))
+        jax.block_until_ready(checkpoint)  # whatever arrays it holds (its fields may change)
         prepared = time.perf_counter()
         jax.block_until_ready(featurize.featurize_batch(task, checkpoint, batch, indices))
         first = time.perf_counter()

@@ -85,7 +85,8 @@ def timed(fn, repeats: int) -> float:
 # --------------------------------------------------------------------------- gpt2
 
 
-def gpt2_model(layers: int, d: int, heads: int, vocab: int, positions: int):
+def gpt2_model(layers: int, d: int, heads: int, vocab: int, positions: int, seed: int = 0):
+    """The GPT-2-shaped NNX language model, randomly initialized from ``seed``."""
     import jax
     from flax import nnx
 
@@ -115,7 +116,7 @@ def gpt2_model(layers: int, d: int, heads: int, vocab: int, positions: int):
                 x = block(x, mask)
             return self.wte.attend(self.ln_f(x))  # tied output head
 
-    return GPT2(nnx.Rngs(0))
+    return GPT2(nnx.Rngs(seed))
 
 
 def gpt2_child(variant: str, spec: dict) -> dict:

@@ -85,7 +85,8 @@ def timed(fn, repeats: int) -> float:
 # --------------------------------------------------------------------------- gpt2
 
 
-def gpt2_model(layers: int, d: int, heads: int, vocab: int, positions: int):
+def gpt2_model(layers: int, d: int, heads: int, vocab: int, positions: int, seed: int = 0):
+    """The GPT-2-shaped NNX language model, randomly initialized from ``seed``."""
     import jax
     from flax import nnx
 
@@ -115,7 +116,7 @@ def gpt2_model(layers: int, d: int, heads: int, vocab: int, positions: int):
                 x = block(x, mask)
             return self.wte.attend(self.ln_f(x))  # tied output head
 
-    return GPT2(nnx.Rngs(0))
+    return GPT2(nnx.Rngs(seed))
 
 
 def gpt2_child(variant: str, spec: dict) -> dict:
@@ -171,7 +172,7 @@ def gpt2_child(variant: str, spec: dict) -> dict:
         checkpoint = featurize.prepare_checkpoint(task, model.params, config, 0, example=ids[0])
         seconds = timed(lambda: featurize.featurize_batch(task, checkpoint, ids, with_out_to_loss=False),
                         spec["repeats"])
-        plan = checkpoint.spec.plan
+        plan = checkpoint.spec.detail.plan
         extra = {"k_fac": plan.k_fac, "factorized_leaves": len(plan.order), "dense_leaves": len(plan.dense)}
     return {"variant": variant, "tokens_per_s": tokens / seconds, "seconds": seconds,
             "peak_gib": peak_memory_gib(spec["gpu"]), "num_params": int(num_params),
@@ -260,7 +261,7 @@ def cnn(args) -> None:
     dense, _ = featurize_rate(task, params, x, y, args.cnn_batch, args.repeats, proj_dim=2048)
     fact, checkpoint = featurize_rate(task, params, x, y, args.cnn_batch, args.repeats, proj_dim=2048,
                                       projection="factorized", factor_dims=64)
-    plan = checkpoint.spec.plan
+    plan = checkpoint.spec.detail.plan
     print(f"\n{machine()}")
     print(f"CNN of 373,386 parameters on 32×32×3, batch {args.cnn_batch}, k = 2048; factorized: factor_dims 64, "
           f"K_fac = {plan.k_fac}, factorized leaves {[plan.leaves[i].path for i in plan.order]}\n")
@@ -292,7 +293,7 @@ def mlp50m_child(spec: dict) -> dict:
     y = rng.integers(0, 4096, spec["batch"]).astype(np.int32)
     rate, checkpoint = featurize_rate(tasks.image_classification(model.apply), params, x, y, spec["batch"],
                                       spec["repeats"], proj_dim=4096, projection="factorized", factor_dims=64)
-    return {"examples_per_s": rate, "peak_gib": peak_memory_gib(False), "k_fac": checkpoint.spec.plan.k_fac,
+    return {"examples_per_s": rate, "peak_gib": peak_memory_gib(False), "k_fac": checkpoint.record["k_fac"],
             "num_params": int(sum(v.size for v in jax.tree_util.tree_leaves(params)))}
 
 
@@ -644,10 +645,9 @@ def flops(args) -> None:
             checkpoint = featurize.prepare_checkpoint(task, params, config, 0, example=example)
             key = featurize.task_key(checkpoint.seed, 0, featurize.TRAIN_SPLIT)
             lowered = checkpoint.train_step.lower(checkpoint.diff, checkpoint.fixed, batch, checkpoint.aux,
-                                                  np.arange(size, dtype=np.int32), key, checkpoint.proj_key,
-                                                  checkpoint.blocks)
+                                                  np.arange(size, dtype=np.int32), key, checkpoint.arrays)
             fact = cost(lowered.compile())
-            rows.append((name, stage, checkpoint.spec.plan.k_fac, size, train, fact))
+            rows.append((name, stage, checkpoint.record["k_fac"], size, train, fact))
             print(rows[-1], flush=True)
     print(f"\n{machine()}")
     print("XLA compiled cost analysis, one step on one batch: factorized featurization (factor_dims 64, "

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import featurize, tasks
+from trakjax import Config, featurize, tasks
 
 PROJ_DIM = 2048
 
@@ -82,7 +82,7 @@ def timed(fn, repeats):
 
 
 def trakjax_rate(task, params, x, y, batch_size, batches):
-    config = featurize.FeaturizeConfig(proj_dim=PROJ_DIM, batch_size=batch_size, backend="xla")
+    config = Config.create(proj_dim=PROJ_DIM, batch_size=batch_size, backend="xla")
     start = time.perf_counter()
     checkpoint = featurize.prepare_checkpoint(task, params, config, model_id=0)
     jax.block_until_ready(checkpoint.blocks)

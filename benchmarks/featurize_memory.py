@@ -41,7 +41,7 @@ def run_trakjax(examples: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from trakjax import featurize, tasks
+    from trakjax import Config, featurize, tasks
 
     class MLP(nn.Module):
         @nn.compact
@@ -57,7 +57,7 @@ def run_trakjax(examples: int) -> dict:
     x = rng.normal(size=(examples, WIDTH)).astype(np.float32)
     y = rng.integers(0, WIDTH, examples).astype(np.int32)
     task = tasks.image_classification(model.apply)
-    config = featurize.FeaturizeConfig(proj_dim=PROJ_DIM, batch_size=examples, backend="xla")
+    config = Config.create(proj_dim=PROJ_DIM, batch_size=examples, backend="xla")
     checkpoint = featurize.prepare_checkpoint(task, params, config, model_id=0)
     start = time.perf_counter()
     out = featurize.featurize_batch(task, checkpoint, (x, y))
@@ -65,7 +65,7 @@ def run_trakjax(examples: int) -> dict:
     return {
         "library": "trakjax", "num_params": int(num_params), "examples": examples,
         "seconds": elapsed, "examples_per_s": examples / elapsed, "peak_rss_gib": peak_rss_gib(),
-        "micro_batch": checkpoint.micro_batch, "matrix_cached": checkpoint.blocks is not None,
+        "micro_batch": checkpoint.micro_batch, "matrix_cached": checkpoint.arrays.blocks is not None,
         "finite": bool(np.isfinite(out.features).all()),
     }
 

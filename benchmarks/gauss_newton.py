@@ -66,7 +66,7 @@ def checkpoint_parts(setting, config, params, model_id):
     n, k = phi.shape
     ridge = pipeline.RidgeInputs(tr.out_to_loss, tr.outputs - tr.output_offset, tr.curvature)
     common = dict(proj_dim=k, num_examples=n, num_params=checkpoint.layout.total, ridge=ridge,
-                  num_features=None if checkpoint.spec.plan is None else checkpoint.spec.plan.k_fac)
+                  num_features=checkpoint.record.get("k_fac"))
     parts, lambdas, seconds = {}, {}, {}
     for kernel in ("trak", "gauss-newton"):
         start = time.perf_counter()

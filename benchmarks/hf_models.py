@@ -200,10 +200,10 @@ def factorized_child(name: str, spec: dict) -> dict:
     indices = np.arange(batch, dtype=np.int32)
     split_key = featurize.task_key(checkpoint.seed, checkpoint.model_id, featurize.TRAIN_SPLIT)
     step_args = (checkpoint.diff, checkpoint.fixed, first, checkpoint.aux, indices, split_key,
-                 checkpoint.proj_key, checkpoint.blocks)
+                 checkpoint.arrays)
     step_cost = cost(checkpoint.train_step, *step_args)
     features_cost = cost(checkpoint.target_step, *step_args)  # without q (what targets run)
-    plan = checkpoint.spec.plan
+    plan = checkpoint.spec.detail.plan
     targets = take(data, large, large + spec["targets"])
     times = {small: [], large: []}
 

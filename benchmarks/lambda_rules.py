@@ -81,7 +81,7 @@ from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import trakjax  # noqa: E402
-from trakjax import evaluation, featurize, regularization, solve, tasks  # noqa: E402
+from trakjax import Config, evaluation, featurize, regularization, solve, tasks  # noqa: E402
 
 GRID = tuple(float(c) for c in np.round(10.0 ** np.arange(-3.0, 2.01, 0.25), 6))
 """λ / (trace(ΦᵀΦ)/N), per checkpoint: 10^-3 … 10^2 in steps of 10^0.25."""
@@ -418,9 +418,9 @@ def featurized(setting: Setting, checkpoints, k, cache, model_ids=None):
             return out, float(z["featurize_seconds"])
     task = setting.task
     if k == "id":
-        config = featurize.FeaturizeConfig(projection="identity", proj_dim=None, batch_size=256, backend="xla")
+        config = Config.create(projection="identity", proj_dim=None, batch_size=256, backend="xla")
     else:
-        config = featurize.FeaturizeConfig(projection="normal", proj_dim=int(k), batch_size=256, backend="xla")
+        config = Config.create(projection="normal", proj_dim=int(k), batch_size=256, backend="xla")
     out, featurize_seconds = [], 0.0
     for model_id, params in enumerate(checkpoints):
         start = time.perf_counter()

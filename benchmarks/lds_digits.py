@@ -50,7 +50,7 @@ import optax
 from sklearn.datasets import load_digits
 
 import trakjax
-from trakjax import evaluation, featurize, scores, solve, tasks
+from trakjax import Config, evaluation, featurize, scores, solve, tasks
 
 GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 """Grid of λ / mean_i‖φ_i‖² (trakjax: per checkpoint; reference: median over checkpoints)."""
@@ -158,7 +158,7 @@ class Eigen:
 
 
 def trakjax_eigen(task, checkpoints, train, targets, k):
-    config = featurize.FeaturizeConfig(projection="normal", proj_dim=k, batch_size=256, backend="xla")
+    config = Config.create(projection="normal", proj_dim=k, batch_size=256, backend="xla")
     out = []
     for model_id, params in enumerate(checkpoints):
         checkpoint = featurize.prepare_checkpoint(task, params, config, model_id, train)

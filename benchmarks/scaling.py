@@ -47,7 +47,7 @@ def worker(args):
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
                                    num_processes=args.processes, process_id=args.process_id)
     import trakjax
-    from trakjax import featurize, sharding, tasks
+    from trakjax import Config, featurize, sharding, tasks
 
     model, train, targets, checkpoints = problem(args.train)
     checkpoints = checkpoints[: args.checkpoints]
@@ -55,7 +55,7 @@ def worker(args):
     mesh = sharding.data_mesh()
     result = {"devices": len(jax.local_devices()), "process": jax.process_index()}
     if args.mode == "devices":
-        config = featurize.FeaturizeConfig(proj_dim=512, batch_size=64, backend="xla", mesh=mesh)
+        config = Config.create(proj_dim=512, batch_size=64, backend="xla", mesh=mesh)
         checkpoint = featurize.prepare_checkpoint(task, checkpoints[0], config)
         batch = (train[0][:checkpoint.micro_batch], train[1][:checkpoint.micro_batch])
         lowered = checkpoint.train_step.lower(

@@ -74,8 +74,7 @@ def build_store(save_dir: pathlib.Path, n: int, t: int, k: int, chunk: int = 655
     import jax.numpy as jnp
 
     import trakjax
-    from trakjax import store as store_lib
-    from trakjax import tasks
+    from trakjax import tasks, trees
 
     def apply_fn(params, x):
         return x @ params["w"]
@@ -83,9 +82,9 @@ def build_store(save_dir: pathlib.Path, n: int, t: int, k: int, chunk: int = 655
     traker = trakjax.TRAKer(tasks.image_classification(apply_fn), n, save_dir, proj_dim=k,
                             backend="xla")
     params = {"w": np.zeros((k, 10), np.float32)}
-    tree = store_lib.tree_record(params)
+    tree = trees.tree_record(params)
     store = traker.store
-    store.register_model(0, store_lib.fingerprint(params), tree,
+    store.register_model(0, trees.fingerprint(params), tree,
                          {"paths": tree["paths"], "num_params": 10 * k, "proj_dim": k})
     rng = np.random.default_rng(0)
     arrays = store.train_arrays(0)

@@ -9,6 +9,7 @@ R comes from :func:`trakjax.randomness.projection_matrix`, the contract's plain 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from trakjax import randomness
@@ -67,3 +68,30 @@ def closed_form_scores(g_train, g_targets, q, *, proj_dim, seed, model_id, relat
 
 def relative_error(got, expected) -> float:
     return float(np.linalg.norm(np.asarray(got, np.float64) - expected) / np.linalg.norm(expected))
+
+
+# --------------------------------------------------------------------------- a tiny CLIP pair
+
+
+def clip_fns():
+    def normalize(e):
+        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+    def image_fn(params, images):
+        return normalize(jnp.tanh(images @ params["img"]))
+
+    def text_fn(params, texts):
+        return normalize(texts @ params["txt"])
+
+    return image_fn, text_fn
+
+
+def clip_params(seed):
+    rng = np.random.default_rng(seed)
+    return {"img": rng.normal(size=(5, 4)).astype(np.float32),
+            "txt": rng.normal(size=(3, 4)).astype(np.float32)}
+
+
+def clip_data(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n, 3)).astype(np.float32)

@@ -437,7 +437,7 @@ def test_unclassifiable_parameters_go_dense_and_are_listed():
     assert f"K_fac = {plan.k_fac}" in table
     # R2 and the dense remainder's R generated on the fly equal the materialized ones
     generated = factorized.factor_matrices(plan, seed=0, model_id=0, kind="rademacher", matrix_cache_bytes=0)
-    assert generated.second_matrix is None and generated.dense_blocks is None
+    assert generated.second.blocks is None and generated.remainder.blocks is None
     _, _, _, cached = run_features(output_fn, diff, batch, paths, factor_dims=3, proj_dim=20)
     on_the_fly = jax.jit(lambda f: factorized.factorized_features(
         output_fn, diff, batch, None, plan, f, kind="rademacher")[1])(generated)

@@ -55,7 +55,7 @@ def test_a_resumed_partly_featurized_store_ends_bit_identical(checkpoints, expec
 def test_the_jitted_scorer_equals_attribute(checkpoints, expected):
     train, targets = helpers.digits()
     features = trakjax.train_features(helpers.task(), checkpoints, train, **FACTORIZED)
-    assert all(f is not None for f in features.factors)
+    assert all(f is not None for f in features.projections)
     score = jax.jit(trakjax.scorer(helpers.task(), features))
     got = np.asarray(score(checkpoints, targets))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trakjax import featurize, randomness, tasks
+from trakjax import Config, featurize, randomness, tasks
 
 D, H, C = 5, 7, 3
 
@@ -68,12 +68,12 @@ def test_grad_wrt_forms_agree_and_errors_list_valid_paths():
 
 def _step_flops(grad_wrt):
     params = make_params()
-    config = featurize.FeaturizeConfig(proj_dim=8, grad_wrt=grad_wrt, backend="xla", batch_size=16)
+    config = Config.create(proj_dim=8, grad_wrt=grad_wrt, backend="xla", batch_size=16)
     checkpoint = featurize.prepare_checkpoint(TASK, params, config, 0)
     x, y = make_batch(16)
     lowered = checkpoint.target_step.lower(
         checkpoint.diff, checkpoint.fixed, (x, y), None, np.arange(16, dtype=np.int32),
-        featurize.task_key(0, 0, 1), checkpoint.proj_key, checkpoint.blocks,
+        featurize.task_key(0, 0, 1), checkpoint.arrays,
     )
     return lowered.compile().cost_analysis()["flops"]
 
@@ -87,9 +87,9 @@ def test_grad_wrt_really_skips_the_unselected_parameters():
 def test_featurize_is_invariant_to_batch_and_micro_batch_size():
     params = make_params()
     x, y = make_batch(13)
-    config = featurize.FeaturizeConfig(proj_dim=24, backend="xla", batch_size=13)
+    config = Config.create(proj_dim=24, backend="xla", batch_size=13)
     whole = featurize.featurize(TASK, featurize.prepare_checkpoint(TASK, params, config, 3), (x, y), batch_size=13)
-    tiny = config._replace(batch_size=4, grad_memory_bytes=3 * 4 * 67)  # P = 67: 3 examples per micro-batch
+    tiny = config.replace(batch_size=4, grad_memory_bytes=3 * 4 * 67)  # P = 67: 3 examples per micro-batch
     checkpoint = featurize.prepare_checkpoint(TASK, params, tiny, 3)
     assert checkpoint.micro_batch == 3
     split = featurize.featurize(TASK, checkpoint, (x, y), batch_size=5)
@@ -106,7 +106,7 @@ def test_non_finite_gradients_are_reported_with_indices_and_checkpoint():
     params = make_params()
     x, y = make_batch(6)
     x[4, 0] = np.nan
-    config = featurize.FeaturizeConfig(proj_dim=8, backend="xla")
+    config = Config.create(proj_dim=8, backend="xla")
     checkpoint = featurize.prepare_checkpoint(TASK, params, config, model_id=5)
     with pytest.raises(ValueError, match=r"model_id=5, example indices \[104\]"):
         featurize.featurize_batch(TASK, checkpoint, (x, y), np.arange(100, 106))

@@ -2,6 +2,9 @@
 outputs f the features' pass computed) against their ``out_to_loss``/``ridge_terms``, the batched
 model call gone from the step, and custom tasks with only ``out_to_loss`` unchanged."""
 
+import pathlib
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,9 @@ import numpy as np
 import pytest
 
 from trakjax import Config, featurize, tasks
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from task_helpers import clip_data, clip_fns, clip_params  # noqa: E402
 
 
 class _MLP(nn.Module):
@@ -87,3 +93,65 @@ def test_featurize_step_calls_out_to_loss_only_without_from_outputs(one_pass):
     assert bool(calls) == (not one_pass)
     expected = np.asarray(tasks.one_minus_p(model.apply(params, x), batch[1]))
     np.testing.assert_allclose(out.out_to_loss, expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- tasks whose Q needs more than f
+
+
+class _TinyLM(nn.Module):
+    """Embedding, one Dense mixing layer, a tied-free head: (B, L) ids -> (B, L, V) logits."""
+
+    vocab: int = 11
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(self.vocab, 6)(ids)
+        h = nn.tanh(nn.Dense(6)(h))
+        return nn.Dense(self.vocab)(h)
+
+
+def _lm_setup():
+    ids = jax.random.randint(jax.random.key(2), (6, 7), 0, 11)
+    mask = jnp.ones((6, 7), jnp.float32).at[5, 3:].set(0.0).at[4, :].set(0.0)  # padding, an empty row
+    model = _TinyLM()
+    params = model.init(jax.random.key(3), ids[:1])
+    def apply(p, inputs):
+        return model.apply(p, inputs["input_ids"])
+
+    return tasks.language_modeling(apply), params, {"input_ids": ids, "attention_mask": mask}
+
+
+def _clip_setup():
+    image_fn, text_fn = clip_fns()
+    return tasks.clip(image_fn, text_fn, temperature=0.5, n_negatives=4), clip_params(0), clip_data(6, 0)
+
+
+@pytest.mark.parametrize("projection", ["rademacher", "factorized"])
+@pytest.mark.parametrize("setup", [_lm_setup, _clip_setup], ids=["language_modeling", "clip"])
+def test_q_and_h_from_the_features_pass_for_tasks_with_aux(setup, projection):
+    """language_modeling's per-token terms and CLIP's two margins come out of the features' own
+    forward pass (output_with_aux): the step never runs out_to_loss's model pass, and q and h equal
+    the extra pass's out_to_loss and ridge_terms. Float differences: the same numbers summed per
+    example rather than per batch, to float32 rounding."""
+    task, params, batch = setup()
+    assert task.output_with_aux is not None and task.from_outputs is not None
+    config = Config.create(proj_dim=16, projection=projection, kernel="trak", backend="xla",
+                           **({"factor_dims": 4} if projection == "factorized" else {}))
+    passes = []
+    original = task.out_to_loss
+    task = task._replace(out_to_loss=lambda p, b, st: (passes.append(1), original(p, b, st))[1])
+    checkpoint = featurize.prepare_checkpoint(task, params, config, 0, init_data=batch)
+    out = featurize.featurize_batch(task, checkpoint, batch)
+    assert not passes, "the step ran out_to_loss's batched model pass"
+    task = task._replace(out_to_loss=original)
+    keys = featurize.example_keys(task, featurize.task_key(0, 0, featurize.TRAIN_SPLIT), jnp.arange(6))
+    state = tasks.TaskState(checkpoint.aux, keys)
+    q_pass = np.asarray(task.out_to_loss(params, batch, state))
+    _, h_pass = task.ridge_terms(params, batch, state, jnp.asarray(q_pass))
+    np.testing.assert_allclose(out.out_to_loss, q_pass, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.curvature, np.asarray(h_pass), rtol=1e-5, atol=1e-7)
+    outputs = jax.vmap(lambda ex, key: task.output(params, ex, tasks.TaskState(checkpoint.aux, key)))(
+        batch, keys)
+    np.testing.assert_allclose(out.outputs, np.asarray(outputs), rtol=1e-5, atol=1e-5)
+    if setup is _lm_setup:
+        assert out.out_to_loss[4] == 0.0  # a sequence with no counted token has Q = 0

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import trakjax
+from trakjax import checkpoints as checkpoints_lib
 from trakjax import featurize as featurize_lib
+from trakjax import files, trees
 from trakjax import store as store_lib
-from trakjax.session import restore_orbax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _store_helpers as helpers  # noqa: E402
@@ -81,17 +82,17 @@ def test_session_in_bfloat16_equals_attribute_and_stores_bfloat16_bits(checkpoin
 def test_orbax_round_trip_restores_the_trained_weights(checkpoints, orbax_paths, tmp_path):
     for params, path in zip(checkpoints, orbax_paths, strict=True):
         for template in (None, params):
-            restored = restore_orbax(path, template)
+            restored = checkpoints_lib.restore(path, template)
             assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(params)
             for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-            assert store_lib.fingerprint(restored) == store_lib.fingerprint(params)
-    assert store_lib.fingerprint(checkpoints[0]) != store_lib.fingerprint(checkpoints[1])
+            assert trees.fingerprint(restored) == trees.fingerprint(params)
+    assert trees.fingerprint(checkpoints[0]) != trees.fingerprint(checkpoints[1])
     wider = jax.tree_util.tree_map(lambda x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype), checkpoints[0])
     path = helpers.save_orbax(wider, tmp_path / "wider")
     with pytest.raises(ValueError, match=r"(?s)different tree structure.*params/Dense_1/bias: expected tree "
                        r"has shape \(16,\) float32, checkpoint has \(17,\) float32"):
-        restore_orbax(path, checkpoints[0])
+        checkpoints_lib.restore(path, checkpoints[0])
 
 
 def test_a_partly_done_batch_computes_only_its_missing_rows(checkpoints, expected, tmp_path, monkeypatch):
@@ -255,5 +256,5 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(orbax_paths, exp
                 np.load(killed / "models" / str(model_id) / name),
                 np.load(reference / "models" / str(model_id) / name),
             )
-    leftovers = [p for p in killed.rglob("*") if store_lib._TMP_MARK in p.name]
+    leftovers = [p for p in killed.rglob("*") if files.TMP_MARK in p.name]
     assert leftovers == [], f"temporary files left behind: {leftovers}"

@@ -17,7 +17,8 @@ import pytest
 from trakjax import scores as scores_lib
 from trakjax import solve as solve_lib
 from trakjax import store as store_lib
-from trakjax.attribution import round_to
+from trakjax import trees
+from trakjax.pipeline import round_to
 
 N, K = 40, 8
 CONFIG = {"proj_dim": K, "seed": 0, "projection": "rademacher", "contract_version": 1,
@@ -25,7 +26,7 @@ CONFIG = {"proj_dim": K, "seed": 0, "projection": "rademacher", "contract_versio
 
 
 def _records(params):
-    tree = store_lib.tree_record(params)
+    tree = trees.tree_record(params)
     differentiated = {"paths": tree["paths"], "num_params": 12, "proj_dim": K}
     return tree, differentiated
 
@@ -35,7 +36,7 @@ PARAMS = {"b": np.arange(4, dtype=np.float32), "w": np.ones((2, 4), np.float32)}
 
 def _store_with_model(root):
     store = store_lib.Store.open(root, CONFIG)
-    store.register_model(0, store_lib.fingerprint(PARAMS), *_records(PARAMS))
+    store.register_model(0, trees.fingerprint(PARAMS), *_records(PARAMS))
     return store
 
 
@@ -130,13 +131,13 @@ def test_another_trakjax_version_only_warns(tmp_path):
 
 def test_other_weights_or_another_tree_under_a_model_id_raise(tmp_path):
     store = _store_with_model(tmp_path)
-    store.register_model(0, store_lib.fingerprint(PARAMS), *_records(PARAMS))  # same weights: resume
+    store.register_model(0, trees.fingerprint(PARAMS), *_records(PARAMS))  # same weights: resume
     changed = dict(PARAMS, w=PARAMS["w"] + np.float32(1e-3))
     with pytest.raises(store_lib.StoreError, match="model_id 0 .* holds other weights: fingerprint blake2b"):
-        store.register_model(0, store_lib.fingerprint(changed), *_records(changed))
+        store.register_model(0, trees.fingerprint(changed), *_records(changed))
     wider = {"b": np.zeros(5, np.float32), "w": np.ones((2, 5), np.float32)}
     with pytest.raises(store_lib.StoreError, match=r"w: store has shape \(2, 4\) float32, new tree has \(2, 5\) float32"):
-        store.register_model(1, store_lib.fingerprint(wider), *_records(wider))
+        store.register_model(1, trees.fingerprint(wider), *_records(wider))
     assert store.model_ids() == [0]
 
 
@@ -147,14 +148,14 @@ def test_fingerprint_sees_every_weight_of_small_leaves_and_windows_of_large_ones
     small = {"a": rng.normal(size=(30, 20)).astype(np.float32)}
     big = {"a": rng.normal(size=(1024, 1024)).astype(np.float32)}  # 4 MiB: sampled
     for params in (small, big):
-        base = store_lib.fingerprint(params)
-        assert store_lib.fingerprint(jax.device_put(params)) == base  # numpy or jax, same bytes
+        base = trees.fingerprint(params)
+        assert trees.fingerprint(jax.device_put(params)) == base  # numpy or jax, same bytes
         for flat_index in (0, params["a"].size - 1):
             changed = params["a"].copy().reshape(-1)
             changed[flat_index] += 1
-            assert store_lib.fingerprint({"a": changed.reshape(params["a"].shape)}) != base
-        assert store_lib.fingerprint({"a": params["a"].astype(np.float16)}) != base
-        assert store_lib.fingerprint({"b": params["a"]}) != base
+            assert trees.fingerprint({"a": changed.reshape(params["a"].shape)}) != base
+        assert trees.fingerprint({"a": params["a"].astype(np.float16)}) != base
+        assert trees.fingerprint({"b": params["a"]}) != base
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "wrong shape", "not npy", "longer"])

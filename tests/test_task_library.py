@@ -14,6 +14,9 @@ import numpy as np
 import optax
 import pytest
 from task_helpers import (
+    clip_data,
+    clip_fns,
+    clip_params,
     closed_form_scores,
     kernel_scores,
     projected,
@@ -209,30 +212,6 @@ def test_binary_classification_rejects_bad_logits_and_labels():
 # --------------------------------------------------------------------------- CLIP
 
 TAU, NEG = 0.5, 8
-
-
-def clip_fns():
-    def normalize(e):
-        return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
-
-    def image_fn(params, images):
-        return normalize(jnp.tanh(images @ params["img"]))
-
-    def text_fn(params, texts):
-        return normalize(texts @ params["txt"])
-
-    return image_fn, text_fn
-
-
-def clip_params(seed):
-    rng = np.random.default_rng(seed)
-    return {"img": rng.normal(size=(5, 4)).astype(np.float32),
-            "txt": rng.normal(size=(3, 4)).astype(np.float32)}
-
-
-def clip_data(n, seed):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n, 3)).astype(np.float32)
 
 
 def example_keys(model_id, split, n):

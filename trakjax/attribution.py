@@ -22,10 +22,10 @@ from trakjax import featurize as featurize_lib
 from trakjax import scores as scores_lib
 from trakjax import sharding as sharding_lib
 from trakjax.config import Config
-from trakjax.pipeline import CheckpointDetails, check_targets_fit, round_to, solved_checkpoints
+from trakjax.pipeline import check_targets_fit, round_to, solved_checkpoints
 from trakjax.tasks import Task
 
-__all__ = ["CheckpointDetails", "attribute", "round_to", "self_influence"]
+__all__ = ["attribute", "self_influence"]
 
 
 def restore_checkpoints(checkpoints):

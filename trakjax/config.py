@@ -37,7 +37,7 @@ import numpy as np
 
 from trakjax import projection, randomness, sharding
 from trakjax.errors import ArgumentTypeError, InvalidArgumentError
-from trakjax.factorized_plan import check_factor_dims
+from trakjax.factorized.plan import check_factor_dims
 
 DEFAULT_PROJ_DIM = 2048
 """k for random projections when ``proj_dim`` is ``None``."""
@@ -468,5 +468,3 @@ class Config:
     def replace(self, **settings) -> Config:
         """A copy with ``settings`` changed (validated like :meth:`create`)."""
         return Config.create(self, **settings)
-
-    _replace = replace  # the NamedTuple spelling of trakjax 0.1's FeaturizeConfig

@@ -1,20 +1,22 @@
 """Featurization: per-example gradients of the model output, projected to k dimensions.
 
-For checkpoint θ_m and example z_i this computes ``φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P`` together
-with f(z_i; θ_m) and, for training examples, the output-to-loss term ``q_i = −∂L/∂f``.
+For checkpoint θ_m and example z_i this computes ``φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P`` (or a
+factorized family's features) together with f(z_i; θ_m) and, for training examples, the
+output-to-loss term ``q_i = −∂L/∂f`` and the curvature h.
 
-* :func:`select_parameters` turns ``grad_wrt`` into a mask over the parameter pytree. Only the
-  selected leaves are differentiated: the rest are closed over as constants, so XLA never
-  computes their gradients.
-* :func:`per_example_grads` is ``jax.vmap(jax.value_and_grad(output))`` over a batch.
-* :func:`per_example_features` is the one per-example step, pure and jit-compatible: gradients
-  then projection, for a :class:`FeatureSpec`. Featurization and the jitted scorer
-  (:mod:`trakjax.scoring_fn`) both run it.
+* :func:`plan_features` plans once per run: the projection family's ``plan``
+  (:mod:`trakjax.projection_family`, :mod:`trakjax.families`) on the checkpoint's structure,
+  a hashable :class:`~trakjax.projection_family.FeatureSpec` keyed by its :class:`StructureKey`.
 * :func:`prepare_checkpoint` does the per-checkpoint work once (parameter split, the task's
-  auxiliary state, the projection key, R materialized when it fits the budget);
-  :func:`featurize_batch` then featurizes batches of examples with one jitted step, micro-batched
-  so that a micro-batch of per-example gradients fits ``grad_memory_bytes``.
-* :func:`featurize` runs :func:`featurize_batch` over a whole data set.
+  auxiliary state, the family's randomness: R's key and R materialized when it fits the budget,
+  or the factor matrices), reusing the run's spec when the structure matches.
+* :func:`per_example_features` is the one per-example step, pure and jit-compatible; the
+  featurize step and the jitted scorer (:mod:`trakjax.scoring_fn`) both run it.
+* :func:`featurize_batch` featurizes batches of examples with one jitted step, micro-batched so
+  that a micro-batch of per-example memory fits ``grad_memory_bytes``; :func:`featurize` runs it
+  over a whole data set.
+* Parameter selection and the output function live in :mod:`trakjax.gradients` and are
+  re-exported here (:func:`select_parameters`, :func:`per_example_grads`, ...).
 """
 
 from __future__ import annotations
@@ -23,21 +25,36 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import backends, factorized, randomness
+from trakjax import backends, factorized, families, randomness
 from trakjax import data as data_lib
 from trakjax import projection as projection_lib
 from trakjax import sharding as sharding_lib
-from trakjax.config import DEFAULT_GRAD_MEMORY_BYTES, DEFAULT_MATRIX_CACHE_BYTES, Config, GradWrt
-from trakjax.errors import ArgumentTypeError, InvalidArgumentError, NumericalError
+from trakjax.config import (
+    AUTO_PROJECTION,
+    DEFAULT_GRAD_MEMORY_BYTES,
+    DEFAULT_MATRIX_CACHE_BYTES,
+    Config,
+    GradWrt,
+)
+from trakjax.errors import InvalidArgumentError, NumericalError
+from trakjax.gradients import (
+    merge_parameters,
+    output_fn,
+    parameter_paths,
+    per_example_grads,
+    select_parameters,
+    split_parameters,
+    task_output_fn,
+)
+from trakjax.projection_family import FeatureSpec, PlanRequest
 from trakjax.tasks import Task, TaskState, describe_shapes
-from trakjax.trees import leaf_paths
 
 logger = logging.getLogger("trakjax")
 
@@ -46,222 +63,23 @@ TARGET_SPLIT = 1
 
 __all__ = [
     "DEFAULT_GRAD_MEMORY_BYTES", "DEFAULT_MATRIX_CACHE_BYTES", "TARGET_SPLIT", "TRAIN_SPLIT",
-    "BatchFeatures", "Checkpoint", "FeatureSpec", "Features", "FeaturizeConfig", "GradWrt",
-    "choose_projection", "describe_factorization", "featurize", "resolve_auto_projection", "one_example", "output_fn", "task_output_fn", "featurize_batch", "merge_parameters", "parameter_paths", "per_example_features",
-    "per_example_grads", "prepare_checkpoint", "select_parameters", "split_parameters", "task_key",
+    "BatchFeatures", "Checkpoint", "FeatureSpec", "Features", "GradWrt", "StructureKey",
+    "choose_projection", "describe_factorization", "featurize", "featurize_batch", "merge_parameters",
+    "one_example", "output_fn", "parameter_paths", "per_example_features", "per_example_grads",
+    "plan_features", "prepare_checkpoint", "resolve_auto_projection", "select_parameters",
+    "split_parameters", "structure_difference", "structure_key", "task_key", "task_output_fn",
 ]
 
-parameter_paths = leaf_paths
-"""The '/'-joined path of every leaf of a params pytree (:func:`trakjax.trees.leaf_paths`)."""
+def per_example_features(task: Task, spec: FeatureSpec, arrays, diff, fixed, batch, state: TaskState):
+    """The per-example step: ``(φ (B, k) float32, outputs (B,), extras)``; pure and jit-compatible.
 
-
-# --------------------------------------------------------------------------- parameter selection
-
-
-def _mask_from_grad_wrt(grad_wrt, paths, leaves, params) -> list[bool]:
-    if grad_wrt is None:
-        return [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-    if isinstance(grad_wrt, str):
-        raise ArgumentTypeError(
-            f"grad_wrt must be a sequence of path prefixes, not a single string; use [{grad_wrt!r}]"
-        )
-    if callable(grad_wrt):
-        return [bool(grad_wrt(p, x)) for p, x in zip(paths, leaves, strict=True)]
-    if isinstance(grad_wrt, list | tuple) and all(isinstance(s, str) for s in grad_wrt):
-        mask = [False] * len(paths)
-        for prefix in grad_wrt:
-            hits = [i for i, p in enumerate(paths) if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
-            if not hits:
-                raise InvalidArgumentError(
-                    f"grad_wrt entry {prefix!r} matches no parameter; valid paths are {paths}"
-                )
-            for i in hits:
-                mask[i] = True
-        return mask
-    try:
-        return jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda m, _: bool(m), grad_wrt, params))
-    except (ValueError, TypeError) as err:
-        raise InvalidArgumentError(
-            "grad_wrt must be None, a sequence of path prefixes, a callable (path, leaf) -> bool "
-            f"or a pytree of bools shaped like params; got {type(grad_wrt).__name__}: {err}"
-        ) from err
-
-
-def select_parameters(params, grad_wrt: GradWrt = None) -> list[bool]:
-    """Which leaves of ``params`` (in flattening order) are differentiated.
-
-    Args:
-      params: the parameter pytree.
-      grad_wrt: ``None`` for every floating-point leaf; a sequence of '/'-joined path prefixes
-        (``["params/Dense_0", "params/head/kernel"]``); a callable ``(path, leaf) -> bool``; or a
-        pytree of bools with the structure of ``params`` (an optax-style mask).
-
-    Returns:
-      One bool per leaf of ``params``.
-
-    Raises:
-      InvalidArgumentError: if a path prefix matches no leaf (listing the valid paths), if the
-        selection is empty, or if a selected leaf is not floating point.
+    The family that planned ``spec`` computes it (:mod:`trakjax.families`): the dense family
+    φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P, the factorized family the Kronecker-projected features.
+    ``arrays`` is the checkpoint's randomness (the family's ``instantiate``); ``diff`` and
+    ``fixed`` are the differentiated and fixed leaves; ``extras`` is the family's dict of more
+    results of the same pass.
     """
-    with_path = jax.tree_util.tree_leaves_with_path(params)
-    paths = leaf_paths(params)
-    leaves = [x for _, x in with_path]
-    if not leaves:
-        raise InvalidArgumentError("params has no leaves")
-    mask = _mask_from_grad_wrt(grad_wrt, paths, leaves, params)
-    if not any(mask):
-        raise InvalidArgumentError(f"grad_wrt={grad_wrt!r} selects no parameter; valid paths are {paths}")
-    for flag, path, leaf in zip(mask, paths, leaves, strict=True):
-        if flag and not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise InvalidArgumentError(
-                f"grad_wrt selects {path!r} of dtype {jnp.result_type(leaf)}; only floating-point "
-                "parameters can be differentiated"
-            )
-    return [bool(m) for m in mask]
-
-
-def split_parameters(params, mask: Sequence[bool]) -> tuple[list, list]:
-    """(differentiated leaves, fixed leaves) of ``params`` under ``mask``."""
-    leaves = jax.tree_util.tree_leaves(params)
-    diff = [x for x, m in zip(leaves, mask, strict=True) if m]
-    fixed = [x for x, m in zip(leaves, mask, strict=True) if not m]
-    return diff, fixed
-
-
-def merge_parameters(treedef, mask: Sequence[bool], diff: Sequence, fixed: Sequence):
-    """Inverse of :func:`split_parameters`."""
-    diff_iter, fixed_iter = iter(diff), iter(fixed)
-    leaves = [next(diff_iter) if m else next(fixed_iter) for m in mask]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-# --------------------------------------------------------------------------- per-example gradients
-
-
-def check_scalar_output(task: Task, value, example) -> None:
-    """Raise (at trace time) unless ``task.output`` gave one scalar for one example."""
-    shape = jnp.shape(value)
-    if shape != ():
-        raise InvalidArgumentError(
-            f"task {task.name!r}: output(params, example, state) must return one scalar per "
-            f"example; got shape {tuple(shape)} for an example of shape {describe_shapes(example)}"
-            " (reduce it, e.g. sum a sequence's per-token terms, or pick one output)"
-        )
-
-
-def output_fn(task: Task, treedef, mask, fixed, aux=None) -> Callable:
-    """``output(diff_leaves, example, key) -> ()``: the task's output of ONE example as a function
-    of the differentiated leaves, the fixed leaves and the task's ``aux`` closed over."""
-
-    def output(diff_leaves, example, key):
-        params = merge_parameters(treedef, mask, diff_leaves, fixed)
-        value = task.output(params, example, TaskState(aux, key))
-        check_scalar_output(task, value, example)
-        return value
-
-    return output
-
-
-def task_output_fn(task: Task, params, mask, state: TaskState | None = None) -> tuple[Callable, list]:
-    """``(output_fn, diff_leaves)`` of ``params`` under ``mask`` (see :func:`output_fn`)."""
-    state = TaskState() if state is None else state
-    diff, fixed = split_parameters(params, mask)
-    return output_fn(task, jax.tree_util.tree_structure(params), tuple(mask), fixed, state.aux), diff
-
-
-def value_and_grads(task: Task, treedef, mask, diff, fixed, batch, state: TaskState):
-    """``(outputs (B,), gradient leaves (B, *leaf_shape))`` of the differentiated leaves ``diff``.
-
-    ``jax.vmap(jax.value_and_grad(output))`` over the batch, the fixed leaves closed over as
-    constants; ``state.key``, if given, is a (B,) batch of keys.
-    """
-    output = output_fn(task, treedef, mask, fixed, state.aux)
-    key_axis = None if state.key is None else 0
-    return jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, key_axis))(diff, batch, state.key)
-
-
-def per_example_grads(
-    task: Task,
-    params,
-    batch,
-    *,
-    grad_wrt: GradWrt = None,
-    state: TaskState = TaskState(),
-):
-    """Per-example gradients of ``task.output`` and the outputs themselves.
-
-    ``jax.vmap(jax.value_and_grad(output))`` over the batch, differentiating only the leaves that
-    ``grad_wrt`` selects.
-
-    Args:
-      task: the :class:`~trakjax.tasks.Task`.
-      params: the parameter pytree of one checkpoint.
-      batch: pytree of arrays with a leading example axis B.
-      grad_wrt: see :func:`select_parameters`.
-      state: :class:`~trakjax.tasks.TaskState`; ``state.key``, if given, is a (B,) batch of keys.
-
-    Returns:
-      ``(grads, outputs)``: ``grads`` has the structure of ``params`` with each selected leaf
-      (B, *leaf_shape) and ``None`` in place of unselected leaves; ``outputs`` is (B,).
-    """
-    mask = select_parameters(params, grad_wrt)
-    treedef = jax.tree_util.tree_structure(params)
-    diff, fixed = split_parameters(params, mask)
-    outputs, grads = value_and_grads(task, treedef, tuple(mask), diff, fixed, batch, state)
-    leaves = iter(grads)
-    full = [next(leaves) if m else None for m in mask]
-    return jax.tree_util.tree_unflatten(treedef, full), outputs
-
-
-class FeatureSpec(NamedTuple):
-    """The static description of how examples become features (hashable; shared by checkpoints).
-
-    Attributes:
-      treedef: pytree structure of the parameters.
-      mask: which leaves are differentiated.
-      kind: ``"rademacher"``, ``"normal"`` or ``"identity"``; the factors' kind for the
-        factorized family.
-      proj_dim: effective k (the final dimension for the factorized family).
-      chunk_rows: rows of R per generated chunk (``None``: the default).
-      precision: matmul precision policy of the projection.
-      backend: ``"xla"`` or ``"pallas"``.
-      plan: the :class:`~trakjax.factorized_plan.FactorPlan` for ``projection="factorized"``,
-        else None.
-    """
-
-    treedef: Any
-    mask: tuple[bool, ...]
-    kind: str
-    proj_dim: int
-    chunk_rows: int | None
-    precision: str
-    backend: str
-    plan: Any = None
-
-
-def per_example_features(task: Task, spec: FeatureSpec, diff, fixed, batch, state: TaskState,
-                         proj_key=None, blocks=None):
-    """The per-example step: ``(φ (B, k) float32, outputs (B,))``; pure and jit-compatible.
-
-    Dense family: φ_i = R_mᵀ ∇_θ f(z_i; θ_m) / √P for the differentiated leaves ``diff`` (the
-    fixed ones closed over), with R_m the contract's matrix of ``proj_key`` (or ``blocks``, R
-    materialized), on ``spec.backend``. Factorized family (``spec.plan``): the Kronecker-projected
-    features of :func:`trakjax.factorized.factorized_features`, ``blocks`` holding the checkpoint's
-    :class:`~trakjax.factorized.Factors`.
-    """
-    if spec.plan is not None:
-        output = output_fn(task, spec.treedef, spec.mask, fixed, state.aux)
-        outputs, features = factorized.factorized_features(
-            output, diff, batch, state.key, spec.plan, blocks, kind=spec.kind,
-            precision=spec.precision, chunk_rows=spec.chunk_rows,
-        )
-        return features, outputs
-    outputs, grads = value_and_grads(task, spec.treedef, spec.mask, diff, fixed, batch, state)
-    features = backends.project(
-        grads, kind=spec.kind, proj_dim=spec.proj_dim, key=proj_key, blocks=blocks,
-        chunk_rows=spec.chunk_rows, precision=spec.precision, backend=spec.backend,
-    )
-    return features, outputs
+    return families.family_of(spec).features(task, spec, arrays, diff, fixed, batch, state)
 
 
 def describe_factorization(
@@ -381,11 +199,6 @@ def resolve_auto_projection(task: Task, params, config: Config, example=None, au
 # --------------------------------------------------------------------------- per-checkpoint featurizer
 
 
-def FeaturizeConfig(**settings) -> Config:  # noqa: N802  (kept for trakjax 0.1 callers)
-    """A :class:`trakjax.Config` from keyword settings; the name trakjax 0.1 used."""
-    return Config.create(**settings)
-
-
 class Checkpoint(NamedTuple):
     """Everything :func:`featurize_batch` needs for one checkpoint, computed once.
 
@@ -395,16 +208,14 @@ class Checkpoint(NamedTuple):
       params: the full parameter pytree.
       mask: per-leaf differentiation flags.
       diff, fixed: the differentiated and fixed leaves.
-      layout: :class:`~trakjax.projection.ParameterLayout` of the differentiated leaves.
-      proj_dim: effective k.
-      proj_key: uint32 key of R (None for identity).
-      blocks: R materialized per leaf, or None to generate it chunk by chunk.
+      arrays: the family's randomness for this checkpoint (its ``instantiate``: R's key and
+        materialized blocks, or the factor matrices).
       aux: the task's auxiliary state for this checkpoint.
       micro_batch: examples per jitted step (a multiple of the mesh size).
       devices: number of devices the steps shard examples over.
-      spec: the :class:`FeatureSpec`.
-      train_step: the jitted step ``(diff, fixed, batch, aux, indices, split_key, proj_key,
-        blocks) -> (features, outputs, out_to_loss)``.
+      spec: the run's :class:`~trakjax.projection_family.FeatureSpec` (planned once per run).
+      train_step: the jitted step ``(diff, fixed, batch, aux, indices, split_key, arrays) ->
+        (features, outputs, out_to_loss, output_offset, curvature)``.
       target_step: the same without the out-to-loss term (its q is zeros).
     """
 
@@ -414,16 +225,28 @@ class Checkpoint(NamedTuple):
     mask: tuple[bool, ...]
     diff: list
     fixed: list
-    layout: projection_lib.ParameterLayout
-    proj_dim: int
-    proj_key: Any
-    blocks: list | None
+    arrays: Any
     aux: Any
     micro_batch: int
     devices: int
     spec: FeatureSpec
     train_step: Callable
     target_step: Callable
+
+    @property
+    def proj_dim(self) -> int:
+        """The final k."""
+        return self.spec.proj_dim
+
+    @property
+    def layout(self) -> projection_lib.ParameterLayout:
+        """The differentiated leaves' layout (P = ``layout.total``)."""
+        return self.spec.layout
+
+    @property
+    def record(self) -> dict:
+        """What the store records of the featurization (the family's ``record``)."""
+        return families.family_of(self.spec).record(self.spec)
 
 
 def task_key(seed: int, model_id: int, split: int) -> jax.Array:
@@ -453,13 +276,14 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
     sharded over the ``"data"`` axis, parameters, task state and projection inputs replicated.
     """
 
-    def step(diff, fixed, batch, aux, indices, split_key, proj_key, blocks):
+    def step(diff, fixed, batch, aux, indices, split_key, arrays):
         state = TaskState(aux, example_keys(task, split_key, indices))
-        features, outputs = per_example_features(task, spec, diff, fixed, batch, state, proj_key, blocks)
+        features, outputs, extras = per_example_features(task, spec, arrays, diff, fixed, batch, state)
         params = merge_parameters(spec.treedef, spec.mask, diff, fixed)
         curvature_from_outputs = None
         if with_out_to_loss and task.from_outputs is not None:  # one model pass per batch
-            q, curvature_from_outputs = task.from_outputs(outputs, batch, state)
+            from_pass = (outputs, batch, state, extras["aux"]) if "aux" in extras else (outputs, batch, state)
+            q, curvature_from_outputs = task.from_outputs(*from_pass)
             q = q.astype(jnp.float32)
         elif with_out_to_loss:
             q = task.out_to_loss(params, batch, state).astype(jnp.float32)
@@ -483,15 +307,10 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
     rows, same = jax.sharding.PartitionSpec(sharding_lib.DATA_AXIS), jax.sharding.PartitionSpec()
     return jax.jit(
         jax.shard_map(
-            step, mesh=mesh, in_specs=(same, same, rows, same, rows, same, same, same),
+            step, mesh=mesh, in_specs=(same, same, rows, same, rows, same, same),
             out_specs=(rows,) * 5, check_vma=False,
         )
     )
-
-
-@functools.lru_cache(maxsize=16)
-def _make_blocks_fn(layout: projection_lib.ParameterLayout, kind: str, proj_dim: int):
-    return jax.jit(lambda key: projection_lib.projection_blocks(layout, kind, proj_dim, key))
 
 
 def _task_state(task: Task, params, init_data):
@@ -522,52 +341,104 @@ def one_example(data) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), batch)
 
 
-class _Projection(NamedTuple):
-    """One checkpoint's projection: the final k, the dense R's key and materialized blocks (or
-    the factorized family's Factors in ``blocks``), the plan, and the per-example bytes."""
+class StructureKey(NamedTuple):
+    """What a :class:`~trakjax.projection_family.FeatureSpec` depends on: structure, not weights.
 
-    proj_dim: int
-    key: Any
-    blocks: Any
-    plan: Any
-    example_bytes: int
+    Two checkpoints with equal keys share one plan (and one compiled step). Each field is
+    hashable: treedefs, and (shape, dtype) pairs for arrays (a bfloat16 checkpoint traces other
+    casts than a float32 one).
+    """
+
+    parameters: Any
+    differentiated: tuple
+    leaves: tuple
+    task_state: tuple
+    example: tuple
+    key: tuple
+    settings: tuple
 
 
-def _dense_projection(config: Config, layout, model_id: int, backend: str, share: int, diff) -> _Projection:
+_PLAN_SETTINGS = ("projection", "proj_dim", "factor_dims", "factor_kind", "second_stage", "sparsity", "precision")
+
+
+def _abstract_tree(tree) -> tuple:
+    """(treedef, ((shape, dtype) or the value's type name for each leaf)): hashable."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple(
+        (tuple(np.shape(x)), str(x.dtype)) if hasattr(x, "dtype") else type(x).__name__ for x in leaves)
+
+
+def structure_key(params, mask, config: Config, example=None, aux=None, key=None) -> StructureKey:
+    """The :class:`StructureKey` of one checkpoint's planning inputs (no trace, no weights read)."""
     result = config.result
-    proj_dim = result.projection_dim(layout.total)
-    key = blocks = None
-    if result.projection != "identity":
-        key = jnp.uint32(randomness.stream_key(result.seed, model_id, result.projection))
-        if backend == "xla" and layout.total * proj_dim * 4 * share <= config.run.matrix_cache_bytes:
-            blocks = _make_blocks_fn(layout, result.projection, proj_dim)(key)
-    grad_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize for x in diff)
-    return _Projection(proj_dim, key, blocks, None, grad_bytes)
+    settings = tuple(repr(getattr(result, name)) for name in _PLAN_SETTINGS)
+    settings += (repr(config.run.chunk_rows), backends.resolve(config.run.backend))
+    return StructureKey(jax.tree_util.tree_structure(params), tuple(mask), _abstract_tree(params)[1],
+                        _abstract_tree(aux), _abstract_tree(example), _abstract_tree(key), settings)
 
 
-def _factorized_projection(task, params, mask, diff, fixed, aux, config: Config, model_id: int,
-                           example, share: int) -> _Projection:
-    """Plan the factorization from one example's trace, then the checkpoint's factor matrices."""
+def structure_difference(planned: StructureKey, found: StructureKey) -> str:
+    """What differs between two :class:`StructureKey` (empty when they are equal), for messages."""
+    names = {"parameters": "the parameters' tree structure", "differentiated": "the differentiated leaves (grad_wrt)",
+             "leaves": "the parameters' shapes or dtypes", "task_state": "the task's state (task.init)",
+             "example": "the example's structure, shapes or dtypes", "key": "the task's PRNG key",
+             "settings": "the projection settings"}
+    parts = []
+    for name in StructureKey._fields:
+        before, now = getattr(planned, name), getattr(found, name)
+        if before != now:
+            parts.append(f"{names[name]}: {_short(before)} planned, {_short(now)} now")
+    return "; ".join(parts)
+
+
+def _short(value, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _example_key(task: Task):
+    """The key the plan traces with (a made-up one for tasks that sample), or None."""
+    return jax.random.key(0) if task.uses_key else None
+
+
+def plan_features(task: Task, params, config: Config, example=None, aux=None) -> FeatureSpec:
+    """Plan the featurization once per run: the family's ``plan`` on the checkpoint's structure.
+
+    Args:
+      task: the :class:`~trakjax.tasks.Task`.
+      params: a checkpoint's parameter pytree (arrays or ``jax.ShapeDtypeStruct``: only
+        structure, shapes and dtypes matter, and the fixed leaves the output closes over).
+      config: the run's :class:`~trakjax.Config`, its projection resolved (not ``"auto"``).
+      example: ONE example (``jax.ShapeDtypeStruct`` leaves), for families that trace the model.
+      aux: the task's per-checkpoint state.
+
+    Returns:
+      The :class:`~trakjax.projection_family.FeatureSpec`; pass it to :func:`prepare_checkpoint`
+      for every checkpoint of the run, so that none is traced or planned again.
+    """
     result = config.result
-    if example is None:
-        raise InvalidArgumentError(
-            "projection='factorized' traces the model on one example to find its layers: pass the "
-            "training data (init_data) or an example"
-        )
-    output = output_fn(task, jax.tree_util.tree_structure(params), mask, fixed, aux)
-    key = jax.random.key(0) if task.uses_key else None
-    paths = [p for p, m in zip(factorized.canonical_paths(params), mask, strict=True) if m]
-    plan = factorized.plan_factorization(output, diff, example, key, paths=paths,
-                                         factor_dims=result.factor_dims, proj_dim=result.requested_dim)
-    if not plan.second_stage and result.proj_dim != "all":
-        logger.info("projection='factorized': proj_dim=%s ≥ K_fac=%d, so all %d factorized features "
-                    "are kept (no second projection)", result.requested_dim, plan.k_fac, plan.k_fac)
-    factors = factorized.factor_matrices(plan, seed=result.seed, model_id=model_id, kind=result.factor_kind,
-                                         matrix_cache_bytes=config.run.matrix_cache_bytes // share,
-                                         second_stage=result.resolved_second_stage,
-                                         sparsity=result.resolved_sparsity)
-    example_bytes = factorized.activation_bytes_per_example(output, diff, example, key, plan=plan)
-    return _Projection(plan.final_dim, None, factors, plan, example_bytes)
+    if result.projection == AUTO_PROJECTION:
+        raise InvalidArgumentError("plan_features needs a resolved projection: call resolve_auto_projection first")
+    mask = tuple(select_parameters(params, result.grad_wrt))
+    diff, fixed = split_parameters(params, mask)
+    key = _example_key(task)
+    paths = tuple(p for p, m in zip(factorized.canonical_paths(params), mask, strict=True) if m)
+    request = PlanRequest(jax.tree_util.tree_structure(params), mask,
+                          tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in diff),
+                          tuple(fixed), paths, example, key, aux, backends.resolve(config.run.backend))
+    spec = families.family_for(result.projection).plan(task, request, config)
+    return spec._replace(structure=structure_key(params, mask, config, example, aux, key))
+
+
+def _spec_for(task: Task, params, mask, config: Config, example, aux, spec: FeatureSpec | None) -> FeatureSpec:
+    """``spec`` when it was planned for this checkpoint's structure, else a new plan (logged)."""
+    if spec is not None:
+        found = structure_key(params, mask, config, example, aux, _example_key(task))
+        if spec.structure == found:
+            return spec
+        logger.info("this checkpoint differs from the run's plan (%s): planning it anew",
+                    structure_difference(spec.structure, found))
+    return plan_features(task, params, config, example, aux)
 
 
 def prepare_checkpoint(
@@ -577,8 +448,10 @@ def prepare_checkpoint(
     model_id: int = 0,
     init_data: Any = None,
     example: Any = None,
+    *,
+    spec: FeatureSpec | None = None,
 ) -> Checkpoint:
-    """Do the per-checkpoint work once: split parameters, task state, projection key and matrix.
+    """Do the per-checkpoint work once: split parameters, task state, the family's randomness.
 
     Args:
       task: the :class:`~trakjax.tasks.Task`.
@@ -589,6 +462,9 @@ def prepare_checkpoint(
         ``task.init`` when the task has one; its first example also serves ``example``.
       example: one example (no example axis; arrays or ``jax.ShapeDtypeStruct``) for the
         factorized family to trace the model on (default: ``init_data``'s first).
+      spec: the run's plan (:func:`plan_features`, or an earlier checkpoint's ``spec``): reused
+        when this checkpoint has its structure, so that nothing is traced again; planned here
+        otherwise.
 
     Returns:
       A :class:`Checkpoint` for :func:`featurize_batch`.
@@ -599,35 +475,26 @@ def prepare_checkpoint(
     diff, fixed = split_parameters(params, mask)
     diff = [jnp.asarray(x) for x in diff]
     fixed = [jnp.asarray(x) if hasattr(x, "shape") else x for x in fixed]
-    layout = projection_lib.parameter_layout(diff)
-    backend = backends.resolve(run.backend)
     mesh = run.mesh
     devices = sharding_lib.mesh_size(mesh)
     # Simulated CPU devices of one process share host memory: split the budgets between them.
     share = devices if sharding_lib.cpu_devices_share_memory(mesh) else 1
     aux = _task_state(task, params, init_data)
-    if result.projection in ("factorized", "auto"):
-        example = example if example is not None or init_data is None else one_example(init_data)
-    if result.projection == "auto":  # callers resolve once per run; this resolves a direct call
+    if example is None and init_data is not None and families.needs_example(result.projection):
+        example = one_example(init_data)
+    if result.projection == AUTO_PROJECTION:  # callers resolve once per run; this resolves a direct call
         config = resolve_auto_projection(task, params, config, example, aux)
-        result = config.result
-    if result.projection == "factorized":
-        projected = _factorized_projection(task, params, mask, diff, fixed, aux, config, model_id, example, share)
-    else:
-        projected = _dense_projection(config, layout, model_id, backend, share, diff)
-    micro_batch = _micro_batch(config, projected.example_bytes, devices, share)
-    blocks = projected.blocks
+    spec = _spec_for(task, params, mask, config, example, aux, spec)
+    family = families.family_of(spec)
+    arrays = family.instantiate(spec, result.seed, int(model_id), run.matrix_cache_bytes // share)
+    micro_batch = _micro_batch(config, spec.example_bytes, devices, share)
     if devices > 1:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        diff, fixed, blocks, aux = jax.device_put((diff, fixed, blocks, aux), replicated)
-    spec = FeatureSpec(jax.tree_util.tree_structure(params), mask, result.factor_kind if projected.plan
-                       else result.projection, projected.proj_dim, run.chunk_rows, result.precision,
-                       backend, projected.plan)
+        diff, fixed, arrays, aux = jax.device_put((diff, fixed, arrays, aux), replicated)
     step_mesh = mesh if devices > 1 else None
     return Checkpoint(
         model_id=int(model_id), seed=result.seed, params=params, mask=mask, diff=diff, fixed=fixed,
-        layout=layout, proj_dim=projected.proj_dim, proj_key=projected.key, blocks=blocks, aux=aux,
-        micro_batch=micro_batch, devices=devices, spec=spec,
+        arrays=arrays, aux=aux, micro_batch=micro_batch, devices=devices, spec=spec,
         train_step=_make_step(task, spec, step_mesh, True),
         target_step=_make_step(task, spec, step_mesh, False),
     )
@@ -712,10 +579,8 @@ def featurize_batch(
         part_indices = np.concatenate(
             [indices[start:stop], np.repeat(indices[stop - 1 : stop], size - (stop - start))]
         ).astype(np.int32)
-        out = step(
-            checkpoint.diff, checkpoint.fixed, part, checkpoint.aux, part_indices, split_key,
-            checkpoint.proj_key, checkpoint.blocks,
-        )
+        out = step(checkpoint.diff, checkpoint.fixed, part, checkpoint.aux, part_indices, split_key,
+                   checkpoint.arrays)
         parts.append(tuple(np.asarray(x)[: stop - start] for x in out))
     features, outputs, q, offset, curvature = (np.concatenate(p) for p in zip(*parts, strict=True))
     check_finite(features, outputs, q, indices, checkpoint.model_id, with_out_to_loss)

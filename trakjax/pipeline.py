@@ -26,8 +26,8 @@ import numpy as np
 
 from trakjax import curvature as curvature_lib
 from trakjax import data as data_lib
+from trakjax import families, memory_limits, regularization
 from trakjax import featurize as featurize_lib
-from trakjax import memory_limits, regularization
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
 from trakjax.config import GAUSS_NEWTON_KERNEL, TRAK_KERNEL, Config, ResultSettings
@@ -289,11 +289,15 @@ def solved_checkpoints(
     storage = config.result.storage_dtype
     # projection="auto": resolved once, on the first checkpoint (the choice depends on structure only)
     config = featurize_lib.resolve_auto_projection(task, checkpoints[0], config, init_data=train)
+    example = featurize_lib.one_example(train) if families.needs_example(config.result.projection) else None
+    spec = None  # planned at the first checkpoint, reused by the others (one trace per run)
     bar = progress_bar(len(checkpoints), "checkpoints", "checkpoint", config.run.progress)
     for params, model_id in zip(checkpoints, model_ids, strict=True):
-        checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train)
-        plan = checkpoint.spec.plan
-        memory_limits.check_solve_memory(checkpoint.proj_dim, k_fac=None if plan is None else plan.k_fac)
+        checkpoint = featurize_lib.prepare_checkpoint(task, params, config, model_id, init_data=train,
+                                                      example=example, spec=spec)
+        spec = checkpoint.spec
+        k_fac = checkpoint.record.get("k_fac")
+        memory_limits.check_solve_memory(checkpoint.proj_dim, k_fac=k_fac)
         train_features = _featurize_share(task, checkpoint, share, start, config.run.batch_size)
         phi = round_to(train_features.features, storage)
         num_params = checkpoint.layout.total
@@ -304,7 +308,7 @@ def solved_checkpoints(
         kernel = checkpoint_kernel(
             phi, config.result, proj_dim=checkpoint.proj_dim, mesh=config.run.mesh,
             num_examples=num_train if num_train is not None else phi.shape[0], num_params=num_params,
-            num_features=None if checkpoint.spec.plan is None else checkpoint.spec.plan.k_fac, ridge=ridge,
+            num_features=k_fac, ridge=ridge,
             kernel=kernel_name,
         )
         features = round_to(solve_lib.apply_inverse(phi, kernel, mesh=config.run.mesh), storage)

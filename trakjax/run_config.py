@@ -66,9 +66,6 @@ from trakjax import store as store_lib
 from trakjax.config import Config
 from trakjax.errors import ConfigError, TrakjaxError
 
-BadInput = ConfigError
-"""The name trakjax 0.1 gave :class:`~trakjax.errors.ConfigError`."""
-
 TASKS = ("image_classification", "text_classification", "binary_classification", "regression",
          "language_modeling")
 """Task names ``task`` may take: the tasks of :mod:`trakjax.tasks` whose examples are

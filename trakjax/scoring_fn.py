@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -29,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from trakjax import data as data_lib
+from trakjax import families, randomness
 from trakjax import featurize as featurize_lib
 from trakjax import projection as projection_lib
-from trakjax import randomness
 from trakjax import scores as scores_lib
 from trakjax.config import Config
 from trakjax.errors import ArgumentTypeError, InvalidArgumentError
@@ -91,8 +90,9 @@ class TrainFeatures(NamedTuple):
       aux: tuple of M per-checkpoint task states (``task.init``'s output, or ``None``).
       lambda_reg: (M,) float32, the λ_m used (for the record).
       contract: the static :class:`FeatureContract`.
-      factors: for ``projection="factorized"``, each checkpoint's
-        :class:`~trakjax.factorized.Factors` (its factor matrices); else M ``None``.
+      projections: each checkpoint's randomness as a scorer keeps it (the family's
+        ``scoring_arrays``: R's key for the dense family, the factor matrices for the
+        factorized one).
     """
 
     features: jax.Array
@@ -100,7 +100,7 @@ class TrainFeatures(NamedTuple):
     aux: tuple
     lambda_reg: jax.Array
     contract: FeatureContract
-    factors: tuple = ()
+    projections: tuple = ()
 
 
 def train_features(
@@ -131,14 +131,15 @@ def train_features(
             f"train_features holds every training example's features in one process, but "
             f"jax.distributed runs {jax.process_count()} processes; use trakjax.attribute there"
         )
-    kept = []  # per checkpoint: (F_m, q^m, aux_m, λ_m, model_id, factors); Φ_m is dropped at once
+    kept = []  # per checkpoint: (F_m, q^m, aux_m, λ_m, model_id, randomness); Φ_m is dropped at once
     first = None
     for solved in solved_checkpoints(task, checkpoints, train, config, model_ids):
         first = first or solved.checkpoint
-        factors = solved.checkpoint.blocks if solved.checkpoint.spec.plan is not None else None
-        kept.append((solved.features, np.asarray(solved.out_to_loss, np.float32), solved.checkpoint.aux,
-                     solved.details.lambda_reg, solved.details.model_id, factors))
-    features, out_to_loss, auxes, lambdas, ids, factors = zip(*kept, strict=True)
+        checkpoint = solved.checkpoint
+        projection = families.family_of(checkpoint.spec).scoring_arrays(checkpoint.spec, checkpoint.arrays)
+        kept.append((solved.features, np.asarray(solved.out_to_loss, np.float32), checkpoint.aux,
+                     solved.details.lambda_reg, solved.details.model_id, projection))
+    features, out_to_loss, auxes, lambdas, ids, projections = zip(*kept, strict=True)
     params = checkpoints[0]
     contract = FeatureContract(
         contract_version=randomness.CONTRACT_VERSION,
@@ -158,7 +159,7 @@ def train_features(
         aux=tuple(auxes),
         lambda_reg=jnp.asarray(np.asarray(lambdas, np.float32)),
         contract=contract,
-        factors=tuple(factors),
+        projections=tuple(projections),
     )
 
 
@@ -252,21 +253,22 @@ def target_features(
     *,
     aux: Any = None,
     model_id: int = 0,
-    factors: Any = None,
+    arrays: Any = None,
 ) -> jax.Array:
     """Ψ (B, k) float32 of a batch at one checkpoint's parameters; pure and jit-compatible.
 
-    φ_j = R_mᵀ ∇_θ f(z_j; θ) / √P, with the mask, layout and R_m of ``contract``; task keys are
-    those featurization gives targets (``featurize.task_key(seed, model_id, TARGET_SPLIT)``
-    folded with each example's index in ``indices``, a (B,) int array).
+    φ_j = R_mᵀ ∇_θ f(z_j; θ) / √P (or the factorized features), with the spec of ``contract``
+    and the checkpoint's randomness ``arrays`` (:attr:`TrainFeatures.projections`; default: the
+    family's ``instantiate`` for ``model_id``, nothing materialized); task keys are those
+    featurization gives targets (``featurize.task_key(seed, model_id, TARGET_SPLIT)`` folded
+    with each example's index in ``indices``, a (B,) int array).
     """
     diff, fixed = featurize_lib.split_parameters(params, contract.mask)
     split_key = featurize_lib.task_key(contract.seed, model_id, featurize_lib.TARGET_SPLIT)
     state = TaskState(aux, featurize_lib.example_keys(task, split_key, indices))
-    key = None
-    if contract.spec.plan is None and contract.kind != "identity":
-        key = jnp.uint32(randomness.stream_key(contract.seed, model_id, contract.kind))
-    psi, _ = featurize_lib.per_example_features(task, contract.spec, diff, fixed, batch, state, key, factors)
+    if arrays is None:
+        arrays = families.family_of(contract.spec).instantiate(contract.spec, contract.seed, model_id, 0)
+    psi, _, _ = featurize_lib.per_example_features(task, contract.spec, arrays, diff, fixed, batch, state)
     if contract.dtype != "float32":
         psi = psi.astype(jnp.dtype(contract.dtype)).astype(jnp.float32)
     return psi
@@ -321,22 +323,13 @@ def score(task: Task, train_features: TrainFeatures, params, batch, indices=None
 
     def parts():
         for m, (one, model_id) in enumerate(zip(per_checkpoint, contract.model_ids, strict=True)):
-            factors = train_features.factors[m] if train_features.factors else None
+            arrays = train_features.projections[m] if train_features.projections else None
             psi = target_features(task, contract, one, batch, indices, aux=train_features.aux[m],
-                                  model_id=model_id, factors=factors)
+                                  model_id=model_id, arrays=arrays)
             part = jnp.matmul(train_features.features[m], psi.T, precision=jax.lax.Precision.HIGHEST)
             yield part, train_features.out_to_loss[m]
 
     return scores_lib.ensemble(parts())
-
-
-def scores(task: Task, train_features: TrainFeatures, params, batch, indices=None) -> jax.Array:
-    """Deprecated name of :func:`score` (it shadowed the :mod:`trakjax.scores` module)."""
-    warnings.warn(
-        "trakjax.scoring_fn.scores is deprecated; use trakjax.scoring_fn.score",
-        DeprecationWarning, stacklevel=2,
-    )
-    return score(task, train_features, params, batch, indices)
 
 
 @functools.lru_cache(maxsize=64)

@@ -44,15 +44,15 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from trakjax import checkpoints as checkpoints_lib
 from trakjax import data as data_lib
+from trakjax import families, manifest, memory_limits, store_settings, trees
 from trakjax import featurize as featurize_lib
-from trakjax import manifest, memory_limits, store_settings, trees
 from trakjax import scores as scores_lib
 from trakjax import sharding as sharding_lib
 from trakjax import solve as solve_lib
@@ -71,13 +71,9 @@ from trakjax.progress import progress_bar
 from trakjax.tasks import Task
 
 logger = logging.getLogger("trakjax")
-PROJECTION_FAMILIES = ("factorized", "rademacher", "normal", "identity")
-
 MAX_LISTED = 10
 """How many indices error messages list."""
 
-restore_orbax = checkpoints_lib.restore
-"""Restore a params pytree from an orbax directory (:func:`trakjax.checkpoints.restore`)."""
 
 
 def _listed(indices: np.ndarray) -> str:
@@ -204,6 +200,7 @@ class TRAKer:
         self._example = None if init_data is None else featurize_lib.one_example(init_data)
         self._pending: tuple | None = None  # a load or scoring start waiting for an example
         self._checkpoint: featurize_lib.Checkpoint | None = None
+        self._spec = None  # the run's plan (featurize.plan_features), from the first checkpoint
         self._train_arrays: store_lib.TrainArrays | None = None
         self._target_arrays: store_lib.TargetArrays | None = None
         self._last_ind = 0
@@ -311,15 +308,17 @@ class TRAKer:
 
     def _needs_example(self) -> bool:
         """The factorized family traces the model on one example, which no call has shown yet."""
-        return self.config.result.projection in ("factorized", "auto") and self._example is None
+        return families.needs_example(self.config.result.projection) and self._example is None
 
     def _prepare(self, checkpoint, model_id: int):
         """Restore and prepare ``checkpoint``, then check its tree against the store's."""
         params = self._resolve_checkpoint(checkpoint)
         self._resolve_auto(params)
         prepared = featurize_lib.prepare_checkpoint(
-            self.task, params, self.config, model_id, init_data=self.init_data, example=self._example
+            self.task, params, self.config, model_id, init_data=self.init_data, example=self._example,
+            spec=self._spec,
         )
+        self._spec = prepared.spec  # planned once: later checkpoints of this structure reuse it
         tree = trees.tree_record(params)
         try:
             self.store.check_parameters(tree)
@@ -351,13 +350,7 @@ class TRAKer:
     def _register(self, checkpoint, model_id: int) -> None:
         params, prepared, tree = self._prepare(checkpoint, model_id)
         paths = featurize_lib.parameter_paths(params)
-        differentiated = {
-            "paths": [p for p, m in zip(paths, prepared.mask, strict=True) if m],
-            "num_params": int(prepared.layout.total),
-            "proj_dim": int(prepared.proj_dim),
-        }
-        if prepared.spec.plan is not None:
-            differentiated["k_fac"] = int(prepared.spec.plan.k_fac)
+        differentiated = {"paths": [p for p, m in zip(paths, prepared.mask, strict=True) if m], **prepared.record}
         memory_limits.check_solve_memory(prepared.proj_dim, k_fac=differentiated.get("k_fac"))
         if self._example is not None and not self._task_checked:
             self._check_task(params, self._example, prepared.aux)
@@ -577,8 +570,10 @@ class TRAKer:
             return
         self._start_scoring(*job)
 
-    def _start_scoring(self, exp_name, params, model_id, num_targets, targets_fingerprint) -> None:
-        params, prepared, _ = self._prepare(params, model_id)
+    def _start_scoring(self, exp_name, params, model_id, num_targets, targets_fingerprint,
+                       prepared: featurize_lib.Checkpoint | None = None) -> None:
+        if prepared is None:
+            params, prepared, _ = self._prepare(params, model_id)
         self.store.check_weights(model_id, self.store.fingerprint_of(params, model_id))
         self.store.register_target_model(exp_name, num_targets, model_id, targets_fingerprint)
         self._scoring = (exp_name, prepared)
@@ -707,9 +702,10 @@ class TRAKer:
             overwrite: bool = False, on_stage: Callable[[str], None] | None = None) -> np.ndarray:
         """Featurize, finalize and score end to end; the experiment's (N, T) scores.
 
-        The calls of the module docstring's example, in order: every checkpoint's training
-        features (this process's share under ``jax.distributed``), :meth:`finalize_features`, the
-        targets at every checkpoint, :meth:`finalize_scores` for exactly these ``model_ids``.
+        The calls of the module docstring's example, with each checkpoint read and prepared once:
+        at every checkpoint its training features, then its targets' (this process's shares
+        under ``jax.distributed``), one checkpoint held at a time; then
+        :meth:`finalize_features`, and :meth:`finalize_scores` for exactly these ``model_ids``.
         Rerunning resumes: finished checkpoints, rows, targets and score blocks are skipped, and
         a finished experiment returns at once.
 
@@ -728,8 +724,9 @@ class TRAKer:
           model_ids: one id per checkpoint (default ``0 .. M − 1``).
           progress: progress bars (default: the config's ``progress``).
           overwrite: recompute when the inputs changed, instead of raising.
-          on_stage: called with ``"featurize"``, ``"finalize"`` and ``"score"`` as each stage
-            ends (e.g. to time them).
+          on_stage: called with ``"featurize"`` (every checkpoint's training and target
+            features), ``"finalize"`` (the solves) and ``"score"`` (the score matrix) as each
+            stage ends (e.g. to time them).
 
         Returns:
           The (N, T) float32 scores, a read-only memory map of the store's file.
@@ -755,7 +752,8 @@ class TRAKer:
         self._check_task(first, self._example)
         self.store.check_train_data(inputs["train"])
         stage = on_stage or (lambda name: None)
-        self._featurize_all(checkpoints, ids, train, progress)
+        work = _Work(train, targets, experiment, num_targets, inputs["targets"])
+        self._featurize_all(checkpoints, ids, first, work, progress)
         stage("featurize")
         bar = progress_bar(len(ids), "finalize", "checkpoint", progress)
         for model_id in ids:
@@ -763,7 +761,6 @@ class TRAKer:
             bar.update(1)
         bar.close()
         stage("finalize")
-        self._score_all(checkpoints, ids, targets, experiment, inputs["targets"], progress)
         scores = self.finalize_scores(experiment, ids)
         stage("score")
         return scores
@@ -844,29 +841,40 @@ class TRAKer:
             method(_host_arrays(batch), inds=np.arange(start + first, start + first + size))
             bar.update(size)
 
-    def _featurize_all(self, checkpoints, ids, train, progress: bool) -> None:
-        start, stop = sharding_lib.process_slice(self.train_set_size)
-        bar = progress_bar((stop - start) * len(ids), "featurize", "example", progress)
-        for checkpoint, model_id in zip(checkpoints, ids, strict=True):
-            if self.store.has_model(model_id) and self.store.is_finalized(model_id):
-                bar.update(stop - start)
+    def _featurize_all(self, checkpoints, ids, first, work: _Work, progress: bool) -> None:
+        """Each checkpoint read and prepared once (``first`` is checkpoint 0, already read): its
+        training rows featurized, then its targets' features, while it is loaded; finished work
+        is skipped without reading the checkpoint. One prepared checkpoint is held at a time."""
+        train_start, train_stop = sharding_lib.process_slice(self.train_set_size)
+        target_start, target_stop = sharding_lib.process_slice(work.num_targets)
+        train_bar = progress_bar((train_stop - train_start) * len(ids), "featurize", "example", progress)
+        target_bar = progress_bar((target_stop - target_start) * len(ids), "score", "target", progress)
+        for index, (checkpoint, model_id) in enumerate(zip(checkpoints, ids, strict=True)):
+            train_done = self.store.has_model(model_id) and self.store.is_finalized(model_id)
+            targets_done = self._targets_done(work.experiment, model_id, target_start, target_stop)
+            if train_done and targets_done:
+                train_bar.update(train_stop - train_start)
+                target_bar.update(target_stop - target_start)
                 continue
-            self.load_checkpoint(checkpoint, model_id)
-            self._feed(train, self.train_set_size, self.featurize, bar)
-        bar.close()
-
-    def _score_all(self, checkpoints, ids, targets, experiment: str, fingerprint: str, progress: bool) -> None:
-        num_targets = data_lib.num_examples(targets, "targets")
-        start, stop = sharding_lib.process_slice(num_targets)
-        bar = progress_bar((stop - start) * len(ids), "score", "target", progress)
-        for checkpoint, model_id in zip(checkpoints, ids, strict=True):
-            if self._targets_done(experiment, model_id, start, stop):
-                bar.update(stop - start)
-                continue
-            self.start_scoring_checkpoint(experiment, checkpoint, model_id, num_targets,
-                                          targets_fingerprint=fingerprint)
-            self._feed(targets, num_targets, self.score, bar)
-        bar.close()
+            params = first if index == 0 else self._resolve_checkpoint(checkpoint)
+            prepared = None
+            if train_done:
+                train_bar.update(train_stop - train_start)
+            else:
+                self.load_checkpoint(params, model_id)
+                self._feed(work.train, self.train_set_size, self.featurize, train_bar)
+                prepared = self._checkpoint
+            if targets_done:
+                target_bar.update(target_stop - target_start)
+            else:
+                self._scoring = self._target_arrays = None
+                self._last_ind_target = 0
+                self._start_scoring(work.experiment, params, model_id, work.num_targets,
+                                    work.targets_fingerprint, prepared)
+                self._feed(work.targets, work.num_targets, self.score, target_bar)
+            self._checkpoint = self._train_arrays = self._scoring = self._target_arrays = None
+        train_bar.close()
+        target_bar.close()
 
     def _targets_done(self, experiment: str, model_id: int, start: int, stop: int) -> bool:
         if not self.store.has_experiment(experiment):
@@ -875,6 +883,16 @@ class TRAKer:
             return False
         missing = self.store.missing_targets(experiment, model_id)
         return not ((missing >= start) & (missing < stop)).any()
+
+
+class _Work(NamedTuple):
+    """What :meth:`TRAKer.run` computes at each checkpoint: the training rows and the targets."""
+
+    train: Any
+    targets: Any
+    experiment: str
+    num_targets: int
+    targets_fingerprint: str
 
 
 def _host_arrays(batch):

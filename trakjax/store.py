@@ -88,16 +88,11 @@ from trakjax.files import (
 from trakjax.store_settings import implied_by_absence, stored_as_current
 from trakjax.version import __version__
 
-# Re-exported: the names trakjax 0.1 callers used from this module.
-fingerprint = trees.fingerprint
-tree_record = trees.tree_record
-tree_differences = trees.tree_differences
-_TMP_MARK = TMP_MARK
 __all__ = [
     "FORMAT_VERSION", "METADATA_FILE", "ScoreArrays", "Store", "StoreError", "TargetArrays",
     "TrainArrays", "check_array_file", "check_experiment_name", "config_differences", "create_array",
-    "file_dtype", "fingerprint", "open_array", "read_json", "remove_stale_temporaries",
-    "storage_view", "temporary_path", "tree_differences", "tree_record", "write_json_atomic",
+    "file_dtype", "open_array", "read_json", "remove_stale_temporaries",
+    "storage_view", "temporary_path", "write_json_atomic",
     "write_rows",
 ]
 
@@ -624,7 +619,7 @@ class Store:
         record = self.parameters()
         if record is None:
             return
-        lines = tree_differences(record["tree"], tree)
+        lines = trees.tree_differences(record["tree"], tree)
         if differentiated is not None:
             lines += config_differences(record["differentiated"], differentiated)
         if lines:

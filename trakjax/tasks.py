@@ -67,7 +67,13 @@ class Task(NamedTuple):
         for the features, one more for ``out_to_loss``). Ready-made tasks whose Q is a function of
         f alone have it (margins at temperature 1: Q = σ(−f); the binary signed logit; regression:
         Q = y − f; :func:`from_loss`: Q = −L′(f), h = L″(f)). ``None`` (a custom task with only
-        ``out_to_loss``, or a task whose Q needs more than f): the extra pass runs.
+        ``out_to_loss``): the extra pass runs. A task whose Q needs more than f gives
+        ``output_with_aux`` too; its ``from_outputs`` is then ``(outputs, batch, state, aux)``.
+      output_with_aux: optional ``(params, example, state) -> (f (), aux)``: the same f as
+        ``output`` and, from the same forward pass, what ``from_outputs`` needs beyond f (the
+        language model's per-token terms, CLIP's two margins), as a pytree of arrays for ONE
+        example (``has_aux`` in JAX's sense: not differentiated). Featurization then traces this
+        function instead of ``output``; unused aux is removed by XLA where only f is needed.
     """
 
     output: Callable[..., jax.Array]
@@ -78,6 +84,7 @@ class Task(NamedTuple):
     name: str = "custom"
     ridge_terms: Callable[..., tuple[jax.Array, jax.Array]] | None = None
     from_outputs: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+    output_with_aux: Callable[..., tuple[jax.Array, Any]] | None = None
 
 
 def describe_shapes(tree) -> str:
@@ -449,12 +456,20 @@ def clip(
     def init(params, data):
         return _clip_bank(image_fn, text_fn, embed, params, data, bank_size, bank_seed, bank_batch_size)
 
-    def output(params, example, state):
+    def output_with_aux(params, example, state):
         image, text = example
         image_emb, text_emb = _clip_embeddings(image_fn, text_fn, params, add_batch_axis(image),
                                                add_batch_axis(text), state, batch=1)
         m1, m2 = clip_margins(image_emb[0], text_emb[0], state.aux, state.key, temperature, n_negatives)
-        return m1 + m2
+        q = 1.0 - 0.5 * (jax.nn.sigmoid(m1) + jax.nn.sigmoid(m2))  # out_to_loss's Q, this pass's margins
+        return m1 + m2, (q, logistic_curvature(q) / 2.0)
+
+    def output(params, example, state):
+        return output_with_aux(params, example, state)[0]
+
+    def from_outputs(outputs, batch, state, aux):
+        del outputs, batch, state
+        return aux
 
     def out_to_loss(params, batch, state):
         image_emb, text_emb = _clip_embeddings(image_fn, text_fn, params, *batch, state)
@@ -478,7 +493,7 @@ def clip(
         return jnp.full(q.shape, offset, jnp.float32), logistic_curvature(q) / 2.0
 
     return Task(output, out_to_loss, init=init, uses_key=True, validate=validate, name=name,
-                ridge_terms=ridge_terms)
+                ridge_terms=ridge_terms, from_outputs=from_outputs, output_with_aux=output_with_aux)
 
 
 def _batch_size(batch) -> int:
@@ -573,16 +588,25 @@ def language_modeling(
     """
     name = "language_modeling"
 
-    def output(params, example, state):
+    def output_with_aux(params, example, state):
         del state
         margins, weights = _token_margins(apply_fn, params, add_batch_axis(example), ids_key, mask_key)
-        return jnp.sum(margins[0] * weights[0])
+        # Q and h of the docstring from this pass's margins: no second forward pass.
+        q = _mean_counted(jax.nn.sigmoid(-margins[0]), weights[0])
+        counted = jnp.maximum(jnp.sum(weights[0]), 1.0)
+        return jnp.sum(margins[0] * weights[0]), (q, logistic_curvature(q) / counted)
+
+    def output(params, example, state):
+        return output_with_aux(params, example, state)[0]
+
+    def from_outputs(outputs, batch, state, aux):
+        del outputs, batch, state
+        return aux
 
     def out_to_loss(params, batch, state):
         del state
         margins, weights = _token_margins(apply_fn, params, batch, ids_key, mask_key)
-        counted = jnp.sum(weights, axis=1)
-        return jnp.sum(weights * jax.nn.sigmoid(-margins), axis=1) / jnp.maximum(counted, 1.0)
+        return jax.vmap(_mean_counted)(jax.nn.sigmoid(-margins), weights)
 
     def validate(params, batch):
         _check_token_batch(apply_fn, params, batch, ids_key, mask_key)
@@ -597,7 +621,13 @@ def language_modeling(
         offset = -counted * jnp.log(jnp.float32(max(vocab - 1, 1)))
         return offset.astype(jnp.float32), logistic_curvature(q) / jnp.maximum(counted, 1.0)
 
-    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms)
+    return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms,
+                from_outputs=from_outputs, output_with_aux=output_with_aux)
+
+
+def _mean_counted(values, weights):
+    """Σ_t w_t v_t / max(Σ_t w_t, 1): the mean over counted tokens (0 when none is counted)."""
+    return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _ids_and_mask(inputs, ids_key: str, mask_key: str):

@@ -1,10 +1,10 @@
 """The rewriting evaluator: runs the output's jaxpr with a tap on every factorized site.
 
 :func:`evaluate` is ``jax.core.eval_jaxpr`` with three changes, all driven by an
-:class:`~trakjax.factorized_analysis.Analysis` of the same jaxpr:
+:class:`~trakjax.factorized.analysis.Analysis` of the same jaxpr:
 
 * at a site of a factorized leaf, the equation is evaluated as is and its output goes through
-  :func:`trakjax.factorized_taps.tap` with that leaf's factor matrices and zero Z (indexed at the
+  :func:`trakjax.factorized.taps.tap` with that leaf's factor matrices and zero Z (indexed at the
   site's static slice indices, its dot_general batch axes leading);
 * a jit/pjit/closed_call with factorized leaves flowing in is evaluated inline; a remat call is
   rebuilt with ``jax.checkpoint`` (same ``policy`` and ``prevent_cse``, so rematerialization is
@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from trakjax import factorized_compat as compat
-from trakjax.factorized_analysis import Analysis
-from trakjax.factorized_taps import TapConfig, tap
+from trakjax.factorized import compat
+from trakjax.factorized.analysis import Analysis
+from trakjax.factorized.taps import TapConfig, tap
 
 
 class LeafArrays(NamedTuple):

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from trakjax.factorized_compat import Literal
+from trakjax.factorized.compat import Literal
 
 CAST_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint"})
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from trakjax.errors import ArgumentTypeError
-from trakjax.factorized_analysis import ConvGeometry, DotGeometry, GatherGeometry
+from trakjax.factorized.analysis import ConvGeometry, DotGeometry, GatherGeometry
 from trakjax.projection import matmul_precision
 
 

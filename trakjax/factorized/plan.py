@@ -1,6 +1,6 @@
 """The factorization plan: per differentiated leaf, factorized (with which sides and sizes) or dense.
 
-:func:`resolve` turns an :class:`~trakjax.factorized_analysis.Analysis` into a :class:`FactorPlan`,
+:func:`resolve` turns an :class:`~trakjax.factorized.analysis.Analysis` into a :class:`FactorPlan`,
 a static, hashable description (NamedTuples of tuples) that fixes the feature layout:
 
 * A leaf is **factorized** when it has at least one site, no dense reason, and all its sites
@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from trakjax.errors import ArgumentTypeError, InvalidArgumentError
-from trakjax.factorized_analysis import Analysis
+from trakjax.factorized.analysis import Analysis
 
 AUTO_FACTOR_SIZES = (8, 16, 32, 64, 128)
 """The per-side factor sizes ``factor_dims=None`` chooses from (:func:`auto_factor_size`)."""

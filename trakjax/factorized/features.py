@@ -7,12 +7,12 @@ through row gathers, tied output heads), ∇_W f = Σ_t a_t δ_tᵀ, and the fea
     φ_W = P_0ᵀ (∇_W f) P_1 = Σ_t (P_Cᵀ a_t)(P_Fᵀ δ_t)ᵀ  (oriented to k_0 × k_1)
         = (P_0 ⊗ P_1)ᵀ vec(∇_W f)                       (W flattened row-major)
 
-computed from a_t and δ_t without forming ∇_W f (see :mod:`trakjax.factorized_taps`). Sides are
+computed from a_t and δ_t without forming ∇_W f (see :mod:`trakjax.factorized.taps`). Sides are
 W's two axis groups (the axes its sites contract with activations, and the free ones), not
 in/out roles: side 0 is the group holding W's first non-slice axis, side 1 the other. When a
 group is not a contiguous run (an Einsum kernel (heads, d, head_dim) contracted on d),
 "row-major" means W transposed to (side 0 axes, side 1 axes) first (see
-:mod:`trakjax.factorized_plan`). A side whose factor size is at least its dimension is the
+:mod:`trakjax.factorized.plan`). A side whose factor size is at least its dimension is the
 identity; a bias folds in as a constant-1 input row; stacked layers (``lax.scan`` over a stacked
 leaf), static indices and dot_general batch axes of W get one factor pair per slice.
 
@@ -31,7 +31,7 @@ same in both families.
 
 Division of labour (pure functions; the caller owns configuration, batching, meshes, stores):
 
-1. :func:`plan_factorization` -> :class:`~trakjax.factorized_plan.FactorPlan`: static, hashable;
+1. :func:`plan_factorization` -> :class:`~trakjax.factorized.plan.FactorPlan`: static, hashable;
    which leaves are factorized (sides, sizes, slices, folded bias, feature offset) or dense (why);
    K_fac, P, the final dimension, whether a second stage runs.
 2. :func:`factor_matrices` -> :class:`Factors`: every random factor matrix and the keys of the
@@ -53,21 +53,22 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import factorized_compat as compat
 from trakjax import projection as projection_lib
 from trakjax import randomness, sparse_projection
+from trakjax import second_stage as second_stage_lib
 from trakjax.errors import InvalidArgumentError
-from trakjax.factorized_analysis import Analysis, analyze
-from trakjax.factorized_eval import Context, LeafArrays, evaluate
-from trakjax.factorized_plan import FactorPlan, LeafPlan, c_side, resolve
-from trakjax.factorized_report import format_report
-from trakjax.factorized_taps import TapConfig
+from trakjax.factorized import compat
+from trakjax.factorized.analysis import Analysis, analyze
+from trakjax.factorized.evaluation import Context, LeafArrays, evaluate
+from trakjax.factorized.plan import FactorPlan, LeafPlan, c_side, resolve
+from trakjax.factorized.report import format_report
+from trakjax.factorized.taps import TapConfig
 
 FACTOR_KINDS = ("rademacher", "normal")
 
@@ -82,19 +83,27 @@ def _struct(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), dtype)
 
 
-def trace_output(output_fn: Callable, diff_leaves: Sequence, example, key=None):
+def trace_output(output_fn: Callable, diff_leaves: Sequence, example, key=None, *, has_aux: bool = False):
     """The ClosedJaxpr of ``output_fn(diff_leaves, example, key)`` for one example.
 
     Its invars are the flattened ``(diff_leaves, example, key)``, the leaves first. Arrays or
-    ``jax.ShapeDtypeStruct`` are accepted; only shapes and dtypes are used.
+    ``jax.ShapeDtypeStruct`` are accepted; only shapes and dtypes are used. With ``has_aux``,
+    ``output_fn`` returns ``(f, aux)``: the jaxpr's outputs are f then aux's leaves, and the
+    result is ``(closed, aux_treedef)``.
     """
     structs = jax.tree_util.tree_map(_struct, (list(diff_leaves), example, key))
-    closed = jax.make_jaxpr(lambda d, e, k: output_fn(d, e, k))(*structs)
-    if len(closed.out_avals) != 1 or closed.out_avals[0].shape != ():
+    closed, shapes = jax.make_jaxpr(lambda d, e, k: output_fn(d, e, k), return_shape=True)(*structs)
+    if has_aux and not (isinstance(shapes, tuple) and len(shapes) == 2):
+        raise InvalidArgumentError("output_fn(diff_leaves, example, key) must return (f, aux) with has_aux=True")
+    value = shapes[0] if has_aux else shapes
+    if not isinstance(value, jax.ShapeDtypeStruct) or value.shape != () or (
+            not has_aux and len(closed.out_avals) != 1):
         raise InvalidArgumentError(
             "output_fn(diff_leaves, example, key) must return one scalar for one example; got "
             f"{[tuple(a.shape) for a in closed.out_avals]}"
         )
+    if has_aux:
+        return closed, jax.tree_util.tree_structure(shapes[1])
     return closed
 
 
@@ -172,7 +181,7 @@ def plan_factorization(
         whole).
 
     Returns:
-      The :class:`~trakjax.factorized_plan.FactorPlan`.
+      The :class:`~trakjax.factorized.plan.FactorPlan`.
 
     Raises:
       ValueError: if no leaf can be factorized (naming every leaf and its reason; use a dense
@@ -198,21 +207,17 @@ class Factors(NamedTuple):
     """Everything random of one checkpoint for :func:`factorized_features`.
 
     ``leaves``: one :class:`LeafFactors` per differentiated leaf (None unless factorized);
-    ``dense_key``: uint32 key of the dense remainder's R (contract v1's ``stream_key``);
-    ``second_key``: uint32 key of the second-stage R2 (``randomness.second_stage_key``);
-    ``dense_blocks``: the dense remainder's R materialized, one (size, k_rest) block per dense
-    leaf (``projection.projection_blocks``), or None to generate it chunk by chunk;
-    ``second_matrix``: R2 materialized, (K_fac, final_dim), or None to generate it on the fly.
-    Materialized or generated, the entries are the same.
-    ``second_table``: the sparse second stage (contract v3) tabulated, or None for the dense R2.
+    ``second``: the second stage's arrays (:mod:`trakjax.second_stage`: the dense R2's
+    :class:`~trakjax.second_stage.DenseArrays`, contract v2's key, R2 materialized or None; or
+    the sparse map's :class:`~trakjax.sparse_projection.SketchTable`, contract v3), or None
+    without a second stage; ``remainder``: the dense remainder's
+    :class:`~trakjax.second_stage.DenseArrays` (contract v1's key, R materialized or None), or
+    None when there is no projected remainder. Materialized or generated, the entries are the same.
     """
 
     leaves: tuple
-    dense_key: jax.Array
-    second_key: jax.Array
-    dense_blocks: list | None = None
-    second_matrix: jax.Array | None = None
-    second_table: sparse_projection.SketchTable | None = None
+    second: Any = None
+    remainder: Any = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -220,27 +225,49 @@ def _generator(kind: str, rows: int, k: int):
     return jax.jit(jax.vmap(lambda key: randomness.factor_matrix(kind, key, rows, k)))
 
 
+def _vector_layout(size: int) -> projection_lib.ParameterLayout:
+    return projection_lib.parameter_layout([jax.ShapeDtypeStruct((size,), jnp.float32)])
+
+
+def stage_specs(plan: FactorPlan, *, kind: str, second_stage: str = "dense", sparsity: int = 1,
+                chunk_rows: int | None = None, precision: str = "highest", backend: str = "xla"):
+    """``(second, remainder)``: the :class:`~trakjax.second_stage.StageSpec` of the second stage
+    (K_fac → final_dim; None without one) and of the dense remainder (P_rest → k_rest; None when
+    it is kept whole or absent)."""
+    second = remainder = None
+    if plan.second_stage:
+        second = second_stage_lib.StageSpec(second_stage, kind, _vector_layout(plan.k_fac), plan.final_dim,
+                                            sparsity if second_stage == "sparse" else 1, chunk_rows,
+                                            precision, backend)
+    if plan.dense and not plan.rest_identity:
+        layout = projection_lib.parameter_layout(
+            [jax.ShapeDtypeStruct(plan.leaves[i].shape, jnp.float32) for i in plan.dense])
+        remainder = second_stage_lib.StageSpec("dense", kind, layout, plan.k_rest, 1, chunk_rows,
+                                               precision, backend)
+    return second, remainder
+
+
 def factor_matrices(
     plan: FactorPlan, *, seed: int, model_id: int, kind: str, matrix_cache_bytes: int = 2**30,
-    second_stage: str = "dense", sparsity: int = 1,
+    second_stage: str = "dense", sparsity: int = 1, backend: str = "xla",
 ) -> Factors:
-    """The factor matrices of every factorized leaf and slice, and the projection keys.
+    """The factor matrices of every factorized leaf and slice, and the stages' randomness.
 
     Entry (row, column) of side s of slice i of the leaf at canonical path p is contract v1's
     entry under ``randomness.factor_key(seed, model_id, kind, p, i, s)``. Call once per
     checkpoint (``seed``/``model_id`` are Python ints); the result is a pytree of arrays.
 
-    ``matrix_cache_bytes``: the second-stage R2 (4·K_fac·final_dim bytes) and then the dense
-    remainder's R (4·P_rest·k_rest bytes) are materialized when they fit this budget (per
+    ``matrix_cache_bytes``: the dense second stage's R2 (4·K_fac·final_dim bytes) and then the
+    dense remainder's R (4·P_rest·k_rest bytes) are materialized when they fit this budget (per
     device); otherwise :func:`factorized_features` generates them chunk by chunk on every call
     (hashing costs about as much as the multiply: materializing is much faster when it fits).
 
     ``second_stage``: ``"dense"`` (contract v2's R2) or ``"sparse"`` (the count-sketch map of
     contract v3 with ``sparsity`` = s nonzeros per input, :mod:`trakjax.sparse_projection`:
-    O(s·K_fac) per example instead of O(K_fac·final_dim)).
+    O(s·K_fac) per example instead of O(K_fac·final_dim)). ``backend``: the dense stages' multiply.
     """
-    if second_stage not in sparse_projection.SECOND_STAGES:
-        raise InvalidArgumentError(f"second_stage must be one of {sparse_projection.SECOND_STAGES}, "
+    if second_stage not in second_stage_lib.STAGES:
+        raise InvalidArgumentError(f"second_stage must be one of {tuple(second_stage_lib.STAGES)}, "
                                    f"got {second_stage!r}")
     if kind not in FACTOR_KINDS:
         raise InvalidArgumentError(f"kind must be one of {FACTOR_KINDS} for the factorized family, got {kind!r}")
@@ -260,32 +287,19 @@ def factor_matrices(
                              for i in range(leaf.num_slices)], np.uint32)
             mats.append(_generator(kind, side.dim, side.k)(keys).reshape(slice_shape + (side.dim, side.k)))
         leaves.append(LeafFactors(*mats))
-    dense_key = jnp.uint32(randomness.stream_key(seed, model_id, kind))
-    second_key = jnp.uint32(randomness.second_stage_key(seed, model_id, kind))
+    second_spec, remainder_spec = stage_specs(plan, kind=kind, second_stage=second_stage, sparsity=sparsity,
+                                              backend=backend)
     budget = int(matrix_cache_bytes)
-    second = table = None
-    if plan.second_stage and second_stage == "sparse":
-        sparsity = sparse_projection.check_sparsity(sparsity, plan.final_dim)
-        table = sparse_projection.sketch_table(seed, model_id, kind, plan.k_fac, plan.final_dim, sparsity)
-    elif plan.second_stage and 4 * plan.k_fac * plan.final_dim <= budget:
-        second = _second_generator(kind, plan.k_fac, plan.final_dim)(second_key)
-        budget -= 4 * plan.k_fac * plan.final_dim
-    blocks = None
-    if plan.dense and not plan.rest_identity and 4 * plan.dense_params * plan.k_rest <= budget:
-        layout = projection_lib.parameter_layout(
-            [jax.ShapeDtypeStruct(plan.leaves[i].shape, jnp.float32) for i in plan.dense])
-        blocks = _blocks_generator(layout, kind, plan.k_rest)(dense_key)
-    return Factors(tuple(leaves), dense_key, second_key, blocks, second, table)
-
-
-@functools.lru_cache(maxsize=16)
-def _second_generator(kind: str, rows: int, k: int):
-    return jax.jit(lambda key: randomness.factor_matrix(kind, key, rows, k))
-
-
-@functools.lru_cache(maxsize=16)
-def _blocks_generator(layout, kind: str, k: int):
-    return jax.jit(lambda key: projection_lib.projection_blocks(layout, kind, k, key))
+    second = remainder = None
+    if second_spec is not None:
+        second = second_stage_lib.stage(second_stage).instantiate(
+            second_spec, seed, model_id, randomness.second_stage_key(seed, model_id, kind), budget)
+        if getattr(second, "blocks", None) is not None:
+            budget -= 4 * plan.k_fac * plan.final_dim
+    if remainder_spec is not None:
+        remainder = second_stage_lib.DENSE.instantiate(
+            remainder_spec, seed, model_id, randomness.stream_key(seed, model_id, kind), budget)
+    return Factors(tuple(leaves), second, remainder)
 
 
 # --------------------------------------------------------------------------- 3. features
@@ -301,7 +315,7 @@ def _structure(plan: FactorPlan) -> FactorPlan:
 
 
 def tap_configs(plan: FactorPlan, analysis: Analysis, precision: str) -> dict:
-    """One :class:`~trakjax.factorized_taps.TapConfig` per site of a factorized leaf."""
+    """One :class:`~trakjax.factorized.taps.TapConfig` per site of a factorized leaf."""
     taps = {}
     for key, rec in analysis.sites.items():
         leaf = plan.leaves[rec.leaf]
@@ -325,28 +339,36 @@ def factorized_features(
     kind: str,
     precision: str = "highest",
     chunk_rows: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Outputs and factorized features of a batch: ``(outputs (B,) float32, φ (B, final_dim) float32)``.
+    backend: str = "xla",
+    has_aux: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Outputs and factorized features of a batch: ``(outputs (B,) float32, φ (B, final_dim) float32)``,
+    and with ``has_aux`` the output function's aux (``output_fn`` then returns ``(f, aux)``) batched:
+    ``(outputs, φ, aux)``.
 
-    Pure and jit/vmap/shard_map compatible: ``plan``, ``kind``, ``precision`` and ``chunk_rows``
-    are static; ``diff_leaves``, ``batch``, ``keys`` and ``factors`` may be traced.
+    Pure and jit/vmap/shard_map compatible: ``plan``, ``kind``, ``precision``, ``chunk_rows``
+    and ``backend`` are static; ``diff_leaves``, ``batch``, ``keys`` and ``factors`` may be traced.
 
     Args:
       output_fn, diff_leaves: as in :func:`plan_factorization` (the leaves' values now).
       batch: pytree of arrays with a leading example axis B.
       keys: (B,) PRNG keys (one per example) or None.
       plan: from :func:`plan_factorization` for this output function and leaf shapes.
-      factors: from :func:`factor_matrices` (the checkpoint's seed and model_id).
+      factors: from :func:`factor_matrices` (the checkpoint's seed and model_id); its second
+        stage (dense or sparse) is the one applied.
       kind: ``"rademacher"`` or ``"normal"``, as in :func:`factor_matrices`.
       precision: matmul precision policy of the taps and projections.
       chunk_rows: rows of R generated at a time by the dense remainder and the second stage.
+      backend: ``"xla"`` or ``"pallas"``: the dense stages' multiply.
+      has_aux: whether ``output_fn`` returns ``(f, aux)`` (aux is not differentiated).
 
     Raises:
       ValueError: if the output function's detected structure differs from ``plan``.
     """
     example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
     key_struct = None if keys is None else jax.ShapeDtypeStruct(keys.shape[1:], keys.dtype)
-    closed = trace_output(output_fn, diff_leaves, example, key_struct)
+    traced = trace_output(output_fn, diff_leaves, example, key_struct, has_aux=has_aux)
+    closed, aux_tree = traced if has_aux else (traced, None)
     analysis = analyze(closed, len(diff_leaves))
     again = resolve(analysis, [leaf.path for leaf in plan.leaves], plan.factor_dims, plan.proj_dim)
     if _structure(again) != _structure(plan):
@@ -354,27 +376,35 @@ def factorized_features(
                          "(recompute it with plan_factorization for these leaves and shapes)")
     ctx = Context(analysis, tap_configs(plan, analysis, precision), frozenset(plan.order))
     values, z_grads, dense_grads = jax.vmap(
-        lambda ex, key: _one_example(ctx, closed, plan, factors, list(diff_leaves), ex, key),
+        lambda ex, key: _one_example(ctx, closed, aux_tree, plan, factors, list(diff_leaves), ex, key),
         in_axes=(0, None if keys is None else 0),
     )(batch, keys)
-    u = _concatenate(plan, factors, z_grads, dense_grads, values.shape[0], kind, precision, chunk_rows)
+    values, out_aux = values if has_aux else (values, None)
+    name = _second_stage_name(factors)
+    # (the sparse map's s is in its table: applying it needs no sparsity)
+    second_spec, remainder_spec = stage_specs(plan, kind=kind, second_stage=name or "dense",
+                                              chunk_rows=chunk_rows, precision=precision, backend=backend)
+    u = _concatenate(plan, factors, z_grads, dense_grads, values.shape[0], remainder_spec)
     scale = 1.0 / math.sqrt(plan.num_params)
-    if plan.second_stage and factors.second_table is not None:
-        # the table's weights are ±√(k/s): φ = S u/√P, E[φᵀφ′] = (k/P)·uᵀu′ as below.
-        phi = sparse_projection.apply_sketch(u, factors.second_table) * jnp.float32(scale)
-    elif plan.second_stage:
-        # project() divides by √K_fac: φ = R2ᵀu/√P = project(u)·√K_fac/√P.
-        second = None if factors.second_matrix is None else [factors.second_matrix]
-        phi = projection_lib.project([u], kind=kind, proj_dim=plan.final_dim, key=factors.second_key,
-                                     blocks=second, chunk_rows=chunk_rows, precision=precision)
-        phi = phi * jnp.float32(math.sqrt(plan.k_fac) * scale)
+    if second_spec is not None:  # φ = Mᵀu/√P, E[φᵀφ′] = (k/P)·uᵀu′
+        phi = second_stage_lib.stage(name).apply(second_spec, factors.second, [u], scale)
     else:
         phi = u * jnp.float32(math.sqrt(plan.k_fac) * scale)
+    if has_aux:
+        return values.astype(jnp.float32), phi, out_aux
     return values.astype(jnp.float32), phi
 
 
-def _one_example(ctx, closed, plan: FactorPlan, factors: Factors, leaves, example, key):
-    """(output, Z gradients in plan order, dense-remainder gradients) of one example."""
+def _second_stage_name(factors: Factors) -> str | None:
+    """Which stage ``factors.second`` holds the randomness of (None: no second stage)."""
+    if factors.second is None:
+        return None
+    return "sparse" if isinstance(factors.second, sparse_projection.SketchTable) else "dense"
+
+
+def _one_example(ctx, closed, aux_tree, plan: FactorPlan, factors: Factors, leaves, example, key):
+    """(output, Z gradients in plan order, dense-remainder gradients) of one example; the output
+    is ``(f, aux)`` when ``aux_tree`` (the aux outputs' treedef) is given."""
 
     def output(zs, dense_values):
         args = list(leaves)
@@ -383,7 +413,10 @@ def _one_example(ctx, closed, plan: FactorPlan, factors: Factors, leaves, exampl
         scope = {i: LeafArrays(factors.leaves[i].p0, factors.leaves[i].p1, z, plan.leaves[i].slice_axes)
                  for i, z in zip(plan.order, zs, strict=True)}
         flat = jax.tree_util.tree_leaves((args, example, key))
-        return evaluate(ctx, closed, flat, scope)[0]
+        outs = evaluate(ctx, closed, flat, scope)
+        if aux_tree is None:
+            return outs[0]
+        return outs[0], jax.tree_util.tree_unflatten(aux_tree, outs[1:])
 
     zs = []
     for i in plan.order:
@@ -391,23 +424,21 @@ def _one_example(ctx, closed, plan: FactorPlan, factors: Factors, leaves, exampl
         shape = tuple(leaf.shape[a] for a in leaf.slice_axes) + (leaf.sides[0].k, leaf.sides[1].k)
         zs.append(jnp.zeros(shape, jnp.float32))
     dense_values = [leaves[i] for i in plan.dense]
-    value, (z_grads, dense_grads) = jax.value_and_grad(output, argnums=(0, 1))(zs, dense_values)
+    grad = jax.value_and_grad(output, argnums=(0, 1), has_aux=aux_tree is not None)
+    value, (z_grads, dense_grads) = grad(zs, dense_values)
     return value, z_grads, dense_grads
 
 
-def _concatenate(plan, factors, z_grads, dense_grads, batch, kind, precision, chunk_rows):
+def _concatenate(plan, factors, z_grads, dense_grads, batch, remainder_spec):
     """u: the scaled φ_W blocks in plan order, then the dense remainder: (B, K_fac) float32."""
     blocks = [g.reshape(batch, -1).astype(jnp.float32) * jnp.float32(block_scale(plan.leaves[i]))
               for g, i in zip(z_grads, plan.order, strict=True)]
     if plan.dense:
         if plan.rest_identity:
             blocks.extend(g.reshape(batch, -1).astype(jnp.float32) for g in dense_grads)
-        else:
-            # project() divides by √P_rest; the block is R_restᵀ g / √k_rest.
-            rest = projection_lib.project(list(dense_grads), kind=kind, proj_dim=plan.k_rest,
-                                          key=factors.dense_key, blocks=factors.dense_blocks,
-                                          chunk_rows=chunk_rows, precision=precision)
-            blocks.append(rest * jnp.float32(math.sqrt(plan.dense_params / plan.k_rest)))
+        else:  # the block is R_restᵀ g / √k_rest
+            blocks.append(second_stage_lib.DENSE.apply(remainder_spec, factors.remainder, list(dense_grads),
+                                                       1.0 / math.sqrt(plan.k_rest)))
     return jnp.concatenate(blocks, axis=1)
 
 
@@ -446,11 +477,16 @@ def activation_bytes_per_example(
     the per-example Z gradients and dense-remainder gradients. Micro-batch sizing of the
     factorized family divides a memory budget by this.
     """
-    closed = trace_output(output_fn, diff_leaves, example, key)
+    return closed_activation_bytes(trace_output(output_fn, diff_leaves, example, key), len(diff_leaves), plan)
+
+
+def closed_activation_bytes(closed, num_leaves: int, plan: FactorPlan | None = None) -> int:
+    """:func:`activation_bytes_per_example` of an already traced output (``closed``, the
+    ClosedJaxpr of :func:`trace_output` with ``num_leaves`` differentiated leaves)."""
     jaxpr, _ = compat.open_jaxpr(closed)
     total = _jaxpr_bytes(jaxpr)
     if plan is not None:
-        analysis = analyze(closed, len(diff_leaves))
+        analysis = analyze(closed, num_leaves)
         for rec in analysis.sites.values():
             leaf = plan.leaves[rec.leaf]
             if leaf.treatment == "factorized":
@@ -481,19 +517,3 @@ def _jaxpr_bytes(jaxpr) -> int:
         else:
             total += sum(_aval_bytes(v.aval) for v in eqn.outvars)
     return total
-
-
-__all__ = [
-    "FactorPlan",
-    "Factors",
-    "FactorizationReport",
-    "LeafFactors",
-    "activation_bytes_per_example",
-    "block_scale",
-    "canonical_paths",
-    "describe",
-    "factor_matrices",
-    "factorized_features",
-    "plan_factorization",
-    "trace_output",
-]

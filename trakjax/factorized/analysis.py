@@ -1,7 +1,7 @@
 """Detection: where each differentiated leaf meets the activations, read off the output's jaxpr.
 
 :func:`analyze` walks the jaxpr of ``output(diff_leaves, example, key)`` for one example. Every
-differentiated leaf W is followed through layout-only operations (:mod:`trakjax.factorized_views`)
+differentiated leaf W is followed through layout-only operations (:mod:`trakjax.factorized.views`)
 to the equations that consume it:
 
 * a **site** is a contraction of W with activations, of which ∇_W f = Σ_t a_t δ_tᵀ:
@@ -10,7 +10,7 @@ to the equations that consume it:
   (``feature_group_count = batch_group_count = 1``), and ``gather`` of whole rows of W (embedding
   lookups). Its :class:`SiteRecord` holds the contracted (C) and free (F) leaf axes, the slice
   axes (static indices, scanned axes, dot_general batch axes) and the static geometry the tap
-  of :mod:`trakjax.factorized_taps` needs;
+  of :mod:`trakjax.factorized.taps` needs;
 * a **bias add** is ``add(site output, view of a leaf b)`` where b is broadcast along the site's
   free axes only; b may then fold into W's factorization as a constant-1 input row;
 * ``jit``/``pjit``/``closed_call``, remat (``jax.checkpoint``) and ``cond`` (every branch) are
@@ -21,7 +21,7 @@ Anything else that consumes a view of W gives W a reason to go dense: ``custom_j
 ``custom_vjp_call`` (the custom rule is kept intact, so a leaf flowing into one is not
 factorized), ``while``, element-wise ops (``mul``, an ``add`` that is not a bias add), partial
 slices, non-row gathers, grouped convolutions, contractions of two parameters, unknown
-primitives. The decisions per leaf are made in :mod:`trakjax.factorized_plan`.
+primitives. The decisions per leaf are made in :mod:`trakjax.factorized.plan`.
 
 Sites and calls are keyed by the path of equation ids from the top-level jaxpr, so a sub-jaxpr
 shared by two calls (JAX caches the jaxprs of jitted functions) keeps its sites apart.
@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 from jax import lax
 
-from trakjax import factorized_compat as compat
-from trakjax.factorized_views import CAST_PRIMITIVES, View, leaf_view, propagate
+from trakjax.factorized import compat
+from trakjax.factorized.views import CAST_PRIMITIVES, View, leaf_view, propagate
 
 LAYOUT_PRIMITIVES = CAST_PRIMITIVES | {"transpose", "squeeze", "reshape", "broadcast_in_dim", "slice", "dynamic_slice"}
 
@@ -52,7 +52,7 @@ class SiteRecord(NamedTuple):
       slice_axes: the other leaf axes, sorted: static indices, scanned axes, batch axes.
       static_index: ``(axis, index)`` pairs of the statically indexed slice axes.
       batch_axes: dot_general batch axes of the leaf, in leaf order.
-      geometry: the kind's static geometry for :mod:`trakjax.factorized_taps`.
+      geometry: the kind's static geometry for :mod:`trakjax.factorized.taps`.
       positions: number of positions t summed over (for memory estimates).
     """
 

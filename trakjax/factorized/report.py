@@ -1,8 +1,8 @@
-"""A readable table of a :class:`~trakjax.factorized_plan.FactorPlan`, for users to print."""
+"""A readable table of a :class:`~trakjax.factorized.plan.FactorPlan`, for users to print."""
 
 from __future__ import annotations
 
-from trakjax.factorized_plan import FactorPlan, LeafPlan
+from trakjax.factorized.plan import FactorPlan, LeafPlan
 
 
 def _side(side, s: int, leaf: LeafPlan) -> str:

@@ -9,7 +9,8 @@ import jax
 import pytest
 
 import trakjax
-from trakjax import factorized_plan, featurize
+from trakjax import featurize
+from trakjax.factorized import plan as factorized_plan
 
 # The digits MLP 64-64-10 with biases folded in: sides (65, 64) and (65, 10).
 DIGITS_MLP = [(1, 65, 64), (1, 65, 10)]

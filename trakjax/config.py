@@ -176,7 +176,7 @@ class ResultSettings:
         ``"all"`` to keep all K_fac features.
       factor_dims: ``"factorized"`` only: factor sizes, an int for both sides or a pair
         ``(k_in, k_out)``; ``None`` (the default) sizes them from ``proj_dim`` so that K_fac
-        follows it (:func:`trakjax.factorized_plan.auto_factor_size`), resolved once per run
+        follows it (:func:`trakjax.factorized.plan.auto_factor_size`), resolved once per run
         from a trace of one example (:func:`trakjax.featurize.resolve_auto_projection`) and
         recorded resolved.
       factor_kind: ``"factorized"`` only: the factors' entries, ``"rademacher"`` or ``"normal"``.

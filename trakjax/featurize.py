@@ -104,7 +104,7 @@ def describe_factorization(
       example: ONE example (no batch axis).
       grad_wrt: see :func:`select_parameters`.
       factor_dims: an int for both sides or a pair (k_in, k_out); ``None``: sized from
-        ``proj_dim`` as the featurization does (:func:`trakjax.factorized_plan.auto_factor_size`).
+        ``proj_dim`` as the featurization does (:func:`trakjax.factorized.plan.auto_factor_size`).
       proj_dim: the final dimension or ``"all"``.
       state: :class:`~trakjax.tasks.TaskState` (its ``aux`` for tasks with ``init``; a key is
         made up for tasks that sample).
@@ -171,7 +171,7 @@ def choose_projection(
 def resolve_auto_projection(task: Task, params, config: Config, example=None, aux=None, init_data=None) -> Config:
     """``config`` with ``projection="auto"`` resolved (:func:`choose_projection`) and, for the
     factorized family, an unset ``factor_dims`` sized from ``proj_dim``
-    (:func:`trakjax.factorized_plan.auto_factor_size`), both logged; unchanged otherwise.
+    (:func:`trakjax.factorized.plan.auto_factor_size`), both logged; unchanged otherwise.
     ``example`` defaults to ``init_data``'s first and ``aux`` to ``task.init(params, init_data)``."""
     result = config.result
     unsized = result.projection == "factorized" and result.factor_dims is None

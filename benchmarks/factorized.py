@@ -22,6 +22,13 @@ Modes (each prints a table with the machine; run one, or ``all``):
 
 * ``second_stage``: factorized LDS with the sparse second stage (s = 1, 2, 4) paired against the
   dense second stage at k = 128, 512, 2048 on the same digits models (target: at most 0.005 lost).
+* ``defaults``: paired LDS of the defaults (no projection setting: ``projection="auto"``, factor
+  sizes from proj_dim, the sparse second stage) against the former defaults (dense Rademacher;
+  factorized with factor_dims 64 and the dense second stage), and of the sparse against the dense
+  second stage, at ``--defaults-dims`` (512, 2048) on the digits MLP, the 1,898-parameter conv CNN
+  and the LM setting of ``trakjax demo --task lm`` (``--lm-subsets`` retrains, ``--lm-targets``);
+  ``--factor-sweep`` adds factor sizes, ``--scores-out`` saves every score matrix (target: the
+  defaults within 0.005 LDS of the former ones, paired).
 * ``flops``: XLA's compiled cost analysis (FLOPs, bytes accessed) of one factorized featurization
   step against one AdamW training step of the same batch, for the digits MLP, the 373k CNN and
   the issue's two GPT-2 shapes (a while loop's body is counted once: the table counts the loops).
@@ -30,7 +37,7 @@ Modes (each prints a table with the machine; run one, or ``all``):
   between two training-set sizes, at 2 layers (d 256, vocab 8192, 64 tokens, 32 → 128 sequences)
   and 4 layers (d 768, vocab 50257, 128 tokens, 16 → 64 sequences), batch 8, with peak memory.
 
-Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|second_stage|flops|table|all] [--gpu]
+Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|second_stage|defaults|flops|table|all] [--gpu]
       [--quick] [--second-stage dense|sparse] [--batch 8] [--layers 12]
 
 ``gpt2 --quick`` is the 2-layer shape (d 256, vocab 8192, 64 positions) for a fast check.

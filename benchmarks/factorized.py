@@ -22,6 +22,13 @@ Modes (each prints a table with the machine; run one, or ``all``):
 
 * ``second_stage``: factorized LDS with the sparse second stage (s = 1, 2, 4) paired against the
   dense second stage at k = 128, 512, 2048 on the same digits models (target: at most 0.005 lost).
+* ``defaults``: paired LDS of the defaults (no projection setting: ``projection="auto"``, factor
+  sizes from proj_dim, the sparse second stage) against the former defaults (dense Rademacher;
+  factorized with factor_dims 64 and the dense second stage), and of the sparse against the dense
+  second stage, at ``--defaults-dims`` (512, 2048) on the digits MLP, the 1,898-parameter conv CNN
+  and the LM setting of ``trakjax demo --task lm`` (``--lm-subsets`` retrains, ``--lm-targets``);
+  ``--factor-sweep`` adds factor sizes, ``--scores-out`` saves every score matrix (target: the
+  defaults within 0.005 LDS of the former ones, paired).
 * ``flops``: XLA's compiled cost analysis (FLOPs, bytes accessed) of one factorized featurization
   step against one AdamW training step of the same batch, for the digits MLP, the 373k CNN and
   the issue's two GPT-2 shapes (a while loop's body is counted once: the table counts the loops).
@@ -30,7 +37,7 @@ Modes (each prints a table with the machine; run one, or ``all``):
   between two training-set sizes, at 2 layers (d 256, vocab 8192, 64 tokens, 32 → 128 sequences)
   and 4 layers (d 768, vocab 50257, 128 tokens, 16 → 64 sequences), batch 8, with peak memory.
 
-Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|second_stage|flops|table|all] [--gpu]
+Run:  python benchmarks/factorized.py [gpt2|cnn|mlp50m|lds|second_stage|defaults|flops|table|all] [--gpu]
       [--quick] [--second-stage dense|sparse] [--batch 8] [--layers 12]
 
 ``gpt2 --quick`` is the 2-layer shape (d 256, vocab 8192, 64 positions) for a fast check.
@@ -422,6 +429,112 @@ def second_stage(args) -> None:
               f"| {ta:.1f} / {tb:.1f} |")
 
 
+def lm_setting(args):
+    """The LM setting of ``trakjax demo --task lm`` (:mod:`trakjax.demo_lm`'s default sizes: 2
+    layers, d 64, byte vocabulary, N = 500 windows of 64 bytes, ``--lm-targets`` held-out targets, 4
+    checkpoints), with ``--lm-subsets`` half-subset retrains as the ground truth:
+    (name, task, checkpoints, train, targets, truth); the truth scores every target."""
+    from lds_digits import Halves
+
+    from trakjax import demo_lm, text_lm
+
+    settings = demo_lm.LMDemoSettings(lds_subsets=args.lm_subsets, num_targets=args.lm_targets)
+    config = demo_lm.lm_config(settings)
+    corpus = text_lm.load_corpus(settings.sequence_length)
+    train, targets = text_lm.split_corpus(corpus, settings.train_size, settings.num_targets, settings.seed)
+    checkpoints = [text_lm.train_models(config, train.ids, 1, settings.steps, settings.seed,
+                                        batch_size=settings.minibatch, learning_rate=settings.learning_rate,
+                                        first_model=m)[0] for m in range(settings.checkpoints)]
+    masks = demo_lm.lds_masks(settings)
+    outputs = np.concatenate([text_lm.retrain_outputs(
+        config, train.ids, targets.ids, masks[start:start + demo_lm.LDS_CHUNK], steps=settings.steps,
+        seed=settings.seed + 10_000 + start, batch_size=settings.minibatch,
+        learning_rate=settings.learning_rate, chunk_size=demo_lm.LDS_CHUNK)
+        for start in range(0, settings.lds_subsets, demo_lm.LDS_CHUNK)])
+    truth = Halves(masks, outputs)
+    truth.report = np.arange(outputs.shape[1])  # no selection here: every target reports
+    print(f"LM setting: corpus content hash {corpus.content_hash[:12]} (Python "
+          f"{corpus.python_version}), N = {settings.train_size}, T = {settings.num_targets}, "
+          f"{settings.lds_subsets} retrains", flush=True)
+    yield ("LM 2 layers d 64 (bytes)", text_lm.task(config), checkpoints, train.ids, targets.ids, truth,
+           dict(grad_wrt=text_lm.GRAD_WRT, batch_size=settings.batch_size))
+
+
+DEFAULTS_VARIANTS = {
+    # name: the settings that differ (everything else is the library's default)
+    "rademacher (old default)": dict(projection="rademacher"),
+    "factorized 64, dense stage (old factorized)": dict(projection="factorized", factor_dims=64,
+                                                        second_stage="dense"),
+    "factorized 64, sparse stage": dict(projection="factorized", factor_dims=64),
+    "factorized auto sizes, dense stage": dict(projection="factorized", second_stage="dense"),
+    "defaults (no setting)": dict(),
+}
+
+
+def defaults(args) -> None:
+    """Paired LDS of the defaults (``projection="auto"``, factor sizes from proj_dim, sparse
+    second stage) against the previous ones (dense Rademacher; factorized with factor_dims 64
+    and the dense second stage), and sparse against dense second stages, at each k of
+    ``--defaults-dims``, on the digits MLP, the 1,898-parameter conv CNN and the LM setting;
+    ``--factor-sweep`` adds factorized rows at those factor sizes (sparse stage)."""
+    import jax
+
+    import trakjax
+    from trakjax import featurize
+
+    variants = dict(DEFAULTS_VARIANTS)
+    for size in args.factor_sweep:
+        variants[f"factorized {size}, sparse stage"] = dict(projection="factorized", factor_dims=size)
+    settings = []
+    if {"mlp", "cnn"} & set(args.defaults_settings):
+        for name, task, checkpoints, train, targets, halves in lds_settings(args):
+            if ("MLP" in name and "mlp" in args.defaults_settings) or ("CNN" in name and "cnn" in args.defaults_settings):
+                settings.append((name, task, checkpoints, train, targets, halves, dict(batch_size=256)))
+    if "lm" in args.defaults_settings:
+        settings += list(lm_setting(args))
+    pairs = [("defaults (no setting)", "rademacher (old default)"),
+             ("defaults (no setting)", "factorized 64, dense stage (old factorized)"),
+             ("factorized 64, sparse stage", "factorized 64, dense stage (old factorized)"),
+             ("defaults (no setting)", "factorized auto sizes, dense stage")]
+    lines, saved = [], {}
+    for name, task, checkpoints, train, targets, truth, extra in settings:
+        example = jax.tree_util.tree_map(lambda a: a[0], train)
+        for k in args.defaults_dims:
+            scores = {}
+            for variant, given in variants.items():
+                config = trakjax.Config.create(proj_dim=k, backend="xla", **extra, **given)
+                resolved = featurize.resolve_auto_projection(task, checkpoints[0], config, example=example).result
+                start = time.perf_counter()
+                scores[variant] = np.asarray(trakjax.attribute(task, checkpoints, train, targets, config))
+                seconds = time.perf_counter() - start
+                plan = None
+                if resolved.projection == "factorized":
+                    plan = trakjax.describe_factorization(task, checkpoints[0], example, grad_wrt=resolved.grad_wrt,
+                                                          factor_dims=resolved.factor_dims, proj_dim=k).plan
+                lds_value = truth.report_lds(scores[variant])
+                what = resolved.projection if plan is None else (
+                    f"factorized {plan.factor_dims[0]}×{plan.factor_dims[1]}, K_fac {plan.k_fac}, "
+                    f"{resolved.resolved_second_stage if plan.second_stage else 'no'} second stage")
+                lines.append(f"| {name} | {k} | {variant} | {what} | {lds_value.mean:.4f} "
+                             f"[{lds_value.ci_low:.4f}, {lds_value.ci_high:.4f}] | {seconds:.1f} |")
+                print(lines[-1], flush=True)
+            sweep = [v for v in variants if v.startswith("factorized ") and v.endswith(", sparse stage")
+                     and not v.startswith("factorized 64,")]
+            for a, b in pairs + [(v, base) for v in sweep for base in (pairs[0][1], pairs[1][1])]:
+                mean, low, high = paired_difference(scores[a], scores[b], truth)
+                lines.append(f"| {name} | {k} | {a} − {b} | paired | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | |")
+                print(lines[-1], flush=True)
+            saved.update({f"{name} | {k} | {v}": value for v, value in scores.items()})
+            saved[f"{name} | masks"], saved[f"{name} | margins"] = truth.masks, truth.margins
+            if args.scores_out:
+                np.savez_compressed(args.scores_out, **saved)
+    print(f"\n{machine()}")
+    print("| setting | k | variant | resolved to | LDS (95% CI) or paired difference (95% bootstrap CI) "
+          "| whole call (s) |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
 def _fit(model, init, optimizer, train, steps, key):
     import jax
     import optax
@@ -576,7 +689,7 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="all", choices=["gpt2", "cnn", "mlp50m", "lds", "second_stage", "flops", "table", "all"])
+    parser.add_argument("mode", nargs="?", default="all", choices=["gpt2", "cnn", "mlp50m", "lds", "second_stage", "defaults", "flops", "table", "all"])
     parser.add_argument("--gpu", action="store_true", help="report device memory (run on a GPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="GPT-2 sequences per batch")
@@ -597,6 +710,12 @@ def main(argv=None) -> int:
     parser.add_argument("--table-shapes", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
                         default=[(2, 256, 8192, 64, 32, 128), (4, 768, 50257, 128, 16, 64)],
                         help="table shapes as layers,d,vocab,positions,n_small,n_large")
+    parser.add_argument("--defaults-dims", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--defaults-settings", nargs="+", default=["mlp", "cnn", "lm"], choices=["mlp", "cnn", "lm"])
+    parser.add_argument("--factor-sweep", type=int, nargs="*", default=[], help="defaults: extra factor sizes")
+    parser.add_argument("--lm-subsets", type=int, default=64, help="defaults: LM half-subset retrains")
+    parser.add_argument("--scores-out", default=None, help="defaults: save every score matrix here (.npz)")
+    parser.add_argument("--lm-targets", type=int, default=200, help="defaults: LM held-out targets")
     parser.add_argument("--flops-stages", nargs="+", default=["dense", "sparse"])
     parser.add_argument("--flops-gpt2", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
                         default=[(2, 256, 8192, 64), (4, 768, 50257, 128)],
@@ -606,7 +725,7 @@ def main(argv=None) -> int:
     modes = ["gpt2", "cnn", "mlp50m", "lds"] if args.mode == "all" else [args.mode]
     for mode in modes:
         {"gpt2": gpt2, "cnn": cnn, "mlp50m": mlp50m, "lds": lds, "second_stage": second_stage,
-         "flops": flops, "table": table}[mode](args)
+         "defaults": defaults, "flops": flops, "table": table}[mode](args)
     return 0
 
 

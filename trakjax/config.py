@@ -48,8 +48,6 @@ AUTO_PROJECTION = "auto"
 most differentiated parameters, dense Rademacher otherwise; resolved once, from a trace of one
 example, by :func:`trakjax.featurize.choose_projection`, and recorded resolved."""
 PROJECTIONS = (*randomness.PROJECTION_KINDS, "factorized", AUTO_PROJECTION)
-DEFAULT_FACTOR_DIMS = (64, 64)
-"""Factor sizes (k_in, k_out) of ``projection="factorized"`` when ``factor_dims`` is ``None``."""
 FACTOR_KINDS = ("rademacher", "normal")
 SECOND_STAGES = ("dense", "sparse")
 DEFAULT_SECOND_STAGE = "sparse"
@@ -177,7 +175,10 @@ class ResultSettings:
         (no second projection when it is at least K_fac, the factorized features' count), or
         ``"all"`` to keep all K_fac features.
       factor_dims: ``"factorized"`` only: factor sizes, an int for both sides or a pair
-        ``(k_in, k_out)`` (``None``: :data:`DEFAULT_FACTOR_DIMS`).
+        ``(k_in, k_out)``; ``None`` (the default) sizes them from ``proj_dim`` so that K_fac
+        follows it (:func:`trakjax.factorized.plan.auto_factor_size`), resolved once per run
+        from a trace of one example (:func:`trakjax.featurize.resolve_auto_projection`) and
+        recorded resolved.
       factor_kind: ``"factorized"`` only: the factors' entries, ``"rademacher"`` or ``"normal"``.
       second_stage: ``"factorized"`` only: how K_fac features are compressed to ``proj_dim``,
         ``"dense"`` (a K_fac × k random matrix, O(K_fac·k) per example) or ``"sparse"`` (a
@@ -264,8 +265,8 @@ class ResultSettings:
                         f"got projection={self.projection!r}"
                     )
             return
-        dims = DEFAULT_FACTOR_DIMS if self.factor_dims is None else self.factor_dims
-        fix(self, "factor_dims", check_factor_dims(dims))
+        if self.factor_dims is not None:  # None: sized from proj_dim when the plan is resolved
+            fix(self, "factor_dims", check_factor_dims(self.factor_dims))
         fix(self, "factor_kind", check_choice("factor_kind", self.factor_kind, FACTOR_KINDS))
         self._check_second_stage()
 
@@ -345,8 +346,8 @@ class ResultSettings:
             "kernel": self.kernel,
         }
         if self.projection == "factorized":  # dense records stay those of trakjax 0.1
-            record.update(contract_version=randomness.FACTOR_CONTRACT_VERSION,
-                          factor_dims=list(self.factor_dims), factor_kind=self.factor_kind)
+            record.update(contract_version=randomness.FACTOR_CONTRACT_VERSION, factor_kind=self.factor_kind,
+                          factor_dims=None if self.factor_dims is None else list(self.factor_dims))
             if self.resolved_second_stage == "sparse":  # a record without the key: the dense second stage
                 record.update(contract_version=randomness.SPARSE_CONTRACT_VERSION,
                               second_stage="sparse", sparsity=self.resolved_sparsity)

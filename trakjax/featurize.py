@@ -21,6 +21,7 @@ output-to-loss term ``q_i = −∂L/∂f`` and the curvature h.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -87,7 +88,7 @@ def describe_factorization(
     example,
     *,
     grad_wrt: GradWrt = None,
-    factor_dims=64,
+    factor_dims=None,
     proj_dim: int | str = 2048,
     state: TaskState | None = None,
 ) -> factorized.FactorizationReport:
@@ -102,7 +103,8 @@ def describe_factorization(
       params: one checkpoint's parameter pytree.
       example: ONE example (no batch axis).
       grad_wrt: see :func:`select_parameters`.
-      factor_dims: an int for both sides or a pair (k_in, k_out).
+      factor_dims: an int for both sides or a pair (k_in, k_out); ``None``: sized from
+        ``proj_dim`` as the featurization does (:func:`trakjax.factorized.plan.auto_factor_size`).
       proj_dim: the final dimension or ``"all"``.
       state: :class:`~trakjax.tasks.TaskState` (its ``aux`` for tasks with ``init``; a key is
         made up for tasks that sample).
@@ -167,21 +169,31 @@ def choose_projection(
 
 
 def resolve_auto_projection(task: Task, params, config: Config, example=None, aux=None, init_data=None) -> Config:
-    """``config`` with ``projection="auto"`` resolved (:func:`choose_projection`) and logged;
-    unchanged for any other projection. ``example`` defaults to ``init_data``'s first and ``aux``
-    to ``task.init(params, init_data)``."""
+    """``config`` with ``projection="auto"`` resolved (:func:`choose_projection`) and, for the
+    factorized family, an unset ``factor_dims`` sized from ``proj_dim``
+    (:func:`trakjax.factorized.plan.auto_factor_size`), both logged; unchanged otherwise.
+    ``example`` defaults to ``init_data``'s first and ``aux`` to ``task.init(params, init_data)``."""
     result = config.result
-    if result.projection != "auto":
+    unsized = result.projection == "factorized" and result.factor_dims is None
+    if result.projection != "auto" and not unsized:
         return config
     if example is None and init_data is not None:
         example = one_example(init_data)
     if aux is None:
         aux = _task_state(task, params, init_data)
     state = TaskState(aux, jax.random.key(0) if task.uses_key else None)
-    family, share = choose_projection(task, params, example, grad_wrt=result.grad_wrt, state=state)
-    logger.info("projection='auto' resolved to %r: factorizable leaves hold %.1f%% of the differentiated "
-                "parameters", family, 100 * share)
-    return Config(result.resolve_projection(family), config.run, config.given_settings())
+    if result.projection == "auto":
+        family, share = choose_projection(task, params, example, grad_wrt=result.grad_wrt, state=state)
+        logger.info("projection='auto' resolved to %r: factorizable leaves hold %.1f%% of the differentiated "
+                    "parameters", family, 100 * share)
+        result = result.resolve_projection(family)
+    if result.projection == "factorized" and result.factor_dims is None and example is not None:
+        plan = describe_factorization(task, params, example, grad_wrt=result.grad_wrt,
+                                      proj_dim=result.requested_dim, state=state).plan
+        logger.info("factor_dims sized from proj_dim=%s: %s (K_fac = %d)", result.requested_dim,
+                    plan.factor_dims, plan.k_fac)
+        result = dataclasses.replace(result, factor_dims=plan.factor_dims)
+    return Config(result, config.run, config.given_settings())
 
 
 # --------------------------------------------------------------------------- per-checkpoint featurizer

@@ -16,7 +16,7 @@ module next to the file imports; ``~`` is expanded everywhere::
     kernel = "auto"                     # or "gauss-newton" (ΦᵀHΦ + λI), "trak" (ΦᵀΦ + λI)
     batch_size = 64                     # examples per featurize step
     projection = "auto"                 # or "rademacher", "normal", "factorized" (per-layer Kronecker projections)
-    factor_dims = 64                    # factorized only: factor sizes, or [k_in, k_out]
+    factor_dims = 64                    # factorized only: factor sizes, or [k_in, k_out] (unset: from proj_dim)
     factor_kind = "rademacher"          # factorized only: or "normal"
     dtype = "float32"                   # feature storage: or "bfloat16", "float16"
     precision = "highest"               # projection matmuls: or "high", "default"

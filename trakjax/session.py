@@ -216,8 +216,10 @@ class TRAKer:
         self.config = self.config.replace(kernel=resolved).with_given(self.config.given_settings())
 
     def _resolve_auto(self, params) -> None:
-        """Resolve ``projection="auto"`` once, at the first checkpoint (before the store records it)."""
-        if self.config.result.projection == "auto":
+        """Resolve ``projection="auto"`` and an unset ``factor_dims`` once, at the first checkpoint
+        (before the store records them)."""
+        result = self.config.result
+        if result.projection == "auto" or (result.projection == "factorized" and result.factor_dims is None):
             self.config = featurize_lib.resolve_auto_projection(
                 self.task, params, self.config, example=self._example, init_data=self.init_data)
 

@@ -22,6 +22,12 @@ slices contributes S·k'_0·k'_1 features, in sorted canonical path order, then 
 follows: k_rest = P_rest (identity) when ``proj_dim == "all"`` or P_rest ≤ proj_dim, else proj_dim.
 K_fac is the total. The final dimension is K_fac for ``"all"`` and min(proj_dim, K_fac) for an
 int; a second dense projection runs exactly when proj_dim < K_fac.
+
+``factor_dims=None`` sizes the factors from ``proj_dim`` (:func:`auto_factor_size`): one k for
+both sides of every leaf, the power of two in [8, 128] that brings the factorized blocks' count
+k_factor(k) = Σ S·min(k, D_0)·min(k, D_1) closest to :data:`AUTO_FEATURES_PER_OUTPUT` · proj_dim,
+so that K_fac follows proj_dim: a small proj_dim does not pay for many features it compresses
+away, a large one gets enough. The plan records the resolved pair.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ import numpy as np
 
 from trakjax.errors import ArgumentTypeError, InvalidArgumentError
 from trakjax.factorized.analysis import Analysis
+
+AUTO_FACTOR_SIZES = (8, 16, 32, 64, 128)
+"""The per-side factor sizes ``factor_dims=None`` chooses from (:func:`auto_factor_size`)."""
+AUTO_FEATURES_PER_OUTPUT = 32
+"""c: with ``factor_dims=None`` the factorized blocks hold about c·proj_dim features (a Kronecker
+map's error on a rank-one a δᵀ goes as 1/√k_side, not 1/√(k_0·k_1): its features count for far
+fewer JL dimensions than their number; paired LDS in benchmarks/README.md, issue 20)."""
+ALL_FEATURES_FACTOR_SIZE = 64
+"""The factor size ``factor_dims=None`` means with ``proj_dim="all"`` (no proj_dim to follow)."""
 
 
 class SidePlan(NamedTuple):
@@ -94,7 +109,7 @@ class FactorPlan(NamedTuple):
       leaves: one :class:`LeafPlan` per differentiated leaf (in the caller's order).
       order: indices of the factorized leaves in feature order (sorted canonical path).
       dense: indices of the dense-remainder leaves (in the caller's order).
-      factor_dims: the requested (k_0, k_1).
+      factor_dims: the resolved (k_0, k_1) (:func:`auto_factor_size` where ``None`` was requested).
       proj_dim: the requested final dimension (int) or ``"all"``.
       k_factor: features of all factorized blocks.
       k_rest: features of the dense remainder (0 if there is none).
@@ -138,6 +153,39 @@ def check_factor_dims(factor_dims) -> tuple[int, int]:
                              f"of length {len(factor_dims)}")
         return one(factor_dims[0]), one(factor_dims[1])
     return one(factor_dims), one(factor_dims)
+
+
+def auto_factor_size(blocks, proj_dim: int | str) -> int:
+    """The factor size k (both sides) that ``factor_dims=None`` means for these leaves.
+
+    Args:
+      blocks: one ``(num_slices, dim_0, dim_1)`` per factorized leaf: S and the dimensions D_0,
+        D_1 of its two sides, a folded bias row included.
+      proj_dim: the final dimension, or ``"all"``.
+
+    Returns:
+      For an int ``proj_dim``, the k of :data:`AUTO_FACTOR_SIZES` whose
+      k_factor(k) = Σ S·min(k, D_0)·min(k, D_1) is closest to c·proj_dim
+      (c = :data:`AUTO_FEATURES_PER_OUTPUT`) in ratio, ties to the larger k; among sizes giving
+      the same k_factor (every side already the identity), the smallest. For ``"all"``,
+      :data:`ALL_FEATURES_FACTOR_SIZE`. With no block, the smallest size.
+    """
+    if proj_dim == "all":
+        return ALL_FEATURES_FACTOR_SIZE
+    target = AUTO_FEATURES_PER_OUTPUT * int(proj_dim)
+
+    def k_factor(k: int) -> int:
+        return sum(s * min(k, d0) * min(k, d1) for s, d0, d1 in blocks)
+
+    best, best_distance, best_count = AUTO_FACTOR_SIZES[0], math.inf, None
+    for k in AUTO_FACTOR_SIZES:
+        count = k_factor(k)
+        if count == best_count:  # every side is already the identity: a larger k changes nothing
+            continue
+        distance = abs(math.log(max(count, 1) / target))
+        if distance <= best_distance:
+            best, best_distance, best_count = k, distance, count
+    return best
 
 
 def check_proj_dim(proj_dim) -> int | str:
@@ -251,15 +299,20 @@ def _fold_bias(st: Analysis, plans: list, leaf: int, factor_dims) -> None:
 
 
 def resolve(st: Analysis, paths, factor_dims, proj_dim, *, require_factorized: bool = True) -> FactorPlan:
-    """The :class:`FactorPlan` of an analysis (see the module docstring).
+    """The :class:`FactorPlan` of an analysis (see the module docstring); ``factor_dims=None``
+    sizes the factors from ``proj_dim`` (:func:`auto_factor_size`).
 
     Raises:
       ValueError: if no leaf can be factorized and ``require_factorized``, listing every leaf
         with its reason (the caller should then use a dense projection; nothing falls back
         silently).
     """
-    factor_dims = check_factor_dims(factor_dims)
     proj_dim = check_proj_dim(proj_dim)
+    if factor_dims is None:  # sized from proj_dim: the identity plan gives every side's dimension
+        whole = resolve(st, paths, 2**62, proj_dim, require_factorized=require_factorized)
+        factor_dims = auto_factor_size([(whole.leaves[i].num_slices, whole.leaves[i].sides[0].dim,
+                                         whole.leaves[i].sides[1].dim) for i in whole.order], proj_dim)
+    factor_dims = check_factor_dims(factor_dims)
     plans = [_decide(st, i, p, factor_dims) for i, p in enumerate(paths)]
     for i, plan in enumerate(plans):
         if plan.treatment == "bias":

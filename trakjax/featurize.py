@@ -162,7 +162,11 @@ def choose_projection(
     """
     if example is None:
         return "rademacher", 0.0
-    plan = describe_factorization(task, params, example, grad_wrt=grad_wrt, state=state).plan
+    return _family_of_plan(describe_factorization(task, params, example, grad_wrt=grad_wrt, state=state).plan)
+
+
+def _family_of_plan(plan) -> tuple[str, float]:
+    """(family, share) of :func:`choose_projection` from a factorization plan."""
     covered = sum(math.prod(leaf.shape) for leaf in plan.leaves if leaf.treatment in ("factorized", "bias"))
     share = covered / max(plan.num_params, 1)
     return ("factorized" if share > AUTO_FACTORIZED_SHARE else "rademacher"), float(share)
@@ -182,14 +186,17 @@ def resolve_auto_projection(task: Task, params, config: Config, example=None, au
     if aux is None:
         aux = _task_state(task, params, init_data)
     state = TaskState(aux, jax.random.key(0) if task.uses_key else None)
+    plan = None  # one trace serves both decisions
+    if example is not None:
+        plan = describe_factorization(task, params, example, grad_wrt=result.grad_wrt,
+                                      factor_dims=result.factor_dims, proj_dim=result.requested_dim,
+                                      state=state).plan
     if result.projection == "auto":
-        family, share = choose_projection(task, params, example, grad_wrt=result.grad_wrt, state=state)
+        family, share = _family_of_plan(plan) if plan is not None else ("rademacher", 0.0)
         logger.info("projection='auto' resolved to %r: factorizable leaves hold %.1f%% of the differentiated "
                     "parameters", family, 100 * share)
         result = result.resolve_projection(family)
-    if result.projection == "factorized" and result.factor_dims is None and example is not None:
-        plan = describe_factorization(task, params, example, grad_wrt=result.grad_wrt,
-                                      proj_dim=result.requested_dim, state=state).plan
+    if result.projection == "factorized" and result.factor_dims is None and plan is not None:
         logger.info("factor_dims sized from proj_dim=%s: %s (K_fac = %d)", result.requested_dim,
                     plan.factor_dims, plan.k_fac)
         result = dataclasses.replace(result, factor_dims=plan.factor_dims)

@@ -15,7 +15,8 @@ Three measurements per shape and projection family, each in a fresh process (its
 caches; no persistent JAX compilation cache, so compile time counts as a user meets it):
 
 1. ``sequence``: for m = 0 .. M − 1 in one process, the wall time of
-   ``featurize.prepare_checkpoint(task, params_m, config, model_id=m, init_data=train)``, then of
+   ``featurize.prepare_checkpoint(task, params_m, config, model_id=m, init_data=train)`` (with
+   ``spec=`` the previous checkpoint's plan where trakjax takes it, as its pipeline does), then of
    ``featurize_batch`` on one fixed batch of 2 sequences (first call: compiles if needed), then
    the same batch again (steady state). The fixed cost is prepare + (first − repeat) batch; the
    table gives it per checkpoint with its ratio to checkpoint 0, the model traces (calls of the
@@ -45,6 +46,7 @@ Run:  python benchmarks/ensemble_fixed_cost.py [--shape 2l|4l|both] [--checkpoin
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pathlib
@@ -216,10 +218,16 @@ def sequence_child(spec: dict) -> dict:
     found = instrument(timers)
     batch, indices = train[:TINY_BATCH], np.arange(TINY_BATCH)
     rows = []
+    # The run's plan is passed on as the pipeline and TRAKer do (trakjax versions whose
+    # prepare_checkpoint takes spec=; older ones plan every checkpoint).
+    takes_spec = "spec" in inspect.signature(featurize.prepare_checkpoint).parameters
+    planned = {}
     for m, params_m in enumerate(params):
         traces, before = counter[0], timers.snapshot()
         start = time.perf_counter()
-        checkpoint = featurize.prepare_checkpoint(task, params_m, config, model_id=m, init_data=train)
+        checkpoint = featurize.prepare_checkpoint(task, params_m, config, model_id=m, init_data=train, **planned)
+        if takes_spec:
+            planned = {"spec": checkpoint.spec}
         jax.block_until_ready(checkpoint)  # whatever arrays it holds (its fields may change)
         prepared = time.perf_counter()
         jax.block_until_ready(featurize.featurize_batch(task, checkpoint, batch, indices))

@@ -87,3 +87,11 @@ def iterate_batches(data: Any, batch_size: int, name: str = "data") -> Iterator[
     for start in range(0, total, batch_size):
         yield start, take(data, start, min(start + batch_size, total))
 
+
+
+def canonical_dtype(dtype) -> np.dtype:
+    """The dtype JAX gives a value of ``dtype`` (int64 is int32 and float64 float32 without
+    ``jax_enable_x64``); extended dtypes (PRNG keys) are returned as they are."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return dtype
+    return jax.dtypes.canonicalize_dtype(dtype)

@@ -343,9 +343,13 @@ def _micro_batch(config: Config, example_bytes: int, devices: int, share: int) -
 
 def one_example(data) -> Any:
     """The first example of a data set (arrays, or a callable's first batch) as
-    ``jax.ShapeDtypeStruct`` leaves without the example axis: what the factorization traces."""
+    ``jax.ShapeDtypeStruct`` leaves without the example axis: what the factorization traces.
+    Dtypes are JAX's canonical ones (int64 labels read as int32 without ``jax_enable_x64``, as
+    the model sees them)."""
     batch = data if not callable(data) else next(iter(data()))
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), batch)
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], data_lib.canonical_dtype(np.asarray(x[:1]).dtype)),
+        batch)
 
 
 class StructureKey(NamedTuple):

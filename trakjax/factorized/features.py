@@ -62,6 +62,7 @@ import numpy as np
 from trakjax import projection as projection_lib
 from trakjax import randomness, sparse_projection
 from trakjax import second_stage as second_stage_lib
+from trakjax.data import canonical_dtype
 from trakjax.errors import InvalidArgumentError
 from trakjax.factorized import compat
 from trakjax.factorized.analysis import Analysis, analyze
@@ -77,10 +78,12 @@ FACTOR_KINDS = ("rademacher", "normal")
 
 
 def _struct(x) -> jax.ShapeDtypeStruct:
+    """The shape and JAX's canonical dtype of ``x`` (int64 reads as int32 without x64, as a trace
+    of the value would see it)."""
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
     dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
-    return jax.ShapeDtypeStruct(np.shape(x), dtype)
+    return jax.ShapeDtypeStruct(np.shape(x), canonical_dtype(dtype))
 
 
 def trace_output(output_fn: Callable, diff_leaves: Sequence, example, key=None, *, has_aux: bool = False):
@@ -365,7 +368,7 @@ def factorized_features(
     Raises:
       ValueError: if the output function's detected structure differs from ``plan``.
     """
-    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch)
+    example = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], canonical_dtype(x.dtype)), batch)
     key_struct = None if keys is None else jax.ShapeDtypeStruct(keys.shape[1:], keys.dtype)
     traced = trace_output(output_fn, diff_leaves, example, key_struct, has_aux=has_aux)
     closed, aux_tree = traced if has_aux else (traced, None)

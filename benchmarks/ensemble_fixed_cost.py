@@ -46,6 +46,7 @@ Run:  python benchmarks/ensemble_fixed_cost.py [--shape 2l|4l|both] [--checkpoin
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -108,6 +109,7 @@ class Timers:
             return False
         totals = self.totals.setdefault(label, [0, 0.0])
 
+        @functools.wraps(function)  # keeps the signature (sequence_child reads prepare_checkpoint's)
         def timed(*args, **kwargs):
             start = time.perf_counter()
             value = function(*args, **kwargs)

@@ -55,6 +55,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import peak_rss_gib, timed
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -73,20 +74,9 @@ def peak_memory_gib(gpu: bool) -> float:
         import jax
 
         return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("VmHWM not found")
+    return peak_rss_gib()
 
 
-def timed(fn, repeats: int) -> float:
-    """Seconds per call of ``fn`` (which blocks until its result is ready), after a warm-up call."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 # --------------------------------------------------------------------------- gpt2

@@ -22,17 +22,11 @@ import subprocess
 import sys
 import time
 
+from bench_common import peak_rss_gib
+
 WIDTH = 4096
 DEPTH = 3
 PROJ_DIM = 4096
-
-
-def peak_rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def run_trakjax(examples: int) -> dict:

@@ -43,6 +43,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import peak_rss_gib, timed
 
 FACTORIZED = dict(projection="factorized", factor_dims=64, proj_dim=2048)
 GPT2_SHAPES = {  # issue 20's two shapes: layers, d, heads, vocab, positions; training-set sizes
@@ -63,22 +64,6 @@ def machine() -> str:
             f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident set size (VmHWM), GiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
-def timed(fn, repeats: int) -> float:
-    """Seconds per call of ``fn`` (which blocks until its result is ready), after a warm-up call."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def cost(jitted, *args) -> dict:

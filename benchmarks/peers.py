@@ -44,20 +44,12 @@ import tempfile
 import time
 
 import numpy as np
+from bench_common import peak_rss_gib
 
 SHAPES = {
     "small": dict(layers=2, d=256, heads=4, vocab=8192, positions=64, sizes=[32, 128]),
     "large": dict(layers=4, d=768, heads=12, vocab=50257, positions=128, sizes=[16, 64]),
 }
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident set size (VmHWM), GiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def gpt2(shape: dict, linear: bool = False):

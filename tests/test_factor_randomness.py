@@ -5,21 +5,9 @@ import math
 
 import numpy as np
 import pytest
+from contract_reference import GOLDEN, M32, py_mix
 
 from trakjax import randomness
-
-M32 = 0xFFFFFFFF
-GOLDEN = 0x9E3779B9
-
-
-def py_mix(x):
-    x &= M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & M32
-    x ^= x >> 16
-    return x
 
 
 def py_fnv1a(text):

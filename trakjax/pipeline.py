@@ -140,8 +140,7 @@ def check_targets_fit(task: Task, params, train, targets) -> None:
     if callable(train) or callable(targets) or task.init is not None:
         return
     key = jax.random.key(0) if task.uses_key else None
-    train_example = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), train)
+    train_example = featurize_lib.one_example(train)
     try:
         if task.validate is not None:  # the task's own checks first (on a first batch's rows)
             task.validate(params, data_lib.take(train, 0, min(VALIDATE_ROWS, data_lib.num_examples(train))))
@@ -161,8 +160,7 @@ def check_targets_fit(task: Task, params, train, targets) -> None:
         for a, b in zip(jax.tree_util.tree_leaves(train), jax.tree_util.tree_leaves(targets), strict=True)
     ):
         return
-    example = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], np.asarray(x[:1]).dtype), targets)
+    example = featurize_lib.one_example(targets)
     try:
         key = jax.random.key(0) if task.uses_key else None
         jax.eval_shape(lambda p, z: task.output(p, z, TaskState(None, key)), params, example)

@@ -161,6 +161,13 @@ def _check_pair(name: str, batch, first: str, second: str) -> None:
         )
 
 
+def q_and_h_from_aux(outputs, batch, state, aux):
+    """``from_outputs`` of a task whose ``output_with_aux`` returns ``(f, (q, h))``: Q and the
+    curvature already computed per example in the features' pass (``language_modeling``, ``clip``)."""
+    del outputs, batch, state
+    return aux
+
+
 def logistic_curvature(q: jax.Array) -> jax.Array:
     """h = q(1 − q): ∂²L/∂f² of the logistic loss L = log(1 + e^{−f}) at Q = −∂L/∂f = 1 − p."""
     return q * (1.0 - q)
@@ -441,15 +448,7 @@ def clip(
       bank_batch_size: examples per embedding step in ``init``.
     """
     name = "clip"
-    if not (isinstance(temperature, int | float | np.floating) and temperature > 0):
-        raise InvalidArgumentError(f"{name}: temperature must be a float > 0, got {temperature!r}")
-    for arg, value in (("n_negatives", n_negatives), ("bank_batch_size", bank_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise InvalidArgumentError(f"{name}: {arg} must be an int >= 1, got {value!r}")
-    if bank_size is not None and (
-        isinstance(bank_size, bool) or not isinstance(bank_size, int | np.integer) or bank_size < 1
-    ):
-        raise InvalidArgumentError(f"{name}: bank_size must be None or an int >= 1, got {bank_size!r}")
+    _check_clip_settings(temperature, n_negatives, bank_size, bank_batch_size)
     temperature, n_negatives = float(temperature), int(n_negatives)
     embed = jax.jit(lambda params, images, texts: (image_fn(params, images), text_fn(params, texts)))
 
@@ -461,22 +460,17 @@ def clip(
         image_emb, text_emb = _clip_embeddings(image_fn, text_fn, params, add_batch_axis(image),
                                                add_batch_axis(text), state, batch=1)
         m1, m2 = clip_margins(image_emb[0], text_emb[0], state.aux, state.key, temperature, n_negatives)
-        q = 1.0 - 0.5 * (jax.nn.sigmoid(m1) + jax.nn.sigmoid(m2))  # out_to_loss's Q, this pass's margins
+        q = _clip_q(m1, m2)  # out_to_loss's Q from this pass's margins
         return m1 + m2, (q, logistic_curvature(q) / 2.0)
 
     def output(params, example, state):
         return output_with_aux(params, example, state)[0]
 
-    def from_outputs(outputs, batch, state, aux):
-        del outputs, batch, state
-        return aux
-
     def out_to_loss(params, batch, state):
         image_emb, text_emb = _clip_embeddings(image_fn, text_fn, params, *batch, state)
 
         def one(u, v, key):
-            m1, m2 = clip_margins(u, v, state.aux, key, temperature, n_negatives)
-            return 1.0 - 0.5 * (jax.nn.sigmoid(m1) + jax.nn.sigmoid(m2))
+            return _clip_q(*clip_margins(u, v, state.aux, key, temperature, n_negatives))
 
         return jax.vmap(one)(image_emb, text_emb, state.key)
 
@@ -493,7 +487,25 @@ def clip(
         return jnp.full(q.shape, offset, jnp.float32), logistic_curvature(q) / 2.0
 
     return Task(output, out_to_loss, init=init, uses_key=True, validate=validate, name=name,
-                ridge_terms=ridge_terms, from_outputs=from_outputs, output_with_aux=output_with_aux)
+                ridge_terms=ridge_terms, from_outputs=q_and_h_from_aux, output_with_aux=output_with_aux)
+
+
+def _clip_q(m1, m2):
+    """CLIP's Q = 1 − (σ(m₁) + σ(m₂))/2 from its two margins."""
+    return 1.0 - 0.5 * (jax.nn.sigmoid(m1) + jax.nn.sigmoid(m2))
+
+
+def _check_clip_settings(temperature, n_negatives, bank_size, bank_batch_size) -> None:
+    """Raise naming the bad :func:`clip` setting and what would be valid."""
+    if not (isinstance(temperature, int | float | np.floating) and temperature > 0):
+        raise InvalidArgumentError(f"clip: temperature must be a float > 0, got {temperature!r}")
+    for arg, value in (("n_negatives", n_negatives), ("bank_batch_size", bank_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise InvalidArgumentError(f"clip: {arg} must be an int >= 1, got {value!r}")
+    if bank_size is not None and (
+        isinstance(bank_size, bool) or not isinstance(bank_size, int | np.integer) or bank_size < 1
+    ):
+        raise InvalidArgumentError(f"clip: bank_size must be None or an int >= 1, got {bank_size!r}")
 
 
 def _batch_size(batch) -> int:
@@ -599,10 +611,6 @@ def language_modeling(
     def output(params, example, state):
         return output_with_aux(params, example, state)[0]
 
-    def from_outputs(outputs, batch, state, aux):
-        del outputs, batch, state
-        return aux
-
     def out_to_loss(params, batch, state):
         del state
         margins, weights = _token_margins(apply_fn, params, batch, ids_key, mask_key)
@@ -622,7 +630,7 @@ def language_modeling(
         return offset.astype(jnp.float32), logistic_curvature(q) / jnp.maximum(counted, 1.0)
 
     return Task(output, out_to_loss, validate=validate, name=name, ridge_terms=ridge_terms,
-                from_outputs=from_outputs, output_with_aux=output_with_aux)
+                from_outputs=q_and_h_from_aux, output_with_aux=output_with_aux)
 
 
 def _mean_counted(values, weights):

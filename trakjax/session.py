@@ -572,9 +572,9 @@ class TRAKer:
 
     def _start_scoring(self, exp_name, params, model_id, num_targets, targets_fingerprint,
                        prepared: featurize_lib.Checkpoint | None = None) -> None:
-        if prepared is None:
+        if prepared is None:  # else the checkpoint was just registered, its weights hashed and checked
             params, prepared, _ = self._prepare(params, model_id)
-        self.store.check_weights(model_id, self.store.fingerprint_of(params, model_id))
+            self.store.check_weights(model_id, self.store.fingerprint_of(params, model_id))
         self.store.register_target_model(exp_name, num_targets, model_id, targets_fingerprint)
         self._scoring = (exp_name, prepared)
         self._target_arrays = self.store.target_arrays(exp_name, model_id)

@@ -431,7 +431,8 @@ def test_unclassifiable_parameters_go_dense_and_are_listed():
     assert "mul" in by_path["gain"].reason
     assert "custom_jvp_call" in by_path["slope"].reason
     assert "two parameters" in by_path["u"].reason and "two parameters" in by_path["v"].reason
-    table = str(featurize.describe_factorization(task, params, (x[0], 0), factor_dims=3, proj_dim=20))
+    table = str(featurize.describe_factorization(task, params, (x[0], 0), factor_dims=3, proj_dim=20,
+                                                 second_stage="dense"))  # as check_exact planned
     for path in ("gain", "slope", "u ", "v "):
         assert any(line.startswith(path) and "dense" in line for line in table.splitlines())
     assert f"K_fac = {plan.k_fac}" in table

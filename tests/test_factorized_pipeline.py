@@ -41,7 +41,7 @@ def test_the_session_and_its_store_equal_attribute_bit_for_bit(checkpoints, expe
     config = json.loads((tmp_path / "trakjax_store.json").read_text())
     assert config["config"]["projection"] == "factorized" and config["config"]["factor_dims"] == [8, 4]
     # the default second stage is the sparse one (contract v3), recorded with its s
-    assert config["config"]["contract_version"] == randomness.SPARSE_CONTRACT_VERSION == 3
+    assert config["config"]["contract_version"] == randomness.SPARSE_CONTRACT_VERSION == 4
     assert (config["config"]["second_stage"], config["config"]["sparsity"]) == ("sparse", 2)
     assert config["parameters"]["differentiated"]["k_fac"] == 64
     assert config["parameters"]["differentiated"]["proj_dim"] == 32

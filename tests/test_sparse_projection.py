@@ -65,7 +65,7 @@ def test_contract_v3_matches_an_independent_implementation(seed, model_id, kind,
 def test_contract_v3_golden_values():
     key = randomness.sparse_key(0, 0, "rademacher")
     columns, signs = randomness.sparse_columns_and_signs(key, np.arange(4), 2048, 2)
-    assert randomness.SPARSE_CONTRACT_VERSION == 3
+    assert randomness.SPARSE_CONTRACT_VERSION == 4  # v4: the map of v3; the remainder enters it whole
     assert key == GOLDEN_KEY
     assert columns.tolist() == GOLDEN_COLUMNS
     assert signs.tolist() == GOLDEN_SIGNS
@@ -140,16 +140,21 @@ def test_gram_spectral_error_against_the_dense_stage():
     assert all(e <= 1.5 * dense for e in errors.values()), (dense, errors)
 
 
-class _MLP(nn.Module):
+class _GainMLP(nn.Module):
+    """An MLP whose hidden layer has an element-wise gain: a dense-remainder leaf of 40 > k."""
+
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(3)(nn.tanh(nn.Dense(40)(x)))
+        gain = self.param("gain", nn.initializers.ones, (40,))
+        return nn.Dense(3)(nn.tanh(nn.Dense(40)(x)) * gain)
 
 
 @pytest.mark.parametrize("s", [1, 4])
 def test_factorized_features_with_the_sparse_stage(s):
-    """φ = √(k/s)·S₀ u/√P with u the factorized features kept whole (proj_dim='all')."""
-    model = _MLP()
+    """φ = √(k/s)·S₀ u/√P with u the factorized features and the dense remainder, both kept whole
+    (proj_dim='all'), and the remainder (40 gains, more than k = 20) whole under the sparse stage
+    (contract v4), not first projected to k by a dense R_rest."""
+    model = _GainMLP()
     x = jax.random.normal(jax.random.key(0), (4, 9))
     params = model.init(jax.random.key(1), x[:1])
     task = tasks.image_classification(lambda p, im: model.apply(p, im))
@@ -161,7 +166,7 @@ def test_factorized_features_with_the_sparse_stage(s):
 
     def features(proj_dim, stage):
         plan = factorized.plan_factorization(output_fn, diff, example, None, paths=paths, factor_dims=8,
-                                             proj_dim=proj_dim)
+                                             proj_dim=proj_dim, whole_remainder=stage == "sparse")
         factors = factorized.factor_matrices(plan, seed=3, model_id=1, kind="rademacher",
                                              second_stage=stage, sparsity=s)
         return plan, np.asarray(factorized.factorized_features(
@@ -169,10 +174,33 @@ def test_factorized_features_with_the_sparse_stage(s):
 
     plan_all, whole = features("all", "dense")
     plan, sparse = features(20, "sparse")
-    assert plan.second_stage and not plan.dense
+    assert plan.second_stage and plan.rest_identity and plan.k_rest == plan.dense_params == 40
+    assert plan.k_fac == plan_all.k_fac and factors_have_no_remainder_matrix(plan, s)
     columns, signs = py_sparse_map(3, 1, "rademacher", range(plan.k_fac), 20, s)
     expected = whole @ explicit_matrix(columns, signs, 20).T * math.sqrt(20 / s) / math.sqrt(plan.k_fac)
     np.testing.assert_allclose(sparse, expected, rtol=1e-5, atol=1e-6)
+
+
+def factors_have_no_remainder_matrix(plan, s) -> bool:
+    return factorized.factor_matrices(plan, seed=3, model_id=1, kind="rademacher", second_stage="sparse",
+                                      sparsity=s).remainder is None
+
+
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
+def test_the_family_keeps_the_remainder_whole_with_the_sparse_stage_only(stage):
+    model = _GainMLP()
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 9)))
+    params = model.init(jax.random.key(1), x[:1])
+    task = tasks.image_classification(lambda p, im: model.apply(p, im))
+    config = Config.create(projection="factorized", proj_dim=20, factor_dims=8, second_stage=stage)
+    example = (jax.ShapeDtypeStruct((9,), np.float32), jax.ShapeDtypeStruct((), np.int32))
+    plan = featurize.plan_features(task, params, config, example).detail.plan
+    assert plan.second_stage and plan.dense_params == 40
+    assert plan.rest_identity == (stage == "sparse")
+    assert plan.k_rest == (40 if stage == "sparse" else 20)
+    table = str(featurize.describe_factorization(task, params, (x[0], 0), factor_dims=8, proj_dim=20,
+                                                 second_stage=stage))
+    assert ("kept whole" in table) == (stage == "sparse")
 
 
 def test_settings_and_store_record():

@@ -40,8 +40,11 @@ from trakjax.config import (
     AUTO_PROJECTION,
     DEFAULT_GRAD_MEMORY_BYTES,
     DEFAULT_MATRIX_CACHE_BYTES,
+    DEFAULT_SECOND_STAGE,
+    SECOND_STAGES,
     Config,
     GradWrt,
+    check_choice,
 )
 from trakjax.errors import InvalidArgumentError, NumericalError
 from trakjax.gradients import (
@@ -90,6 +93,7 @@ def describe_factorization(
     grad_wrt: GradWrt = None,
     factor_dims=None,
     proj_dim: int | str = 2048,
+    second_stage: str | None = None,
     state: TaskState | None = None,
 ) -> factorized.FactorizationReport:
     """How ``projection="factorized"`` treats every differentiated leaf of a task; print it.
@@ -106,6 +110,9 @@ def describe_factorization(
       factor_dims: an int for both sides or a pair (k_in, k_out); ``None``: sized from
         ``proj_dim`` as the featurization does (:func:`trakjax.factorized.plan.auto_factor_size`).
       proj_dim: the final dimension or ``"all"``.
+      second_stage: ``"sparse"`` or ``"dense"`` (``None``: the default,
+        :data:`trakjax.config.DEFAULT_SECOND_STAGE`); the sparse stage keeps the dense remainder
+        whole.
       state: :class:`~trakjax.tasks.TaskState` (its ``aux`` for tasks with ``init``; a key is
         made up for tasks that sample).
 
@@ -119,8 +126,10 @@ def describe_factorization(
     paths = [p for p, m in zip(factorized.canonical_paths(params), mask, strict=True) if m]
     key = state.key if state.key is not None or not task.uses_key else jax.random.key(0)
     _check_one_example(task, params, example, TaskState(state.aux, key))
+    stage = DEFAULT_SECOND_STAGE if second_stage is None else check_choice("second_stage", second_stage,
+                                                                          SECOND_STAGES)
     return factorized.describe(output, diff, example, key, paths=paths, factor_dims=factor_dims,
-                               proj_dim=proj_dim)
+                               proj_dim=proj_dim, whole_remainder=stage == "sparse")
 
 
 def _check_one_example(task: Task, params, example, state: TaskState) -> None:

@@ -336,13 +336,17 @@ def factor_rows(kind: str, key, rows, k: int) -> jax.Array:
 
 # --------------------------------------------------------------------------- sparse second stage (v3)
 
-SPARSE_CONTRACT_VERSION = 3
+SPARSE_CONTRACT_VERSION = 4
 """Version of the randomness contract of the sparse (count-sketch) second stage.
 
-Contract v3 = contract v2, unchanged, plus the sparse Johnson–Lindenstrauss map below. A store
-whose factorized features were compressed by the sparse second stage records this version (dense
-second-stage stores keep :data:`FACTOR_CONTRACT_VERSION`); any change to the functions of this
-section must bump it.
+Contract v3 = contract v2, unchanged, plus the sparse Johnson–Lindenstrauss map below. Contract
+v4 = v3 with the same map; what it compresses changed: the factorized family's dense remainder
+(the leaves that are not factorized) enters the sparse map whole, after the factor blocks, where
+v3 first projected it to proj_dim with contract v1's dense R_rest (O(P_rest·k) per example, most
+of a small model's featurization time). A store whose factorized features were compressed by the
+sparse second stage records this version (dense second-stage stores keep
+:data:`FACTOR_CONTRACT_VERSION`), so a v3 store is refused with its configuration rather than
+mixed; any change to the functions of this section must bump it.
 
 Sparse map (contract v3)
 ------------------------

@@ -54,8 +54,9 @@ def plan(task: Task, request: PlanRequest, config: Config) -> FeatureSpec:
     output = gradients.output_fn(task, request.treedef, request.mask, request.fixed, request.aux, with_aux=with_aux)
     traced = trace_output(output, list(request.diff), request.example, request.key, has_aux=with_aux)
     closed = traced[0] if with_aux else traced
+    # the sparse second stage takes the dense remainder whole (contract v4): O(s·P_rest) per example
     factor_plan = resolve(analyze(closed, len(request.paths)), list(request.paths), result.factor_dims,
-                          result.requested_dim)
+                          result.requested_dim, whole_remainder=result.resolved_second_stage == "sparse")
     if not factor_plan.second_stage and result.proj_dim != "all":
         logger.info("projection='factorized': proj_dim=%s ≥ K_fac=%d, so all %d factorized features "
                     "are kept (no second projection)", result.requested_dim, factor_plan.k_fac, factor_plan.k_fac)

@@ -18,7 +18,8 @@ leaf), static indices and dot_general batch axes of W get one factor pair per sl
 
 Scaling: each block is divided by √(product of its random sides' k), so E[φ_Wᵀφ′_W] =
 ⟨∇_W f, ∇_W f′⟩; the dense remainder (leaves that are not factorized) is R_restᵀ g_rest / √k_rest
-(contract v1's R under the dense key; identity when kept whole). With u the concatenation
+(contract v1's R under the dense key; identity when kept whole, as it always is with the sparse
+second stage: contract v4). With u the concatenation
 (K_fac numbers) the features are
 
     φ = R2ᵀ u / √P       when a second stage runs (proj_dim < K_fac; R2 is K_fac × proj_dim)
@@ -168,6 +169,7 @@ def plan_factorization(
     paths: Sequence[str],
     factor_dims=64,
     proj_dim: int | str = 2048,
+    whole_remainder: bool = False,
 ) -> FactorPlan:
     """Detect how each differentiated leaf is featurized and fix the feature layout.
 
@@ -182,6 +184,8 @@ def plan_factorization(
       proj_dim: the final dimension (an int; no second stage when ≥ K_fac, see
         ``FactorPlan.second_stage``) or ``"all"`` (keep all K_fac features, the dense remainder
         whole).
+      whole_remainder: keep the dense remainder whole even when P_rest > proj_dim (what the
+        sparse second stage does: it then compresses the remainder with the factor blocks).
 
     Returns:
       The :class:`~trakjax.factorized.plan.FactorPlan`.
@@ -192,7 +196,7 @@ def plan_factorization(
     """
     paths = _check_paths(paths, diff_leaves)
     analysis = analyze(trace_output(output_fn, diff_leaves, example, key), len(paths))
-    return resolve(analysis, paths, factor_dims, proj_dim)
+    return resolve(analysis, paths, factor_dims, proj_dim, whole_remainder=whole_remainder)
 
 
 # --------------------------------------------------------------------------- 2. factor matrices
@@ -373,7 +377,8 @@ def factorized_features(
     traced = trace_output(output_fn, diff_leaves, example, key_struct, has_aux=has_aux)
     closed, aux_tree = traced if has_aux else (traced, None)
     analysis = analyze(closed, len(diff_leaves))
-    again = resolve(analysis, [leaf.path for leaf in plan.leaves], plan.factor_dims, plan.proj_dim)
+    again = resolve(analysis, [leaf.path for leaf in plan.leaves], plan.factor_dims, plan.proj_dim,
+                    whole_remainder=plan.rest_identity)
     if _structure(again) != _structure(plan):
         raise InvalidArgumentError("factorized_features: the plan does not match this output function "
                          "(recompute it with plan_factorization for these leaves and shapes)")
@@ -458,12 +463,13 @@ class FactorizationReport(NamedTuple):
 
 
 def describe(output_fn: Callable, diff_leaves: Sequence, example, key=None, *, paths: Sequence[str],
-             factor_dims=64, proj_dim: int | str = 2048) -> FactorizationReport:
+             factor_dims=64, proj_dim: int | str = 2048, whole_remainder: bool = False) -> FactorizationReport:
     """The :class:`FactorizationReport` of an output function: :func:`plan_factorization`'s
     decisions, without raising when nothing can be factorized (the table gives each reason)."""
     paths = _check_paths(paths, diff_leaves)
     analysis = analyze(trace_output(output_fn, diff_leaves, example, key), len(paths))
-    return FactorizationReport(resolve(analysis, paths, factor_dims, proj_dim, require_factorized=False))
+    return FactorizationReport(resolve(analysis, paths, factor_dims, proj_dim, require_factorized=False,
+                                       whole_remainder=whole_remainder))
 
 
 # --------------------------------------------------------------------------- 5. memory

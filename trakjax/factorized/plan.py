@@ -19,7 +19,8 @@ Sizes: with ``factor_dims = (k_0, k_1)``, side s of dimension D_s (folded bias r
 the identity (k = D_s) when k_s ≥ D_s, else a random D_s × k_s matrix. A factorized leaf with S
 slices contributes S·k'_0·k'_1 features, in sorted canonical path order, then slice order
 (row-major over the slice axes), then (i, j) row-major. The dense remainder (P_rest parameters)
-follows: k_rest = P_rest (identity) when ``proj_dim == "all"`` or P_rest ≤ proj_dim, else proj_dim.
+follows: k_rest = P_rest (identity) when ``proj_dim == "all"``, P_rest ≤ proj_dim or the second
+stage is sparse (``whole_remainder``), else proj_dim.
 K_fac is the total. The final dimension is K_fac for ``"all"`` and min(proj_dim, K_fac) for an
 int; a second dense projection runs exactly when proj_dim < K_fac.
 
@@ -298,9 +299,12 @@ def _fold_bias(st: Analysis, plans: list, leaf: int, factor_dims) -> None:
                                 num_slices=kernel.num_slices)
 
 
-def resolve(st: Analysis, paths, factor_dims, proj_dim, *, require_factorized: bool = True) -> FactorPlan:
+def resolve(st: Analysis, paths, factor_dims, proj_dim, *, require_factorized: bool = True,
+            whole_remainder: bool = False) -> FactorPlan:
     """The :class:`FactorPlan` of an analysis (see the module docstring); ``factor_dims=None``
-    sizes the factors from ``proj_dim`` (:func:`auto_factor_size`).
+    sizes the factors from ``proj_dim`` (:func:`auto_factor_size`). ``whole_remainder`` keeps the
+    dense remainder whole whatever its size (the sparse second stage then compresses it with the
+    factor blocks, at O(s·P_rest) per example instead of a dense R_rest's O(P_rest·k)).
 
     Raises:
       ValueError: if no leaf can be factorized and ``require_factorized``, listing every leaf
@@ -331,7 +335,7 @@ def resolve(st: Analysis, paths, factor_dims, proj_dim, *, require_factorized: b
         offset += plans[i].num_features
     dense = tuple(p.index for p in plans if p.treatment == "dense")
     dense_params = int(sum(plans[i].size for i in dense))
-    rest_identity = proj_dim == "all" or dense_params <= proj_dim
+    rest_identity = whole_remainder or proj_dim == "all" or dense_params <= proj_dim
     k_rest = dense_params if rest_identity else int(proj_dim)
     k_fac = offset + k_rest
     final_dim = k_fac if proj_dim == "all" else min(int(proj_dim), k_fac)

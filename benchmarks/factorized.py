@@ -27,8 +27,10 @@ Modes (each prints a table with the machine; run one, or ``all``):
   factorized with factor_dims 64 and the dense second stage), and of the sparse against the dense
   second stage, at ``--defaults-dims`` (512, 2048) on the digits MLP, the 1,898-parameter conv CNN
   and the LM setting of ``trakjax demo --task lm`` (``--lm-subsets`` retrains, ``--lm-targets``);
-  ``--factor-sweep`` adds factor sizes, ``--scores-out`` saves every score matrix (target: the
-  defaults within 0.005 LDS of the former ones, paired).
+  ``--factor-sweep`` adds factor sizes, ``--scores-out`` saves every score matrix,
+  ``--defaults-variants`` picks variants and ``--seeds n`` scores each with n projection draws
+  (per-target LDS averaged over the draws before pairing, so that the draw's own noise, ≈ 0.01 on
+  the LM, averages out) (target: the defaults within 0.005 LDS of the former ones, paired).
 * ``flops``: XLA's compiled cost analysis (FLOPs, bytes accessed) of one factorized featurization
   step against one AdamW training step of the same batch, for the digits MLP, the 373k CNN and
   the issue's two GPT-2 shapes (a while loop's body is counted once: the table counts the loops).
@@ -53,6 +55,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from bench_common import peak_rss_gib, timed
@@ -461,6 +464,31 @@ DEFAULTS_VARIANTS = {
 }
 
 
+DEFAULTS_SHORT = {
+    "rademacher (old default)": "rademacher",
+    "factorized 64, dense stage (old factorized)": "f64-dense",
+    "factorized 64, sparse stage": "f64-sparse",
+    "factorized auto sizes, dense stage": "auto-dense",
+    "defaults (no setting)": "defaults",
+}
+"""``--defaults-variants`` names of :data:`DEFAULTS_VARIANTS`."""
+
+
+class SeedMeanLDS(NamedTuple):
+    mean: float
+    ci_low: float
+    ci_high: float
+
+
+def seed_mean_lds(runs, truth, n_boot: int = 2000) -> SeedMeanLDS:
+    """LDS of several projection draws: per-target Spearman averaged over the draws, then its
+    mean over report targets with a 95% bootstrap interval over targets."""
+    per_target = np.mean([per_target_spearman(s, truth) for s in runs], axis=0)
+    rng = np.random.default_rng(0)
+    boots = [per_target[rng.integers(0, per_target.size, per_target.size)].mean() for _ in range(n_boot)]
+    return SeedMeanLDS(float(per_target.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)))
+
+
 def defaults(args) -> None:
     """Paired LDS of the defaults (``projection="auto"``, factor sizes from proj_dim, sparse
     second stage) against the previous ones (dense Rademacher; factorized with factor_dims 64
@@ -472,7 +500,8 @@ def defaults(args) -> None:
     import trakjax
     from trakjax import featurize
 
-    variants = dict(DEFAULTS_VARIANTS)
+    variants = {name: given for name, given in DEFAULTS_VARIANTS.items()
+                if not args.defaults_variants or DEFAULTS_SHORT[name] in args.defaults_variants}
     for size in args.factor_sweep:
         variants[f"factorized {size}, sparse stage"] = dict(projection="factorized", factor_dims=size)
     settings = []
@@ -492,16 +521,19 @@ def defaults(args) -> None:
         for k in args.defaults_dims:
             scores = {}
             for variant, given in variants.items():
-                config = trakjax.Config.create(proj_dim=k, backend="xla", **extra, **given)
+                runs, start = [], time.perf_counter()
+                for seed in range(args.seeds):  # one projection draw per seed, scored alike
+                    config = trakjax.Config.create(proj_dim=k, backend="xla", seed=seed, **extra, **given)
+                    runs.append(np.asarray(trakjax.attribute(task, checkpoints, train, targets, config)))
+                seconds = (time.perf_counter() - start) / args.seeds
                 resolved = featurize.resolve_auto_projection(task, checkpoints[0], config, example=example).result
-                start = time.perf_counter()
-                scores[variant] = np.asarray(trakjax.attribute(task, checkpoints, train, targets, config))
-                seconds = time.perf_counter() - start
+                scores[variant] = runs if args.seeds > 1 else runs[0]
                 plan = None
                 if resolved.projection == "factorized":
                     plan = trakjax.describe_factorization(task, checkpoints[0], example, grad_wrt=resolved.grad_wrt,
-                                                          factor_dims=resolved.factor_dims, proj_dim=k).plan
-                lds_value = truth.report_lds(scores[variant])
+                                                          factor_dims=resolved.factor_dims, proj_dim=k,
+                                                          second_stage=resolved.second_stage).plan
+                lds_value = truth.report_lds(runs[0]) if args.seeds == 1 else seed_mean_lds(runs, truth)
                 what = resolved.projection if plan is None else (
                     f"factorized {plan.factor_dims[0]}×{plan.factor_dims[1]}, K_fac {plan.k_fac}, "
                     f"{resolved.resolved_second_stage if plan.second_stage else 'no'} second stage")
@@ -510,11 +542,13 @@ def defaults(args) -> None:
                 print(lines[-1], flush=True)
             sweep = [v for v in variants if v.startswith("factorized ") and v.endswith(", sparse stage")
                      and not v.startswith("factorized 64,")]
-            for a, b in pairs + [(v, base) for v in sweep for base in (pairs[0][1], pairs[1][1])]:
+            for a, b in [(a, b) for a, b in pairs + [(v, base) for v in sweep for base in (pairs[0][1], pairs[1][1])]
+                         if a in scores and b in scores]:
                 mean, low, high = paired_difference(scores[a], scores[b], truth)
                 lines.append(f"| {name} | {k} | {a} − {b} | paired | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | |")
                 print(lines[-1], flush=True)
-            saved.update({f"{name} | {k} | {v}": value for v, value in scores.items()})
+            saved.update({f"{name} | {k} | {v} | seed {i}": value for v, runs in scores.items()
+                          for i, value in enumerate(runs if isinstance(runs, list) else [runs])})
             saved[f"{name} | masks"], saved[f"{name} | margins"] = truth.masks, truth.margins
             if args.scores_out:
                 np.savez_compressed(args.scores_out, **saved)
@@ -543,16 +577,25 @@ def _fit(model, init, optimizer, train, steps, key):
     return params
 
 
-def paired_difference(a, b, halves, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over report targets of LDS(a) − LDS(b), per target, and its 95% bootstrap interval."""
+def per_target_spearman(scores, halves) -> np.ndarray:
+    """Spearman, per report target, between the scores' predicted margins and the retrained ones."""
     from trakjax import evaluation
 
     report = halves.report
-    predicted_a = halves.masks.astype(np.float64) @ a[:, report]
-    predicted_b = halves.masks.astype(np.float64) @ b[:, report]
-    actual = halves.margins[:, report]
-    per_target = (evaluation.spearman_columns(predicted_a, actual)
-                  - evaluation.spearman_columns(predicted_b, actual))
+    predicted = halves.masks.astype(np.float64) @ scores[:, report]
+    return evaluation.spearman_columns(predicted, halves.margins[:, report])
+
+
+def paired_difference(a, b, halves, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over report targets of LDS(a) − LDS(b), per target, and its 95% bootstrap interval.
+
+    ``a``/``b``: a score matrix, or a list of them (one per projection seed), whose per-target
+    Spearman is averaged over the seeds first, so that the projection's own draw averages out."""
+    def mean_spearman(scores):
+        runs = scores if isinstance(scores, list) else [scores]
+        return np.mean([per_target_spearman(s, halves) for s in runs], axis=0)
+
+    per_target = mean_spearman(a) - mean_spearman(b)
     rng = np.random.default_rng(seed)
     boots = [per_target[rng.integers(0, per_target.size, per_target.size)].mean() for _ in range(n_boot)]
     return float(per_target.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
@@ -706,6 +749,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lm-subsets", type=int, default=64, help="defaults: LM half-subset retrains")
     parser.add_argument("--scores-out", default=None, help="defaults: save every score matrix here (.npz)")
     parser.add_argument("--lm-targets", type=int, default=200, help="defaults: LM held-out targets")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="defaults: projection seeds per variant (per-target LDS averaged over them)")
+    parser.add_argument("--defaults-variants", nargs="*", default=[], choices=sorted(DEFAULTS_SHORT.values()),
+                        help="defaults: only these variants (default: all)")
     parser.add_argument("--flops-stages", nargs="+", default=["dense", "sparse"])
     parser.add_argument("--flops-gpt2", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
                         default=[(2, 256, 8192, 64), (4, 768, 50257, 128)],

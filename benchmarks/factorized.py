@@ -685,22 +685,28 @@ def flops(args) -> None:
         train = cost(jax.jit(train_step).lower(train_params, optimizer.init(train_params), batch).compile())
         size = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
         example = jax.tree_util.tree_map(lambda a: a[0], batch)
-        for stage in args.flops_stages:
-            config = trakjax.Config.create(projection="factorized", factor_dims=64, proj_dim=2048, batch_size=size,
+        if args.flops_models and not any(name.startswith(m) for m in args.flops_models):
+            continue
+        for stage, factor_dims in [(st, fd) for st in args.flops_stages for fd in args.flops_factor_dims]:
+            config = trakjax.Config.create(projection="factorized", proj_dim=2048, batch_size=size,
+                                           factor_dims=None if factor_dims == "auto" else int(factor_dims),
                                            grad_wrt=grad_wrt, backend="xla", grad_memory_bytes=2**40,
                                            second_stage=stage)
+            config = featurize.resolve_auto_projection(task, params, config, example=example)
             checkpoint = featurize.prepare_checkpoint(task, params, config, 0, example=example)
             key = featurize.task_key(checkpoint.seed, 0, featurize.TRAIN_SPLIT)
             lowered = checkpoint.train_step.lower(checkpoint.diff, checkpoint.fixed, batch, checkpoint.aux,
                                                   np.arange(size, dtype=np.int32), key, checkpoint.arrays)
             fact = cost(lowered.compile())
-            rows.append((name, stage, checkpoint.record["k_fac"], size, train, fact))
+            sizes = "×".join(str(k) for k in checkpoint.spec.detail.plan.factor_dims)
+            rows.append((name, f"{stage}, factors {sizes}" + (" (auto)" if factor_dims == "auto" else ""),
+                         checkpoint.record["k_fac"], size, train, fact))
             print(rows[-1], flush=True)
     print(f"\n{machine()}")
-    print("XLA compiled cost analysis, one step on one batch: factorized featurization (factor_dims 64, "
-          "proj_dim 2048, with q) against value_and_grad of the mean loss + AdamW. A while loop's body is "
+    print("XLA compiled cost analysis, one step on one batch: factorized featurization (proj_dim 2048, "
+          "with q) against value_and_grad of the mean loss + AdamW. A while loop's body is "
           "counted once (the loops column: 0 means nothing is undercounted)\n")
-    print("| model | second stage | K_fac | batch | train GFLOP | featurize GFLOP | FLOP ratio (featurize/train) "
+    print("| model | second stage, factor sizes | K_fac | batch | train GFLOP | featurize GFLOP | FLOP ratio (featurize/train) "
           "| train GB accessed | featurize GB accessed | loops (train, featurize) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, stage, k_fac, size, (tf, tb, tl), (ff, fb, fl) in rows:
@@ -763,6 +769,10 @@ def main(argv=None) -> int:
     parser.add_argument("--defaults-variants", nargs="*", default=[], choices=sorted(DEFAULTS_SHORT.values()),
                         help="defaults: only these variants (default: all)")
     parser.add_argument("--flops-stages", nargs="+", default=["dense", "sparse"])
+    parser.add_argument("--flops-factor-dims", nargs="+", default=["64", "auto"],
+                        help="flops: factor sizes (an int, or auto: sized from proj_dim, the default)")
+    parser.add_argument("--flops-models", nargs="*", default=[],
+                        help="flops: only models whose name starts with one of these (digits, CNN, GPT-2)")
     parser.add_argument("--flops-gpt2", type=lambda v: tuple(int(x) for x in v.split(",")), nargs="*",
                         default=[(2, 256, 8192, 64), (4, 768, 50257, 128)],
                         help="GPT-2 shapes for flops as layers,d,vocab,positions")

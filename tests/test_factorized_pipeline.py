@@ -40,11 +40,16 @@ def test_the_session_and_its_store_equal_attribute_bit_for_bit(checkpoints, expe
     np.testing.assert_array_equal(scores, expected)
     config = json.loads((tmp_path / "trakjax_store.json").read_text())
     assert config["config"]["projection"] == "factorized" and config["config"]["factor_dims"] == [8, 4]
-    # the default second stage is the sparse one (contract v3), recorded with its s
+    # the default second stage is the sparse one (contract v4), recorded with its s
     assert config["config"]["contract_version"] == randomness.SPARSE_CONTRACT_VERSION == 4
     assert (config["config"]["second_stage"], config["config"]["sparsity"]) == ("sparse", 2)
     assert config["parameters"]["differentiated"]["k_fac"] == 64
     assert config["parameters"]["differentiated"]["proj_dim"] == 32
+    # a contract-v3 store (its dense remainder projected densely before the sparse map) is refused
+    config["config"]["contract_version"] = 3
+    (tmp_path / "trakjax_store.json").write_text(json.dumps(config))
+    with pytest.raises(errors.StoreError, match="contract_version: store has 3, this session has 4"):
+        helpers.run_session(tmp_path, checkpoints, **FACTORIZED)
 
 
 def test_a_resumed_partly_featurized_store_ends_bit_identical(checkpoints, expected, tmp_path):

@@ -48,8 +48,13 @@ Caching: retrained margins and per-checkpoint spectra go to ``--cache`` (default
 git-ignored), so a rerun only evaluates rules. ``--leave-one-out`` adds, for each one-constant
 family, the constant fit on the other settings (selection targets) and reported on the held-out one.
 
+``--defaults`` instead measures the defaults (no projection setting: ``projection="auto"``, factor
+sizes from proj_dim, the sparse second stage) against ``projection="rademacher"``, paired per
+report target through ``trakjax.attribute`` with ``--seeds`` projection draws each (issue 20).
+
 Run:  python benchmarks/lambda_rules.py [--settings mlp64 cnn ...] [--proj-dims 128 512 2048 id]
       [--subsets 200] [--quick] [--cache out/lambda_cache] [--leave-one-out] [--no-xi]
+      [--defaults [--seeds 2]]
 
 Time (2-core x86_64 CPU shared with other jobs): about 25 minutes from an empty cache (the
 ground truth about 11 minutes, 9 of them the CNN's 200 retrained models; featurization and
@@ -628,6 +633,9 @@ def parse_args(argv=None):
                         help="also fit each one-constant family on the other settings")
     parser.add_argument("--no-xi", action="store_true", help="skip the per-target ξ rule (the slowest)")
     parser.add_argument("--no-check", action="store_true", help="skip the check against trakjax.attribute")
+    parser.add_argument("--defaults", action="store_true",
+                        help="instead: paired LDS of the defaults against projection='rademacher' (issue 20)")
+    parser.add_argument("--seeds", type=int, default=2, help="--defaults: projection draws per variant")
     args = parser.parse_args(argv)
     if args.quick:
         args.settings = ["lr-wine", "logreg-bc"]
@@ -740,9 +748,55 @@ def print_setting(setting, rows, rule_names):
         print(line)
 
 
+DEFAULT_VARIANTS = {"rademacher (former default)": dict(projection="rademacher"), "defaults (no setting)": {}}
+"""``--defaults``: the library's defaults (``projection="auto"``, factor sizes from proj_dim, the
+sparse second stage, λ and kernel auto) against the former default projection."""
+
+
+def defaults_against_rademacher(args) -> None:
+    """Paired LDS of the defaults against ``projection="rademacher"`` on each setting, through
+    ``trakjax.attribute`` itself, ``--seeds`` projection draws per variant (the per-target
+    Spearman averaged over the draws before pairing), report targets only."""
+    lines = []
+    for name in args.settings:
+        setting = SETTINGS[name]
+        checkpoints = train_checkpoints(setting)
+        masks, margins, _ = ground_truth(setting, args.subsets, args.cache)
+        report = np.arange(1, margins.shape[1], 2)
+        example = jax.tree_util.tree_map(lambda a: a[0], setting.train)
+        for k in [k for k in args.proj_dims if k != "id"]:
+            per_target, resolved = {}, {}
+            for variant, given in DEFAULT_VARIANTS.items():
+                runs = []
+                for seed in range(args.seeds):
+                    config = Config.create(proj_dim=k, seed=seed, batch_size=256, backend="xla", **given)
+                    scores = np.asarray(trakjax.attribute(setting.task, checkpoints, setting.train,
+                                                          setting.targets, config), np.float64)
+                    runs.append(evaluation.spearman_columns(masks.astype(np.float64) @ scores[:, report],
+                                                            margins[:, report]))
+                per_target[variant] = np.mean(runs, axis=0)
+                result = featurize.resolve_auto_projection(setting.task, checkpoints[0], config, example=example).result
+                resolved[variant] = result.projection + (
+                    f" {result.factor_dims[0]}×{result.factor_dims[1]}" if result.projection == "factorized" else "")
+            (a, b) = DEFAULT_VARIANTS
+            mean, low, high = paired_ci(per_target[b] - per_target[a])
+            lines.append(f"| {name} | {k} | {resolved[b]} | {np.nanmean(per_target[b]):.4f} | "
+                         f"{np.nanmean(per_target[a]):.4f} | {mean:+.4f} [{low:+.4f}, {high:+.4f}] |")
+            print(lines[-1], flush=True)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}, jax "
+          f"{jax.__version__}; {args.subsets} subsets; {args.seeds} projection seeds per variant; load average "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print("| setting | k | defaults resolve to | LDS defaults | LDS rademacher | defaults − rademacher (paired, 95% CI) |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)
+    if args.defaults:
+        defaults_against_rademacher(args)
+        return
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}, "
           f"jax {jax.__version__} ({jax.default_backend()}); subsets {args.subsets}; grid c = "
           f"{GRID[0]:g} … {GRID[-1]:g} (×10^0.25)")

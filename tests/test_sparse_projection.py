@@ -181,6 +181,29 @@ def test_factorized_features_with_the_sparse_stage(s):
     np.testing.assert_allclose(sparse, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_remainder_above_the_limit_is_projected_densely_even_with_the_sparse_stage(monkeypatch):
+    """Whole, a remainder costs memory in proportion to P_rest (its table and gather): above
+    WHOLE_REMAINDER_LIMIT it goes through a dense R_rest (generated in chunks) as before."""
+    from trakjax.factorized import plan as plan_lib
+
+    model = _GainMLP()
+    x = jax.random.normal(jax.random.key(0), (2, 9))
+    params = model.init(jax.random.key(1), x[:1])
+    task = tasks.image_classification(lambda p, im: model.apply(p, im))
+    output_fn, diff = featurize.task_output_fn(task, params, featurize.select_parameters(params, None))
+    paths = factorized.canonical_paths(params)
+    example = (x[0], np.int32(0))
+    kept = factorized.plan_factorization(output_fn, diff, example, None, paths=paths, factor_dims=8,
+                                         proj_dim=20, whole_remainder=True)
+    monkeypatch.setattr(plan_lib, "WHOLE_REMAINDER_LIMIT", 39)
+    projected = factorized.plan_factorization(output_fn, diff, example, None, paths=paths, factor_dims=8,
+                                              proj_dim=20, whole_remainder=True)
+    assert (kept.rest_identity, kept.k_rest) == (True, 40)
+    assert (projected.rest_identity, projected.k_rest) == (False, 20)
+    assert factorized.factor_matrices(projected, seed=3, model_id=1, kind="rademacher", second_stage="sparse",
+                                      sparsity=2).remainder is not None
+
+
 def factors_have_no_remainder_matrix(plan, s) -> bool:
     return factorized.factor_matrices(plan, seed=3, model_id=1, kind="rademacher", second_stage="sparse",
                                       sparsity=s).remainder is None
@@ -194,10 +217,14 @@ def test_the_family_keeps_the_remainder_whole_with_the_sparse_stage_only(stage):
     task = tasks.image_classification(lambda p, im: model.apply(p, im))
     config = Config.create(projection="factorized", proj_dim=20, factor_dims=8, second_stage=stage)
     example = (jax.ShapeDtypeStruct((9,), np.float32), jax.ShapeDtypeStruct((), np.int32))
-    plan = featurize.plan_features(task, params, config, example).detail.plan
+    spec = featurize.plan_features(task, params, config, example)
+    plan = spec.detail.plan
     assert plan.second_stage and plan.dense_params == 40
     assert plan.rest_identity == (stage == "sparse")
     assert plan.k_rest == (40 if stage == "sparse" else 20)
+    if stage == "sparse":  # micro-batches are sized with the sketch's (k, m) gather counted
+        width = sparse_projection.table_width(plan.k_fac, 20, 2, 0)
+        assert spec.example_bytes >= 4 * (plan.k_fac + 20 * width)
     table = str(featurize.describe_factorization(task, params, (x[0], 0), factor_dims=8, proj_dim=20,
                                                  second_stage=stage))
     assert ("kept whole" in table) == (stage == "sparse")

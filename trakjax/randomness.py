@@ -341,7 +341,9 @@ SPARSE_CONTRACT_VERSION = 4
 
 Contract v3 = contract v2, unchanged, plus the sparse Johnson–Lindenstrauss map below. Contract
 v4 = v3 with the same map; what it compresses changed: the factorized family's dense remainder
-(the leaves that are not factorized) enters the sparse map whole, after the factor blocks, where
+(the leaves that are not factorized; up to
+:data:`trakjax.factorized.plan.WHOLE_REMAINDER_LIMIT` parameters) enters the sparse map whole,
+after the factor blocks, where
 v3 first projected it to proj_dim with contract v1's dense R_rest (O(P_rest·k) per example, most
 of a small model's featurization time). A store whose factorized features were compressed by the
 sparse second stage records this version (dense second-stage stores keep

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-from trakjax import gradients
+from trakjax import gradients, sparse_projection
 from trakjax.config import Config
 from trakjax.errors import InvalidArgumentError
 from trakjax.factorized.analysis import analyze
@@ -63,6 +63,9 @@ def plan(task: Task, request: PlanRequest, config: Config) -> FeatureSpec:
     stage = result.resolved_second_stage if factor_plan.second_stage else None
     detail = FactorizedDetail(factor_plan, stage, result.resolved_sparsity if stage == "sparse" else 1)
     example_bytes = closed_activation_bytes(closed, len(request.paths), plan=factor_plan)
+    if stage == "sparse":  # the sketch's gather, (k, m) numbers per example
+        example_bytes += 4 * factor_plan.final_dim * sparse_projection.table_width(
+            factor_plan.k_fac, factor_plan.final_dim, detail.sparsity, 0)
     return FeatureSpec(NAME, result.factor_kind, request.treedef, request.mask, parameter_layout(list(request.diff)),
                        factor_plan.final_dim, int(example_bytes), config.run.chunk_rows, result.precision,
                        request.backend, detail)

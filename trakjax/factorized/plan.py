@@ -20,7 +20,7 @@ the identity (k = D_s) when k_s ≥ D_s, else a random D_s × k_s matrix. A fact
 slices contributes S·k'_0·k'_1 features, in sorted canonical path order, then slice order
 (row-major over the slice axes), then (i, j) row-major. The dense remainder (P_rest parameters)
 follows: k_rest = P_rest (identity) when ``proj_dim == "all"``, P_rest ≤ proj_dim or the second
-stage is sparse (``whole_remainder``), else proj_dim.
+stage is sparse (``whole_remainder``) and P_rest ≤ :data:`WHOLE_REMAINDER_LIMIT`, else proj_dim.
 K_fac is the total. The final dimension is K_fac for ``"all"`` and min(proj_dim, K_fac) for an
 int; a second dense projection runs exactly when proj_dim < K_fac.
 
@@ -49,6 +49,12 @@ map's error on a rank-one a δᵀ goes as 1/√k_side, not 1/√(k_0·k_1): its 
 fewer JL dimensions than their number; paired LDS in benchmarks/README.md, issue 20)."""
 ALL_FEATURES_FACTOR_SIZE = 64
 """The factor size ``factor_dims=None`` means with ``proj_dim="all"`` (no proj_dim to follow)."""
+WHOLE_REMAINDER_LIMIT = 2**22
+"""The largest dense remainder (P_rest parameters) that ``whole_remainder`` keeps whole (contract
+v4). Whole, it costs O(s·P_rest) work per example but its table (8·s·P_rest bytes per checkpoint)
+and its gather (4·s·P_rest bytes per example) grow with it; above this a dense R_rest, generated
+in chunks, keeps memory bounded (norm layers and position tables of transformers up to billions of
+parameters stay far below it)."""
 
 
 class SidePlan(NamedTuple):
@@ -302,9 +308,10 @@ def _fold_bias(st: Analysis, plans: list, leaf: int, factor_dims) -> None:
 def resolve(st: Analysis, paths, factor_dims, proj_dim, *, require_factorized: bool = True,
             whole_remainder: bool = False) -> FactorPlan:
     """The :class:`FactorPlan` of an analysis (see the module docstring); ``factor_dims=None``
-    sizes the factors from ``proj_dim`` (:func:`auto_factor_size`). ``whole_remainder`` keeps the
-    dense remainder whole whatever its size (the sparse second stage then compresses it with the
-    factor blocks, at O(s·P_rest) per example instead of a dense R_rest's O(P_rest·k)).
+    sizes the factors from ``proj_dim`` (:func:`auto_factor_size`). ``whole_remainder`` keeps a
+    dense remainder of up to :data:`WHOLE_REMAINDER_LIMIT` parameters whole (the sparse second
+    stage then compresses it with the factor blocks, at O(s·P_rest) per example instead of a dense
+    R_rest's O(P_rest·k)).
 
     Raises:
       ValueError: if no leaf can be factorized and ``require_factorized``, listing every leaf
@@ -335,7 +342,8 @@ def resolve(st: Analysis, paths, factor_dims, proj_dim, *, require_factorized: b
         offset += plans[i].num_features
     dense = tuple(p.index for p in plans if p.treatment == "dense")
     dense_params = int(sum(plans[i].size for i in dense))
-    rest_identity = whole_remainder or proj_dim == "all" or dense_params <= proj_dim
+    rest_identity = ((whole_remainder and dense_params <= WHOLE_REMAINDER_LIMIT) or proj_dim == "all"
+                     or dense_params <= proj_dim)
     k_rest = dense_params if rest_identity else int(proj_dim)
     k_fac = offset + k_rest
     final_dim = k_fac if proj_dim == "all" else min(int(proj_dim), k_fac)

@@ -487,13 +487,10 @@ class SeedMeanLDS(NamedTuple):
     ci_high: float
 
 
-def seed_mean_lds(runs, truth, n_boot: int = 2000) -> SeedMeanLDS:
-    """LDS of several projection draws: per-target Spearman averaged over the draws, then its
+def seed_mean_lds(runs, truth) -> SeedMeanLDS:
+    """LDS of one or more projection draws: per-target Spearman averaged over the draws, then its
     mean over report targets with a 95% bootstrap interval over targets."""
-    per_target = np.mean([per_target_spearman(s, truth) for s in runs], axis=0)
-    rng = np.random.default_rng(0)
-    boots = [per_target[rng.integers(0, per_target.size, per_target.size)].mean() for _ in range(n_boot)]
-    return SeedMeanLDS(float(per_target.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)))
+    return SeedMeanLDS(*bootstrap_mean(seed_mean_spearman(runs, truth)))
 
 
 def defaults(args) -> None:
@@ -534,13 +531,13 @@ def defaults(args) -> None:
                     runs.append(np.asarray(trakjax.attribute(task, checkpoints, train, targets, config)))
                 seconds = (time.perf_counter() - start) / args.seeds
                 resolved = featurize.resolve_auto_projection(task, checkpoints[0], config, example=example).result
-                scores[variant] = runs if args.seeds > 1 else runs[0]
+                scores[variant] = runs
                 plan = None
                 if resolved.projection == "factorized":
                     plan = trakjax.describe_factorization(task, checkpoints[0], example, grad_wrt=resolved.grad_wrt,
                                                           factor_dims=resolved.factor_dims, proj_dim=k,
                                                           second_stage=resolved.second_stage).plan
-                lds_value = truth.report_lds(runs[0]) if args.seeds == 1 else seed_mean_lds(runs, truth)
+                lds_value = seed_mean_lds(runs, truth)
                 what = resolved.projection if plan is None else (
                     f"factorized {plan.factor_dims[0]}×{plan.factor_dims[1]}, K_fac {plan.k_fac}, "
                     f"{resolved.resolved_second_stage if plan.second_stage else 'no'} second stage")
@@ -555,7 +552,7 @@ def defaults(args) -> None:
                 lines.append(f"| {name} | {k} | {a} − {b} | paired | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | |")
                 print(lines[-1], flush=True)
             saved.update({f"{name} | {k} | {v} | seed {i}": value for v, runs in scores.items()
-                          for i, value in enumerate(runs if isinstance(runs, list) else [runs])})
+                          for i, value in enumerate(runs)})
             saved[f"{name} | masks"], saved[f"{name} | margins"] = truth.masks, truth.margins
             if args.scores_out:
                 np.savez_compressed(args.scores_out, **saved)
@@ -593,19 +590,24 @@ def per_target_spearman(scores, halves) -> np.ndarray:
     return evaluation.spearman_columns(predicted, halves.margins[:, report])
 
 
-def paired_difference(a, b, halves, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over report targets of LDS(a) − LDS(b), per target, and its 95% bootstrap interval.
+def seed_mean_spearman(scores, halves) -> np.ndarray:
+    """Per-target Spearman of a score matrix, or of a list of them (one per projection seed)
+    averaged over the seeds, so that the projection's own draw averages out."""
+    runs = scores if isinstance(scores, list) else [scores]
+    return np.mean([per_target_spearman(s, halves) for s in runs], axis=0)
 
-    ``a``/``b``: a score matrix, or a list of them (one per projection seed), whose per-target
-    Spearman is averaged over the seeds first, so that the projection's own draw averages out."""
-    def mean_spearman(scores):
-        runs = scores if isinstance(scores, list) else [scores]
-        return np.mean([per_target_spearman(s, halves) for s in runs], axis=0)
 
-    per_target = mean_spearman(a) - mean_spearman(b)
+def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5%, 97.5%) of per-target values: the mean and its bootstrap interval over targets."""
     rng = np.random.default_rng(seed)
-    boots = [per_target[rng.integers(0, per_target.size, per_target.size)].mean() for _ in range(n_boot)]
-    return float(per_target.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+    boots = [values[rng.integers(0, values.size, values.size)].mean() for _ in range(n_boot)]
+    return float(values.mean()), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def paired_difference(a, b, halves) -> tuple[float, float, float]:
+    """Mean over report targets of LDS(a) − LDS(b), per target, and its 95% bootstrap interval
+    (``a``/``b``: a score matrix or a list of them, see :func:`seed_mean_spearman`)."""
+    return bootstrap_mean(seed_mean_spearman(a, halves) - seed_mean_spearman(b, halves))
 
 
 # --------------------------------------------------------------------------- flops
@@ -675,6 +677,8 @@ def flops(args) -> None:
 
     rows = []
     for name, task, params, batch, loss, train_params, grad_wrt in flops_models(args):
+        if args.flops_models and not any(name.startswith(m) for m in args.flops_models):
+            continue
         optimizer = optax.adamw(1e-4)
 
         def train_step(p, state, b, loss=loss, optimizer=optimizer):
@@ -685,8 +689,6 @@ def flops(args) -> None:
         train = cost(jax.jit(train_step).lower(train_params, optimizer.init(train_params), batch).compile())
         size = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
         example = jax.tree_util.tree_map(lambda a: a[0], batch)
-        if args.flops_models and not any(name.startswith(m) for m in args.flops_models):
-            continue
         for stage, factor_dims in [(st, fd) for st in args.flops_stages for fd in args.flops_factor_dims]:
             config = trakjax.Config.create(projection="factorized", proj_dim=2048, batch_size=size,
                                            factor_dims=None if factor_dims == "auto" else int(factor_dims),

@@ -380,8 +380,10 @@ def lm_closed_form(logits, ids, mask):
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     p_true = np.take_along_axis(p, targets[..., None], -1)[..., 0]
-    f = (weights * np.log(p_true / (1 - p_true))).sum(1)
-    q = (weights * (1 - p_true)).sum(1) / np.maximum(weights.sum(1), 1)
+    counted = weights > 0  # select, not multiply: an uncounted margin may be infinite
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(counted, weights * np.log(p_true / (1 - p_true)), 0.0).sum(1)
+    q = np.where(counted, weights * (1 - p_true), 0.0).sum(1) / np.maximum(weights.sum(1), 1)
     return f, q
 
 
@@ -415,6 +417,42 @@ def test_language_modeling_q_matches_autodiff_of_token_cross_entropy():
     right = np.arange(8) % 2 == 0
     noisy_out = outputs_of(task, params, noisy)
     np.testing.assert_allclose(np.asarray(noisy_out)[right], np.asarray(outputs)[right], rtol=1e-6)
+
+
+def test_language_modeling_uncounted_positions_never_enter():
+    """A model that never predicts the padding token 0 (its logit is −inf) has infinite margins
+    at padded positions and at the last position, whose placeholder target is the sequence's
+    first token: none of them may reach f, q or the per-example gradient."""
+    model = TinyCausalLM()
+    batch = lm_data(8, 3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (ids[:, 0] == 0).any() and (mask[:, 1:] == 0).any()  # both kinds of position occur
+    params = jax.jit(model.init)(jax.random.key(4), batch)
+    never_padding = jnp.where(jnp.arange(LM_VOCAB) == 0, -jnp.inf, 0.0)
+
+    def apply(p, inputs):
+        return model.apply(p, inputs) + never_padding
+
+    task = tasks.language_modeling(apply)
+    f, q = lm_closed_form(jax.jit(apply)(params, batch), ids, mask)
+    assert np.isfinite(f).all()
+    np.testing.assert_allclose(outputs_of(task, params, batch), f, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(q_of(task, params, batch, TaskState()), q, rtol=1e-5, atol=1e-6)
+
+    def reference_output(p, example):  # counted positions only, sliced (no placeholder)
+        logits = apply(p, jax.tree_util.tree_map(lambda x: x[None], example))[0, :-1]
+        targets = example["input_ids"][1:]
+        counted = (example["attention_mask"][1:] * example["attention_mask"][:-1]) > 0
+        safe = jnp.where(counted, targets, 1)  # a finite target where nothing is counted
+        correct = jnp.take_along_axis(logits, safe[:, None], -1)[:, 0]
+        others = jax.nn.logsumexp(jnp.where(jnp.arange(LM_VOCAB) == safe[:, None], -jnp.inf, logits), -1)
+        return jnp.sum(jnp.where(counted, correct - others, 0.0))
+
+    expected = jax.vmap(jax.grad(reference_output), in_axes=(None, 0))(params, batch)
+    grads, _ = featurize.per_example_grads(task, params, batch)
+    for got_leaf, expected_leaf in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+        assert np.isfinite(np.asarray(got_leaf)).all()
+        np.testing.assert_allclose(got_leaf, expected_leaf, rtol=1e-4, atol=1e-5)
 
 
 def test_language_modeling_end_to_end_and_bad_token_ids():

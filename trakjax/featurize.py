@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trakjax import backends, factorized, families, randomness
+from trakjax import backends, compiler_options, factorized, families, randomness
 from trakjax import data as data_lib
 from trakjax import projection as projection_lib
 from trakjax import sharding as sharding_lib
@@ -318,14 +318,16 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
         return (features, outputs.astype(jnp.float32), q, jnp.broadcast_to(offset, q.shape).astype(jnp.float32),
                 jnp.broadcast_to(curvature, q.shape).astype(jnp.float32))
 
+    options = compiler_options.featurize_step_options(compiler_options.step_platform(mesh))
     if sharding_lib.mesh_size(mesh) == 1:
-        return jax.jit(step)
+        return jax.jit(step, compiler_options=options)
     rows, same = jax.sharding.PartitionSpec(sharding_lib.DATA_AXIS), jax.sharding.PartitionSpec()
     return jax.jit(
         jax.shard_map(
             step, mesh=mesh, in_specs=(same, same, rows, same, rows, same, same),
             out_specs=(rows,) * 5, check_vma=False,
-        )
+        ),
+        compiler_options=options,
     )
 
 

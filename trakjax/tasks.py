@@ -606,7 +606,7 @@ def language_modeling(
         # Q and h of the docstring from this pass's margins: no second forward pass.
         q = _mean_counted(jax.nn.sigmoid(-margins[0]), weights[0])
         counted = jnp.maximum(jnp.sum(weights[0]), 1.0)
-        return jnp.sum(margins[0] * weights[0]), (q, logistic_curvature(q) / counted)
+        return _counted_sum(margins[0], weights[0]), (q, logistic_curvature(q) / counted)
 
     def output(params, example, state):
         return output_with_aux(params, example, state)[0]
@@ -635,7 +635,7 @@ def language_modeling(
 
 def _mean_counted(values, weights):
     """Σ_t w_t v_t / max(Σ_t w_t, 1): the mean over counted tokens (0 when none is counted)."""
-    return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1.0)
+    return _counted_sum(values, weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _ids_and_mask(inputs, ids_key: str, mask_key: str):
@@ -655,7 +655,13 @@ def _ids_and_mask(inputs, ids_key: str, mask_key: str):
 
 
 def _token_margins(apply_fn, params, inputs, ids_key: str, mask_key: str):
-    """(B, L − 1) next-token margins m_t and weights w_t = mask[t]·mask[t + 1] of a batch."""
+    """(B, L) next-token margins m_t and weights w_t = mask[t]·mask[t + 1] of a batch.
+
+    The last position predicts no token: its weight is 0 and its margin is taken against a
+    placeholder target (the sequence's first token), so the (B, L, V) logits are used whole,
+    never sliced and padded back in the backward pass (two passes over the largest array of an
+    LM step). Sums over positions must select, not multiply, by w_t (:func:`_counted_sum`): a
+    placeholder or padded position's margin may be infinite."""
     ids, mask = _ids_and_mask(inputs, ids_key, mask_key)
     logits = apply_fn(params, inputs)
     if logits.ndim != 3 or logits.shape[:2] != ids.shape:
@@ -664,12 +670,19 @@ def _token_margins(apply_fn, params, inputs, ids_key: str, mask_key: str):
             f"ids of shape (B, L) = {tuple(ids.shape)}; got {tuple(logits.shape)} for inputs of "
             f"shape {describe_shapes(inputs)}"
         )
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = ids[:, 1:].astype(jnp.int32)
+    logits = logits.astype(jnp.float32)
+    targets = jnp.roll(ids, -1, axis=1).astype(jnp.int32)
     correct = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
     others = jax.nn.logsumexp(jnp.where(is_target, -jnp.inf, logits), axis=-1)
-    return correct - others, mask[:, 1:] * mask[:, :-1]
+    weights = jnp.concatenate([mask[:, 1:] * mask[:, :-1], jnp.zeros_like(mask[:, :1])], axis=1)
+    return correct - others, weights
+
+
+def _counted_sum(values, weights):
+    """Σ_t w_t v_t over counted positions (w_t > 0) only: an uncounted v_t never enters, even
+    when it is infinite."""
+    return jnp.sum(jnp.where(weights > 0, weights * values, 0.0))
 
 
 def _check_token_batch(apply_fn, params, batch, ids_key: str, mask_key: str) -> None:

@@ -450,7 +450,7 @@ def test_language_modeling_uncounted_positions_never_enter():
 
     expected = jax.vmap(jax.grad(reference_output), in_axes=(None, 0))(params, batch)
     grads, _ = featurize.per_example_grads(task, params, batch)
-    for got_leaf, expected_leaf in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+    for got_leaf, expected_leaf in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected), strict=True):
         assert np.isfinite(np.asarray(got_leaf)).all()
         np.testing.assert_allclose(got_leaf, expected_leaf, rtol=1e-4, atol=1e-5)
 

@@ -3,11 +3,14 @@
 The featurize step reduces per-example arrays along a middle axis: a layer norm's gain and
 bias gradients Σ_t over each sequence's positions, (B, T, d) → (B, d), and the same inside
 attention and the model's own backward pass. On the CPU backend of JAX 0.10–0.12, XLA hands
-such reductions to YNNPACK ("ynn fusions"), which ran them 10–15× slower inside the step than
-XLA's own loop emitter ran the same reduction alone (a perfetto trace of the 4-layer GPT-2
-step: 6.3 ms against 0.45 ms for each (8, 128, 768) → (8, 768) sum). Restricting YNNPACK to
-matrix products for this one executable made the factorized step 10% faster at 2 layers and
-4–5% at 4 layers (benchmarks/README.md, "YNNPACK reductions"), with bit-identical matmuls.
+such reductions to YNNPACK ("ynn fusions"); a perfetto trace of the 4-layer GPT-2 step timed
+each (8, 128, 768) → (8, 768) sum there at 6.3 ms, against 0.45 ms for the same reduction
+compiled alone (part of that may be the step's other work running beside it). Restricting YNNPACK to
+individual matrix products for this one executable made featurization 6–20% faster on the
+benchmark models on JAX 0.10 (the 373k CNN 20%, GPT-2 6–9%, ResNet-18 7%) and 3–13% on JAX
+0.12, GPT-2 there unchanged (benchmarks/README.md, "YNNPACK reductions"). The plain
+``LIBRARY_FUSION_TYPE_DOT`` is not used: it let XLA fuse the dense family's six block products
+into one YNNPACK graph that ran 1.9× slower on the digits MLP.
 
 Only the featurize step gets the option (``jax.jit(..., compiler_options=...)``); the user's
 own programs and XLA's process-wide flags are left alone. The option is experimental in XLA,
@@ -23,8 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# YNNPACK for dots only (XLA's default list also has reductions): a repeated enum in XLA's
-# DebugOptions, given as one value through compile options.
+# YNNPACK for individual matrix products only (XLA's default list also has reductions): a
+# repeated enum in XLA's DebugOptions, given as one value through compile options.
 CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 STATUS: dict[str, str] = {}

@@ -455,6 +455,28 @@ def test_language_modeling_uncounted_positions_never_enter():
         np.testing.assert_allclose(got_leaf, expected_leaf, rtol=1e-4, atol=1e-5)
 
 
+def test_language_modeling_margins_far_from_the_shift_and_nan():
+    """Margins against float64 where the target's logit is 200 above the rest and the others
+    spread over 150 (the logsumexp shift must be the largest counted logit, not the target's), and
+    a NaN logit at a counted position makes f NaN (never dropped by the shift's reduction)."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, LM_VOCAB, size=(2, LM_LENGTH)).astype(np.int32)
+    logits = rng.normal(size=(2, LM_LENGTH, LM_VOCAB)).astype(np.float32)
+    logits[0, :, :] *= 50.0 * np.linspace(0.0, 1.0, LM_VOCAB)  # others spread over about 150
+    targets = ids[:, 1:]
+    logits[0, np.arange(LM_LENGTH - 1), targets[0]] = logits[0, :-1].max(-1) + 200.0
+    logits[1, 2, (targets[1, 2] + 1) % LM_VOCAB] = np.nan  # a non-target logit of a counted position
+    task = tasks.language_modeling(lambda p, inputs: jnp.asarray(logits)[inputs["row"]] + p)
+    f = outputs_of(task, jnp.float32(0.0), {"input_ids": ids, "row": np.arange(2)})
+    wide = logits[0, :-1].astype(np.float64)
+    correct = wide[np.arange(LM_LENGTH - 1), targets[0]]
+    others = np.where(np.arange(LM_VOCAB) == targets[0][:, None], -np.inf, wide)
+    top = others.max(-1)
+    expected = np.sum(correct - (top + np.log(np.exp(others - top[:, None]).sum(-1))))
+    np.testing.assert_allclose(f[0], expected, rtol=1e-6)
+    assert np.isnan(f[1])
+
+
 def test_language_modeling_end_to_end_and_bad_token_ids():
     model = TinyCausalLM()
     train, targets = lm_data(16, 1), lm_data(3, 2)

@@ -674,9 +674,24 @@ def _token_margins(apply_fn, params, inputs, ids_key: str, mask_key: str):
     targets = jnp.roll(ids, -1, axis=1).astype(jnp.int32)
     correct = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
-    others = jax.nn.logsumexp(jnp.where(is_target, -jnp.inf, logits), axis=-1)
+    others = _logsumexp_of_others(logits, is_target)
     weights = jnp.concatenate([mask[:, 1:] * mask[:, :-1], jnp.zeros_like(mask[:, :1])], axis=1)
     return correct - others, weights
+
+
+def _logsumexp_of_others(logits, is_target):
+    """log Σ_{j: not is_target} e^{logit_j} over the last axis: (...,) float32.
+
+    As ``jax.nn.logsumexp`` of the masked logits, with the shift (the largest logit counted)
+    found by a comparison-and-select reduction instead of ``max``: XLA's CPU backend vectorizes
+    it, while its NaN-propagating ``max`` read the (B, L, V) logits of the 4-layer GPT-2 step 3×
+    slower (53 against 18 ms). The shift only keeps the exponentials in range and gets no
+    gradient; a NaN logit still makes the sum, and so the result, NaN."""
+    masked = jnp.where(is_target, -jnp.inf, logits)
+    top = jax.lax.reduce(jax.lax.stop_gradient(masked), np.float32(-np.inf),
+                         lambda a, b: jnp.where(a > b, a, b), (masked.ndim - 1,))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    return jnp.log(jnp.sum(jnp.exp(masked - top[..., None]), axis=-1)) + top
 
 
 def _counted_sum(values, weights):

@@ -5,10 +5,10 @@ bias gradients Σ_t over each sequence's positions, (B, T, d) → (B, d), and th
 attention and the model's own backward pass. On the CPU backend of JAX 0.10–0.12, XLA hands
 such reductions to YNNPACK ("ynn fusions"); a perfetto trace of the 4-layer GPT-2 step timed
 each (8, 128, 768) → (8, 768) sum there at 6.3 ms, against 0.45 ms for the same reduction
-compiled alone (part of that may be the step's other work running beside it). Restricting YNNPACK to
-individual matrix products for this one executable made featurization 6–20% faster on the
-benchmark models on JAX 0.10 (the 373k CNN 20%, GPT-2 6–9%, ResNet-18 7%) and 3–13% on JAX
-0.12, GPT-2 there unchanged (benchmarks/README.md, "YNNPACK reductions"). The plain
+compiled alone (part of that may be the step's other work running beside it). Restricting
+YNNPACK to individual matrix products for this one executable made featurization 6–20% faster
+on the benchmark models on JAX 0.10 (the 373k CNN 20%, GPT-2 6–11%, ResNet-18 7%) and 3–13% on
+JAX 0.12, GPT-2 there unchanged (benchmarks/README.md, "YNNPACK reductions"). The plain
 ``LIBRARY_FUSION_TYPE_DOT`` is not used: it let XLA fuse the dense family's six block products
 into one YNNPACK graph that ran 1.9× slower on the digits MLP.
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trakjax import Config, compiler_options, featurize, tasks
+from trakjax import Config, compiler_options, featurize, sharding, tasks
 
 
 class _LayerNormMLP(nn.Module):
@@ -44,7 +44,7 @@ def test_cpu_gets_the_options_other_platforms_none(fresh_probe):
     assert compiler_options.STATUS["cpu"].startswith("applied")
     assert compiler_options.featurize_step_options("gpu") == {}
     assert compiler_options.featurize_step_options("tpu") == {}
-    assert compiler_options.step_platform(None) == jax.default_backend()
+    assert sharding.mesh_platform(None) == jax.default_backend()
 
 
 def test_no_reduction_is_left_to_ynnpack_under_the_options():

@@ -53,10 +53,3 @@ def _cpu_options_accepted() -> tuple:
         return ()
     STATUS["cpu"] = f"applied: {CPU_STEP_OPTIONS}"
     return tuple(CPU_STEP_OPTIONS.items())
-
-
-def step_platform(mesh) -> str:
-    """The platform a step runs on: the mesh's devices', else the default backend's."""
-    if mesh is None:
-        return jax.default_backend()
-    return mesh.devices.flat[0].platform

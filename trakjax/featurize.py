@@ -318,7 +318,7 @@ def _make_step(task: Task, spec: FeatureSpec, mesh, with_out_to_loss: bool):
         return (features, outputs.astype(jnp.float32), q, jnp.broadcast_to(offset, q.shape).astype(jnp.float32),
                 jnp.broadcast_to(curvature, q.shape).astype(jnp.float32))
 
-    options = compiler_options.featurize_step_options(compiler_options.step_platform(mesh))
+    options = compiler_options.featurize_step_options(sharding_lib.mesh_platform(mesh))
     if sharding_lib.mesh_size(mesh) == 1:
         return jax.jit(step, compiler_options=options)
     rows, same = jax.sharding.PartitionSpec(sharding_lib.DATA_AXIS), jax.sharding.PartitionSpec()

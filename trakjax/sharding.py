@@ -63,6 +63,14 @@ def mesh_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else int(mesh.devices.size)
 
 
+def mesh_platform(mesh: Mesh | None) -> str:
+    """The platform ("cpu", "gpu", "tpu") a step over ``mesh`` runs on: its devices', else the
+    default backend's."""
+    if mesh is None:
+        return jax.default_backend()
+    return mesh.devices.flat[0].platform
+
+
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is ≥ ``n``."""
     return -(-n // multiple) * multiple

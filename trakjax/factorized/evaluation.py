@@ -11,6 +11,9 @@
   kept); a ``cond`` is rebuilt with ``lax.switch``; a ``scan`` is rebuilt with ``lax.scan`` and
   the factor matrices and Z of the leaves it slices are passed as xs (moved to lead with the
   scanned axis), those of the leaves it receives whole as closed-over constants;
+* a convolution whose input has fewer spatial positions than its window is computed as one
+  matmul of patches (:mod:`~trakjax.factorized.small_convolutions`: XLA's CPU backend runs it
+  swapped, slowly);
 * every other equation (custom_jvp/custom_vjp calls included: their rules stay intact) is
   re-bound unchanged.
 
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from trakjax.factorized import compat
+from trakjax.factorized import compat, small_convolutions
 from trakjax.factorized.analysis import Analysis
 from trakjax.factorized.taps import TapConfig, tap
 
@@ -72,15 +75,29 @@ def _eval(ctx: Context, jaxpr, consts, args, path: tuple, scope: dict) -> list:
         invals = [compat.read(env, v) for v in eqn.invars]
         call = ctx.analysis.calls.get(key)
         if key in ctx.taps:
-            outs = compat.bind(eqn, invals)
+            outs = _bind(eqn, invals)
             outs[0] = _tap(ctx, key, eqn, invals, outs[0], scope)
         elif call is not None and call.leaves & ctx.factorized & scope.keys():
             outs = _call(ctx, eqn, invals, key, scope, call)
         else:
-            outs = compat.bind(eqn, invals)
+            outs = _bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):
             env[var] = val
     return [compat.read(env, v) for v in jaxpr.outvars]
+
+
+def _bind(eqn, invals) -> list:
+    """Evaluate one equation unchanged, except a convolution over a map smaller than its window:
+    that one by patches (:mod:`~trakjax.factorized.small_convolutions`), the same values."""
+    if eqn.primitive.name == "conv_general_dilated":
+        params = compat.bind_params(eqn)
+        if small_convolutions.is_small(invals[0].shape, invals[1].shape, params):
+            return [small_convolutions.convolve_by_patches(
+                invals[0], invals[1], window_strides=params["window_strides"], padding=params["padding"],
+                rhs_dilation=params["rhs_dilation"], dimension_numbers=params["dimension_numbers"],
+                precision=params["precision"], preferred_element_type=params["preferred_element_type"],
+            )]
+    return compat.bind(eqn, invals)
 
 
 def _tap(ctx: Context, key, eqn, invals, y, scope):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from trakjax.errors import ArgumentTypeError
+from trakjax.factorized import small_convolutions
 from trakjax.factorized.analysis import ConvGeometry, DotGeometry, GatherGeometry
 from trakjax.projection import matmul_precision
 
@@ -118,13 +119,23 @@ def _bias_input(cfg: TapConfig, u, p_c):
 
 
 def _conv_inputs(geo: ConvGeometry, x, p_c, prec):
-    """P_Cᵀ patch_t for every output position, as one convolution with P_C as the kernel."""
+    """P_Cᵀ patch_t for every output position, as one convolution with P_C as the kernel (by
+    patches where the map is smaller than the window, as the site's own convolution)."""
     rows = jnp.eye(geo.d_c, dtype=jnp.float32) if p_c is None else p_c[: geo.d_c]
     kernel = jnp.transpose(rows.reshape(geo.c_shape + (rows.shape[-1],)), geo.kernel_perm)
-    u = lax.conv_general_dilated(
-        x.astype(jnp.float32), kernel, geo.window_strides, geo.padding, geo.lhs_dilation,
-        geo.rhs_dilation, geo.dimension_numbers, precision=prec, preferred_element_type=jnp.float32,
-    )
+    x = x.astype(jnp.float32)
+    params = {"lhs_dilation": geo.lhs_dilation, "dimension_numbers": geo.dimension_numbers}
+    if small_convolutions.is_small(x.shape, kernel.shape, params):
+        u = small_convolutions.convolve_by_patches(
+            x, kernel, window_strides=geo.window_strides, padding=geo.padding,
+            rhs_dilation=geo.rhs_dilation, dimension_numbers=geo.dimension_numbers,
+            precision=prec, preferred_element_type=jnp.float32,
+        )
+    else:
+        u = lax.conv_general_dilated(
+            x, kernel, geo.window_strides, geo.padding, geo.lhs_dilation, geo.rhs_dilation,
+            geo.dimension_numbers, precision=prec, preferred_element_type=jnp.float32,
+        )
     return jnp.transpose(u, geo.y_perm).reshape(-1, rows.shape[-1])
 
 

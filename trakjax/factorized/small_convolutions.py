@@ -1,0 +1,91 @@
+"""Convolutions over maps smaller than their window, evaluated as one matmul of patches.
+
+XLA's CPU backend swaps the operands of a convolution whose input has fewer spatial positions
+than its window (ResNet's last stage at 32×32 images: 3×3 kernels over 2×2 and 1×1 maps). The
+swapped convolution materializes a reversed copy of the kernel and runs at a few GFLOP/s, in the
+forward pass and again in the activation backward: measured, most of a ResNet-18 featurize step.
+
+For such a convolution the patches are few, so the factorized evaluator computes it as
+
+    y[n, o, :] = Σ_{w ∈ window} x_pad[n, s·o + d·w, :] · W[w]  =  patches(x) · vec(W)
+
+with ``patches(x)``: (N·outputs, window·C_in) built from one strided slice of the padded input per
+window offset, and ``vec(W)``: (window·C_in, C_out). The result is the convolution's, up to the
+order of float32 summation; its autodiff is a matmul and pads, with no reversed kernel.
+
+:mod:`~trakjax.factorized.evaluation` takes the patch route for a convolution equation only where
+:func:`is_small` holds (one feature group, one batch group, no input dilation, fewer input
+positions than window positions), and so does a tap's P_Cᵀ·patch convolution
+(:mod:`~trakjax.factorized.taps`); every other convolution is XLA's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def is_small(lhs_shape, rhs_shape, params: dict) -> bool:
+    """Whether a convolution with these shapes and bind parameters takes the patch route.
+
+    True when it has one feature group and one batch group, no input (lhs) dilation, and its
+    input's spatial positions are fewer than its window's: the convolutions XLA would swap.
+    """
+    if params.get("feature_group_count", 1) != 1 or params.get("batch_group_count", 1) != 1:
+        return False
+    lhs_dilation = params.get("lhs_dilation") or ()
+    if any(int(d) != 1 for d in lhs_dilation):
+        return False
+    lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+    inputs = math.prod(int(lhs_shape[a]) for a in lhs_spec[2:])
+    window = math.prod(int(rhs_shape[a]) for a in rhs_spec[2:])
+    return inputs < window
+
+
+def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimension_numbers,
+                        precision=None, preferred_element_type=None) -> jax.Array:
+    """``lax.conv_general_dilated`` (no input dilation, one group) as patches(x) · vec(W).
+
+    Args:
+      x: the input, laid out as ``dimension_numbers.lhs_spec`` says (batch, feature, spatial...).
+      w: the kernel, laid out as ``rhs_spec`` (out feature, in feature, spatial...).
+      window_strides, padding ((lo, hi) per spatial dim, negative allowed), rhs_dilation,
+      precision, preferred_element_type: as ``lax.conv_general_dilated``.
+      dimension_numbers: a ``ConvDimensionNumbers`` (lhs_spec, rhs_spec, out_spec).
+
+    Returns:
+      The convolution, laid out as ``out_spec``.
+    """
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    n_spatial = len(lhs_spec) - 2
+    # x as (N, spatial..., C_in); W as (window..., C_in, C_out).
+    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+    w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
+    pads = [(0, 0, 0)] + [(int(lo), int(hi), 0) for lo, hi in padding] + [(0, 0, 0)]
+    x = lax.pad(x, jnp.zeros((), x.dtype), pads)
+    window = w.shape[:n_spatial]
+    dilation = tuple(rhs_dilation) if rhs_dilation else (1,) * n_spatial
+    strides = tuple(window_strides)
+    outputs = tuple(
+        (x.shape[1 + i] - (window[i] - 1) * dilation[i] - 1) // strides[i] + 1 for i in range(n_spatial)
+    )
+    batch, c_in, c_out = x.shape[0], x.shape[-1], w.shape[-1]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in window)):
+        start = [0] + [o * d for o, d in zip(offset, dilation, strict=True)] + [0]
+        limit = ([batch]
+                 + [o * d + (n - 1) * s + 1 for o, d, n, s in zip(offset, dilation, outputs, strides, strict=True)]
+                 + [c_in])
+        slices.append(lax.slice(x, start, limit, (1, *strides, 1)))
+    patches = jnp.stack(slices, axis=-2).reshape(batch, *outputs, len(slices) * c_in)
+    y = lax.dot_general(patches, w.reshape(-1, c_out), (((n_spatial + 1,), (0,)), ((), ())),
+                        precision=precision, preferred_element_type=preferred_element_type)
+    # y is (N, spatial..., C_out); out_spec names where each of those goes.
+    source = {out_spec[0]: 0, out_spec[1]: n_spatial + 1}
+    source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
+    return jnp.transpose(y, [source[axis] for axis in range(n_spatial + 2)])
+

@@ -7,11 +7,12 @@ forward pass and again in the activation backward: measured, most of a ResNet-18
 
 For such a convolution the patches are few, so the factorized evaluator computes it as
 
-    y[n, o, :] = Σ_{w ∈ window} x_pad[n, s·o + d·w, :] · W[w]  =  patches(x) · vec(W)
+    y[n, o, :] = Σ_{w ∈ window} x[n, s·o + d·w − lo, :] · W[w]
 
-with ``patches(x)``: (N·outputs, window·C_in) built from one strided slice of the padded input per
-window offset, and ``vec(W)``: (window·C_in, C_out). The result is the convolution's, up to the
-order of float32 summation; its autodiff is a matmul and pads, with no reversed kernel.
+one matmul per window offset w, of the strided slice of x that w reads inside the map (positions
+in the padding are left out, so the multiply-adds are the convolution's own). The result is the
+convolution's up to the order of float32 summation; its autodiff is matmuls, slices and pads, with
+no reversed kernel.
 
 :mod:`~trakjax.factorized.evaluation` takes the patch route for a convolution equation only where
 :func:`is_small` holds (one feature group, one batch group, no input dilation, fewer input
@@ -48,7 +49,13 @@ def is_small(lhs_shape, rhs_shape, params: dict) -> bool:
 
 def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimension_numbers,
                         precision=None, preferred_element_type=None) -> jax.Array:
-    """``lax.conv_general_dilated`` (no input dilation, one group) as patches(x) · vec(W).
+    """``lax.conv_general_dilated`` (no input dilation, one group) as Σ_w patch_w · W[w].
+
+    For each window offset w, the output positions whose input position under w lies inside the
+    (unpadded) map form a box; that box's inputs, one strided slice of x, are multiplied by
+    W[w] (C_in, C_out) and padded out to the whole output. Offsets that only ever read padding
+    are skipped, so the products are the convolution's own multiply-adds, no more (XLA's cost
+    analysis counts the same FLOPs as for the convolution).
 
     Args:
       x: the input, laid out as ``dimension_numbers.lhs_spec`` says (batch, feature, spatial...).
@@ -65,27 +72,36 @@ def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimensio
     # x as (N, spatial..., C_in); W as (window..., C_in, C_out).
     x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
     w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
-    pads = [(0, 0, 0)] + [(int(lo), int(hi), 0) for lo, hi in padding] + [(0, 0, 0)]
-    x = lax.pad(x, jnp.zeros((), x.dtype), pads)
-    window = w.shape[:n_spatial]
-    dilation = tuple(rhs_dilation) if rhs_dilation else (1,) * n_spatial
-    strides = tuple(window_strides)
+    sizes, window = x.shape[1:-1], w.shape[:n_spatial]
+    dilation = tuple(int(d) for d in rhs_dilation) if rhs_dilation else (1,) * n_spatial
+    strides = tuple(int(s) for s in window_strides)
+    lows = tuple(int(lo) for lo, _ in padding)
     outputs = tuple(
-        (x.shape[1 + i] - (window[i] - 1) * dilation[i] - 1) // strides[i] + 1 for i in range(n_spatial)
+        (sizes[i] + lows[i] + int(padding[i][1]) - (window[i] - 1) * dilation[i] - 1) // strides[i] + 1
+        for i in range(n_spatial)
     )
-    batch, c_in, c_out = x.shape[0], x.shape[-1], w.shape[-1]
-    slices = []
+    dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
+    y = None
     for offset in itertools.product(*(range(k) for k in window)):
-        start = [0] + [o * d for o, d in zip(offset, dilation, strict=True)] + [0]
-        limit = ([batch]
-                 + [o * d + (n - 1) * s + 1 for o, d, n, s in zip(offset, dilation, outputs, strides, strict=True)]
-                 + [c_in])
-        slices.append(lax.slice(x, start, limit, (1, *strides, 1)))
-    patches = jnp.stack(slices, axis=-2).reshape(batch, *outputs, len(slices) * c_in)
-    y = lax.dot_general(patches, w.reshape(-1, c_out), (((n_spatial + 1,), (0,)), ((), ())),
-                        precision=precision, preferred_element_type=preferred_element_type)
+        # output n reads input s·n + d·w − lo along each spatial dim: the valid n are a range.
+        first, last = [], []
+        for i in range(n_spatial):
+            shift = dilation[i] * offset[i] - lows[i]
+            first.append(max(0, -(shift // strides[i])))  # ceil(−shift / s)
+            last.append(min(outputs[i] - 1, (sizes[i] - 1 - shift) // strides[i]))
+        if any(f > l for f, l in zip(first, last, strict=True)):
+            continue  # this offset only ever reads padding
+        start = [strides[i] * first[i] + dilation[i] * offset[i] - lows[i] for i in range(n_spatial)]
+        limit = [strides[i] * last[i] + dilation[i] * offset[i] - lows[i] + 1 for i in range(n_spatial)]
+        patch = lax.slice(x, [0, *start, 0], [x.shape[0], *limit, x.shape[-1]], (1, *strides, 1))
+        part = lax.dot_general(patch, w[offset], (((n_spatial + 1,), (0,)), ((), ())),
+                               precision=precision, preferred_element_type=preferred_element_type)
+        pads = [(0, 0, 0)] + [(first[i], outputs[i] - 1 - last[i], 0) for i in range(n_spatial)] + [(0, 0, 0)]
+        part = lax.pad(part, jnp.zeros((), part.dtype), pads)
+        y = part if y is None else y + part
+    if y is None:  # every offset reads padding only
+        y = jnp.zeros((x.shape[0], *outputs, w.shape[-1]), dtype)
     # y is (N, spatial..., C_out); out_spec names where each of those goes.
     source = {out_spec[0]: 0, out_spec[1]: n_spatial + 1}
     source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
     return jnp.transpose(y, [source[axis] for axis in range(n_spatial + 2)])
-

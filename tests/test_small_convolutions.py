@@ -118,3 +118,30 @@ def test_the_compiled_step_runs_small_map_convolutions_as_matmuls():
     # Conv_0 (4×4 map) stays one convolution forward and one for its tap; its activation
     # backward is not needed (the input is data). Conv_1 and Conv_2 (2×2 maps) add none.
     assert hlo.count("convolution(") == 2, hlo.count("convolution(")
+
+
+def _torch_layout_output(leaves, example, key):
+    """A plain-JAX model with NCHW/OIHW convolutions (dilated, strided, asymmetric padding)."""
+    del key
+    w0, b0, w1, dense = leaves
+    x = example[0][None]
+    dn = ("NCHW", "OIHW", "NCHW")
+    x = jnp.tanh(lax.conv_general_dilated(x, w0, (1, 2), ((1, 0), (2, 1)), rhs_dilation=(2, 1),
+                                          dimension_numbers=dn) + b0[None, :, None, None])
+    x = jnp.tanh(lax.conv_general_dilated(x, w1, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+    return (x.reshape(-1) @ dense)[example[1]]
+
+
+def test_identity_sided_convolution_taps_are_the_patches_in_any_layout():
+    """An identity C side takes the patch by slices: exact for torch-layout kernels (C rows in
+    leaf order: in-feature, then kernel height, then width), dilation, strides, padding."""
+    rng = np.random.default_rng(0)
+    leaves = [jnp.asarray(rng.normal(size=s), jnp.float32) * 0.3
+              for s in [(4, 3, 2, 3), (4,), (5, 4, 3, 2), (5 * 5 * 4, 3)]]
+    x = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
+    batch = (x, jnp.array([0, 2, 1]))
+    paths = ["w0", "b0", "w1", "dense"]
+    for factor_dims, proj_dim in ((64, "all"), (64, 40)):  # identity sides; then a second stage
+        plan = check_exact(_torch_layout_output, leaves, batch, paths, factor_dims=factor_dims, proj_dim=proj_dim)
+    assert all(side.identity for side in plan.leaves[0].sides)
+    assert plan.leaves[0].sites == ("conv_general_dilated×1",)

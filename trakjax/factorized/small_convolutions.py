@@ -105,3 +105,28 @@ def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimensio
     source = {out_spec[0]: 0, out_spec[1]: n_spatial + 1}
     source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
     return jnp.transpose(y, [source[axis] for axis in range(n_spatial + 2)])
+
+
+def window_patches(x, window: tuple, *, window_strides, padding, rhs_dilation, lhs_spec) -> jax.Array:
+    """Every window of x: (N, outputs..., *window, C_in), no arithmetic (slices of the padded x).
+
+    ``patches[n, o, w, c] = x_pad[n, s·o + d·w, c]``, the inputs a convolution with this
+    geometry (no input dilation) multiplies by ``W[w, c, :]``; zero where the window reads padding.
+    ``window`` is the kernel's spatial shape in ``lhs_spec``'s spatial order.
+    """
+    n_spatial = len(lhs_spec) - 2
+    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
+    pads = [(0, 0, 0)] + [(int(lo), int(hi), 0) for lo, hi in padding] + [(0, 0, 0)]
+    x = lax.pad(x, jnp.zeros((), x.dtype), pads)
+    dilation = tuple(int(d) for d in rhs_dilation) if rhs_dilation else (1,) * n_spatial
+    strides = tuple(int(s) for s in window_strides)
+    outputs = tuple((x.shape[1 + i] - (window[i] - 1) * dilation[i] - 1) // strides[i] + 1 for i in range(n_spatial))
+    slices = []
+    for offset in itertools.product(*(range(k) for k in window)):
+        start = [0] + [o * d for o, d in zip(offset, dilation, strict=True)] + [0]
+        limit = ([x.shape[0]]
+                 + [o * d + (n - 1) * s + 1 for o, d, n, s in zip(offset, dilation, outputs, strides, strict=True)]
+                 + [x.shape[-1]])
+        slices.append(lax.slice(x, start, limit, (1, *strides, 1)))
+    stacked = jnp.stack(slices, axis=n_spatial + 1)  # (N, outputs..., window positions, C_in)
+    return stacked.reshape(x.shape[0], *outputs, *window, x.shape[-1])

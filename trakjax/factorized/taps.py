@@ -120,10 +120,13 @@ def _bias_input(cfg: TapConfig, u, p_c):
 
 def _conv_inputs(geo: ConvGeometry, x, p_c, prec):
     """P_Cᵀ patch_t for every output position, as one convolution with P_C as the kernel (by
-    patches where the map is smaller than the window, as the site's own convolution)."""
+    patches where the map is smaller than the window, as the site's own convolution); the patch
+    itself, by slices, for an identity C side."""
+    x = x.astype(jnp.float32)
+    if p_c is None and all(int(d) == 1 for d in geo.lhs_dilation):
+        return _conv_patches(geo, x)
     rows = jnp.eye(geo.d_c, dtype=jnp.float32) if p_c is None else p_c[: geo.d_c]
     kernel = jnp.transpose(rows.reshape(geo.c_shape + (rows.shape[-1],)), geo.kernel_perm)
-    x = x.astype(jnp.float32)
     params = {"lhs_dilation": geo.lhs_dilation, "dimension_numbers": geo.dimension_numbers}
     if small_convolutions.is_small(x.shape, kernel.shape, params):
         u = small_convolutions.convolve_by_patches(
@@ -137,6 +140,27 @@ def _conv_inputs(geo: ConvGeometry, x, p_c, prec):
             geo.dimension_numbers, precision=prec, preferred_element_type=jnp.float32,
         )
     return jnp.transpose(u, geo.y_perm).reshape(-1, rows.shape[-1])
+
+
+def _conv_patches(geo: ConvGeometry, x):
+    """An identity C side: u = the patch itself, in the C side's row order (slices, no products)."""
+    lhs_spec, rhs_spec, out_spec = geo.dimension_numbers
+    n_spatial = len(lhs_spec) - 2
+    # kernel dim d holds the reshaped rows' axis kernel_perm[d]; the patches' trailing axes are
+    # the kernel dims rhs_spec[2:] (window) then rhs_spec[1] (input feature).
+    window = tuple(geo.c_shape[geo.kernel_perm[d]] for d in rhs_spec[2:])
+    patches = small_convolutions.window_patches(
+        x, window, window_strides=geo.window_strides, padding=geo.padding,
+        rhs_dilation=geo.rhs_dilation, lhs_spec=lhs_spec)
+    trailing = [geo.kernel_perm[d] for d in (*rhs_spec[2:], rhs_spec[1])]  # row axis of each
+    order = [1 + n_spatial + trailing.index(j) for j in range(len(geo.c_shape))]
+    u = jnp.transpose(patches, (0, *range(1, 1 + n_spatial), *order))
+    u = u.reshape(*u.shape[: 1 + n_spatial], geo.d_c)
+    # (N, spatial..., d_c) → the output's layout, then positions × d_c as for a convolution.
+    source = {out_spec[0]: 0, out_spec[1]: n_spatial + 1}
+    source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
+    u = jnp.transpose(u, [source[axis] for axis in range(n_spatial + 2)])
+    return jnp.transpose(u, geo.y_perm).reshape(-1, geo.d_c)
 
 
 def _gather_inputs(geo: GatherGeometry, indices, p_c):

@@ -11,6 +11,10 @@ built here (no download):
 * ``resnet18``: ``FlaxResNetForImageClassification`` (basic blocks, depths 2-2-2-2, widths
   64-128-256-512, 10 classes) on 32×32×3 images, batch statistics held fixed,
   ``tasks.image_classification``; rates in examples/s; 32 → 128 images.
+* ``vit``: ``FlaxViTForImageClassification``, 4 layers, d 192, 3 heads, 4×4 patches of 32×32×3
+  images (64 patches + CLS), 10 classes, ``tasks.image_classification``; 32 → 128 images.
+* ``bert``: ``FlaxBertForSequenceClassification``, 4 layers, d 256, 4 heads, vocab 8192, 128
+  tokens, 4 classes, ``tasks.text_classification``; examples/s; 32 → 128 sequences.
 
 For each model, in its own process (so each has its own peak RSS, VmHWM):
 
@@ -32,7 +36,7 @@ For each model, in its own process (so each has its own peak RSS, VmHWM):
   and q) and of one training step, on the same batch. XLA counts a loop body once: the number of
   ``while`` loops in each compiled module is printed so an undercount can be seen.
 
-Run:  python benchmarks/hf_models.py [gpt2|gpt2-large|resnet18|all] [--sizes 32 128] [--batch 8]
+Run:  python benchmarks/hf_models.py [gpt2|gpt2-large|resnet18|vit|bert|all] [--sizes 32 128] [--batch 8]
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ GPT2_SHAPES = {  # issue 20's two shapes: layers, d, heads, vocab, positions; tr
     "gpt2": dict(layers=2, d=256, heads=4, vocab=8192, positions=64, sizes=[32, 128]),
     "gpt2-large": dict(layers=4, d=768, heads=12, vocab=50257, positions=128, sizes=[16, 64]),
 }
-SIZES = {"resnet18": [32, 128], **{name: shape["sizes"] for name, shape in GPT2_SHAPES.items()}}
-UNITS = {"gpt2": "tokens", "gpt2-large": "tokens", "resnet18": "examples"}
+SIZES = {"resnet18": [32, 128], "vit": [32, 128], "bert": [32, 128],
+         **{name: shape["sizes"] for name, shape in GPT2_SHAPES.items()}}
+UNITS = {"gpt2": "tokens", "gpt2-large": "tokens", "resnet18": "examples", "vit": "examples", "bert": "examples"}
 CONVOLUTIONAL = {"resnet18"}  # also timed with its small-map convolutions by patches
 
 
@@ -133,6 +138,47 @@ def build(name: str, n: int, seed: int = 0):
             return value, updates["batch_stats"]
 
         return model, tasks.image_classification(model.apply_fn), data, loss, 1
+    if name == "vit":
+        from transformers import FlaxViTForImageClassification, ViTConfig
+
+        config = ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=192, num_hidden_layers=4,
+                           num_attention_heads=3, intermediate_size=768, num_labels=10,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hf = FlaxViTForImageClassification(config, seed=0, input_shape=(1, 32, 32, 3))
+        model = trakjax.flax.from_linen(  # the module takes NHWC (the HF wrapper transposes NCHW)
+            hf.module, {"params": hf.params}, method=lambda module, x: module(x, deterministic=True).logits)
+        data = (rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+                rng.integers(0, 10, n).astype(np.int32))
+
+        def loss(variables, batch):
+            out = model.apply_fn(variables, batch[0])
+            return optax.softmax_cross_entropy_with_integer_labels(out, batch[1]).mean(), None
+
+        return model, tasks.image_classification(model.apply_fn), data, loss, 1
+    if name == "bert":
+        from transformers import BertConfig, FlaxBertForSequenceClassification
+
+        config = BertConfig(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=1024, max_position_embeddings=128, num_labels=4,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        hf = FlaxBertForSequenceClassification(config, seed=0)
+
+        def logits(module, inputs):
+            ids = inputs["input_ids"]
+            positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
+            return module(ids, inputs["attention_mask"], jnp.zeros_like(ids), positions, None,
+                          deterministic=True).logits
+
+        model = trakjax.flax.from_linen(hf.module, {"params": hf.params}, method=logits)
+        data = ({"input_ids": rng.integers(0, config.vocab_size, (n, 128)).astype(np.int32),
+                 "attention_mask": np.ones((n, 128), np.int32)},
+                rng.integers(0, 4, n).astype(np.int32))
+
+        def loss(variables, batch):
+            out = model.apply_fn(variables, batch[0])
+            return optax.softmax_cross_entropy_with_integer_labels(out, batch[1]).mean(), None
+
+        return model, tasks.text_classification(model.apply_fn), data, loss, 1
     raise ValueError(f"unknown model {name!r}: expected one of {sorted(UNITS)}")
 
 

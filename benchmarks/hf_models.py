@@ -200,12 +200,10 @@ def with_small_convolutions_by_patches(fn):
         for eqn in jaxpr.eqns:
             invals = [compat.read(env, v) for v in eqn.invars]
             name = eqn.primitive.name
-            params = compat.bind_params(eqn) if name == "conv_general_dilated" else None
-            if params is not None and small_convolutions.is_small(invals[0].shape, invals[1].shape, params):
-                outs = [small_convolutions.convolve_by_patches(
-                    invals[0], invals[1], window_strides=params["window_strides"], padding=params["padding"],
-                    rhs_dilation=params["rhs_dilation"], dimension_numbers=params["dimension_numbers"],
-                    precision=params["precision"], preferred_element_type=params["preferred_element_type"])]
+            y = (small_convolutions.convolve_bound(*invals, compat.bind_params(eqn))
+                 if name == "conv_general_dilated" else None)
+            if y is not None:
+                outs = [y]
             elif name in compat.JIT_PRIMITIVES:
                 outs = evaluate(*compat.open_jaxpr(compat.call_jaxpr(eqn)), invals)
             else:

@@ -90,13 +90,9 @@ def _bind(eqn, invals) -> list:
     """Evaluate one equation unchanged, except a convolution over a map smaller than its window:
     that one by patches (:mod:`~trakjax.factorized.small_convolutions`), the same values."""
     if eqn.primitive.name == "conv_general_dilated":
-        params = compat.bind_params(eqn)
-        if small_convolutions.is_small(invals[0].shape, invals[1].shape, params):
-            return [small_convolutions.convolve_by_patches(
-                invals[0], invals[1], window_strides=params["window_strides"], padding=params["padding"],
-                rhs_dilation=params["rhs_dilation"], dimension_numbers=params["dimension_numbers"],
-                precision=params["precision"], preferred_element_type=params["preferred_element_type"],
-            )]
+        y = small_convolutions.convolve_bound(invals[0], invals[1], compat.bind_params(eqn))
+        if y is not None:
+            return [y]
     return compat.bind(eqn, invals)
 
 

@@ -89,7 +89,7 @@ def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimensio
             shift = dilation[i] * offset[i] - lows[i]
             first.append(max(0, -(shift // strides[i])))  # ceil(−shift / s)
             last.append(min(outputs[i] - 1, (sizes[i] - 1 - shift) // strides[i]))
-        if any(f > l for f, l in zip(first, last, strict=True)):
+        if any(lo > hi for lo, hi in zip(first, last, strict=True)):
             continue  # this offset only ever reads padding
         start = [strides[i] * first[i] + dilation[i] * offset[i] - lows[i] for i in range(n_spatial)]
         limit = [strides[i] * last[i] + dilation[i] * offset[i] - lows[i] + 1 for i in range(n_spatial)]
@@ -106,6 +106,17 @@ def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimensio
     source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
     return jnp.transpose(y, [source[axis] for axis in range(n_spatial + 2)])
 
+
+def convolve_bound(x, w, params: dict) -> jax.Array | None:
+    """A ``conv_general_dilated`` equation's result by patches, given its bind ``params``, where
+    :func:`is_small` holds; None where XLA's convolution should run instead."""
+    if not is_small(x.shape, w.shape, params):
+        return None
+    return convolve_by_patches(
+        x, w, window_strides=params["window_strides"], padding=params["padding"],
+        rhs_dilation=params.get("rhs_dilation"), dimension_numbers=params["dimension_numbers"],
+        precision=params.get("precision"), preferred_element_type=params.get("preferred_element_type"),
+    )
 
 def window_patches(x, window: tuple, *, window_strides, padding, rhs_dilation, lhs_spec) -> jax.Array:
     """Every window of x: (N, outputs..., *window, C_in), no arithmetic (slices of the padded x).

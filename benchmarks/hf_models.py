@@ -10,9 +10,9 @@ built here (no download):
   128 positions; 16 → 64 sequences (the architecture of benchmarks/peers.py's PyTorch side).
 * ``resnet18``: ``FlaxResNetForImageClassification`` (basic blocks, depths 2-2-2-2, widths
   64-128-256-512, 10 classes) on 32×32×3 images, batch statistics held fixed,
-  ``tasks.image_classification``; rates in examples/s; 32 → 128 images.
+  ``tasks.image_classification``; rates in examples/s; 64 → 256 images.
 * ``vit``: ``FlaxViTForImageClassification``, 4 layers, d 192, 3 heads, 4×4 patches of 32×32×3
-  images (64 patches + CLS), 10 classes, ``tasks.image_classification``; 32 → 128 images.
+  images (64 patches + CLS), 10 classes, ``tasks.image_classification``; 64 → 256 images.
 * ``bert``: ``FlaxBertForSequenceClassification``, 4 layers, d 256, 4 heads, vocab 8192, 128
   tokens, 4 classes, ``tasks.text_classification``; examples/s; 32 → 128 sequences.
 
@@ -58,7 +58,7 @@ GPT2_SHAPES = {  # issue 20's two shapes: layers, d, heads, vocab, positions; tr
     "gpt2": dict(layers=2, d=256, heads=4, vocab=8192, positions=64, sizes=[32, 128]),
     "gpt2-large": dict(layers=4, d=768, heads=12, vocab=50257, positions=128, sizes=[16, 64]),
 }
-SIZES = {"resnet18": [32, 128], "vit": [32, 128], "bert": [32, 128],
+SIZES = {"resnet18": [64, 256], "vit": [64, 256], "bert": [32, 128],  # ≥ about a second of work apart
          **{name: shape["sizes"] for name, shape in GPT2_SHAPES.items()}}
 UNITS = {"gpt2": "tokens", "gpt2-large": "tokens", "resnet18": "examples", "vit": "examples", "bert": "examples"}
 CONVOLUTIONAL = {"resnet18"}  # also timed with its small-map convolutions by patches

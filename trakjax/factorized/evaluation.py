@@ -11,8 +11,8 @@
   kept); a ``cond`` is rebuilt with ``lax.switch``; a ``scan`` is rebuilt with ``lax.scan`` and
   the factor matrices and Z of the leaves it slices are passed as xs (moved to lead with the
   scanned axis), those of the leaves it receives whole as closed-over constants;
-* a convolution whose input has fewer spatial positions than its window is computed as one
-  matmul of patches (:mod:`~trakjax.factorized.small_convolutions`: XLA's CPU backend runs it
+* a convolution whose input has fewer spatial positions than its window is computed as matmuls
+  of its patches (:mod:`~trakjax.factorized.small_convolutions`: XLA's CPU backend runs it
   swapped, slowly);
 * every other equation (custom_jvp/custom_vjp calls included: their rules stay intact) is
   re-bound unchanged.

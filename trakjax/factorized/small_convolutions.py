@@ -49,6 +49,22 @@ def is_small(lhs_shape, rhs_shape, params: dict) -> bool:
     return inputs < window
 
 
+def output_sizes(sizes, window, padding, rhs_dilation, window_strides) -> tuple[int, ...]:
+    """A convolution's output spatial sizes (no input dilation): (size + lo + hi − d·(k − 1) − 1) // s + 1."""
+    return tuple(
+        (int(n) + int(lo) + int(hi) - (int(k) - 1) * int(d) - 1) // int(s) + 1
+        for n, k, (lo, hi), d, s in zip(sizes, window, padding, rhs_dilation, window_strides, strict=True)
+    )
+
+
+def to_output_layout(y, out_spec) -> jax.Array:
+    """(N, spatial..., features) → the layout ``out_spec`` (batch, feature, spatial...) names."""
+    n_spatial = y.ndim - 2
+    source = {out_spec[0]: 0, out_spec[1]: n_spatial + 1}
+    source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
+    return jnp.transpose(y, [source[axis] for axis in range(n_spatial + 2)])
+
+
 def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimension_numbers,
                         precision=None, preferred_element_type=None) -> jax.Array:
     """``lax.conv_general_dilated`` (no input dilation, one group) as Σ_w patch_w · W[w].
@@ -78,10 +94,7 @@ def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimensio
     dilation = tuple(int(d) for d in rhs_dilation) if rhs_dilation else (1,) * n_spatial
     strides = tuple(int(s) for s in window_strides)
     lows = tuple(int(lo) for lo, _ in padding)
-    outputs = tuple(
-        (sizes[i] + lows[i] + int(padding[i][1]) - (window[i] - 1) * dilation[i] - 1) // strides[i] + 1
-        for i in range(n_spatial)
-    )
+    outputs = output_sizes(sizes, window, padding, dilation, strides)
     dtype = preferred_element_type or jnp.result_type(x.dtype, w.dtype)
     y = None
     for offset in itertools.product(*(range(k) for k in window)):
@@ -103,10 +116,7 @@ def convolve_by_patches(x, w, *, window_strides, padding, rhs_dilation, dimensio
         y = part if y is None else y + part
     if y is None:  # every offset reads padding only
         y = jnp.zeros((x.shape[0], *outputs, w.shape[-1]), dtype)
-    # y is (N, spatial..., C_out); out_spec names where each of those goes.
-    source = {out_spec[0]: 0, out_spec[1]: n_spatial + 1}
-    source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
-    return jnp.transpose(y, [source[axis] for axis in range(n_spatial + 2)])
+    return to_output_layout(y, out_spec)
 
 
 def convolve_bound(x, w, params: dict) -> jax.Array | None:
@@ -120,6 +130,7 @@ def convolve_bound(x, w, params: dict) -> jax.Array | None:
         precision=params.get("precision"), preferred_element_type=params.get("preferred_element_type"),
     )
 
+
 def window_patches(x, window: tuple, *, window_strides, padding, rhs_dilation, lhs_spec) -> jax.Array:
     """Every window of x: (N, outputs..., *window, C_in), no arithmetic (slices of the padded x).
 
@@ -129,11 +140,11 @@ def window_patches(x, window: tuple, *, window_strides, padding, rhs_dilation, l
     """
     n_spatial = len(lhs_spec) - 2
     x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
-    pads = [(0, 0, 0)] + [(int(lo), int(hi), 0) for lo, hi in padding] + [(0, 0, 0)]
-    x = lax.pad(x, jnp.zeros((), x.dtype), pads)
     dilation = tuple(int(d) for d in rhs_dilation) if rhs_dilation else (1,) * n_spatial
     strides = tuple(int(s) for s in window_strides)
-    outputs = tuple((x.shape[1 + i] - (window[i] - 1) * dilation[i] - 1) // strides[i] + 1 for i in range(n_spatial))
+    outputs = output_sizes(x.shape[1:-1], window, padding, dilation, strides)
+    pads = [(0, 0, 0)] + [(int(lo), int(hi), 0) for lo, hi in padding] + [(0, 0, 0)]
+    x = lax.pad(x, jnp.zeros((), x.dtype), pads)
     slices = []
     for offset in itertools.product(*(range(k) for k in window)):
         start = [0] + [o * d for o, d in zip(offset, dilation, strict=True)] + [0]

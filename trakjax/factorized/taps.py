@@ -127,18 +127,12 @@ def _conv_inputs(geo: ConvGeometry, x, p_c, prec):
         return _conv_patches(geo, x)
     rows = jnp.eye(geo.d_c, dtype=jnp.float32) if p_c is None else p_c[: geo.d_c]
     kernel = jnp.transpose(rows.reshape(geo.c_shape + (rows.shape[-1],)), geo.kernel_perm)
-    params = {"lhs_dilation": geo.lhs_dilation, "dimension_numbers": geo.dimension_numbers}
-    if small_convolutions.is_small(x.shape, kernel.shape, params):
-        u = small_convolutions.convolve_by_patches(
-            x, kernel, window_strides=geo.window_strides, padding=geo.padding,
-            rhs_dilation=geo.rhs_dilation, dimension_numbers=geo.dimension_numbers,
-            precision=prec, preferred_element_type=jnp.float32,
-        )
-    else:
-        u = lax.conv_general_dilated(
-            x, kernel, geo.window_strides, geo.padding, geo.lhs_dilation, geo.rhs_dilation,
-            geo.dimension_numbers, precision=prec, preferred_element_type=jnp.float32,
-        )
+    params = dict(window_strides=geo.window_strides, padding=geo.padding, lhs_dilation=geo.lhs_dilation,
+                  rhs_dilation=geo.rhs_dilation, dimension_numbers=geo.dimension_numbers, precision=prec,
+                  preferred_element_type=jnp.float32)
+    u = small_convolutions.convolve_bound(x, kernel, params)
+    if u is None:
+        u = lax.conv_general_dilated(x, kernel, **params)
     return jnp.transpose(u, geo.y_perm).reshape(-1, rows.shape[-1])
 
 
@@ -157,9 +151,7 @@ def _conv_patches(geo: ConvGeometry, x):
     u = jnp.transpose(patches, (0, *range(1, 1 + n_spatial), *order))
     u = u.reshape(*u.shape[: 1 + n_spatial], geo.d_c)
     # (N, spatial..., d_c) → the output's layout, then positions × d_c as for a convolution.
-    source = {out_spec[0]: 0, out_spec[1]: n_spatial + 1}
-    source.update({out_spec[2 + i]: 1 + i for i in range(n_spatial)})
-    u = jnp.transpose(u, [source[axis] for axis in range(n_spatial + 2)])
+    u = small_convolutions.to_output_layout(u, out_spec)
     return jnp.transpose(u, geo.y_perm).reshape(-1, geo.d_c)
 
 

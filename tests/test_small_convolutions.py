@@ -30,8 +30,9 @@ CASES = [
 
 def _params(x_shape, w_shape, layouts, **overrides):
     dn = lax.conv_dimension_numbers(x_shape, w_shape, layouts)
-    return {"feature_group_count": 1, "batch_group_count": 1, "lhs_dilation": (1,) * (len(x_shape) - 2),
-            "dimension_numbers": dn, **overrides}
+    n = len(x_shape) - 2
+    return {"feature_group_count": 1, "batch_group_count": 1, "lhs_dilation": (1,) * n, "rhs_dilation": (1,) * n,
+            "window_strides": (1,) * n, "padding": ((1, 1),) * n, "dimension_numbers": dn, **overrides}
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation,layouts", CASES)
@@ -62,8 +63,11 @@ def test_the_patch_route_is_for_small_maps_with_one_group_and_no_input_dilation(
     nhwc = ("NHWC", "HWIO", "NHWC")
     assert is_small((8, 2, 2, 64), (3, 3, 64, 64), _params((8, 2, 2, 64), (3, 3, 64, 64), nhwc))
     assert is_small((8, 1, 1, 64), (3, 3, 64, 64), _params((8, 1, 1, 64), (3, 3, 64, 64), nhwc))
-    # 3×3 = 9 positions against a 3×3 window: not fewer, XLA's convolution
+    # 3×3 = 9 positions in and out against a 3×3 window: not fewer, XLA's convolution
     assert not is_small((8, 3, 3, 64), (3, 3, 64, 64), _params((8, 3, 3, 64), (3, 3, 64, 64), nhwc))
+    # 4×4 in, but 2×2 out (stride 2): its activation backward would be swapped
+    assert is_small((8, 4, 4, 64), (3, 3, 64, 64), _params((8, 4, 4, 64), (3, 3, 64, 64), nhwc, window_strides=(2, 2)))
+    assert not is_small((8, 4, 4, 64), (3, 3, 64, 64), _params((8, 4, 4, 64), (3, 3, 64, 64), nhwc))
     assert not is_small((8, 2, 2, 64), (1, 1, 64, 64), _params((8, 2, 2, 64), (1, 1, 64, 64), nhwc))
     assert not is_small((8, 2, 2, 64), (3, 3, 32, 64),
                         _params((8, 2, 2, 64), (3, 3, 32, 64), nhwc, feature_group_count=2))
@@ -76,11 +80,13 @@ def test_the_patch_route_is_for_small_maps_with_one_group_and_no_input_dilation(
 
 
 class SmallMapsCNN(nn.Module):
-    """4×4 → (3×3, stride 2) 2×2 → (3×3 on 2×2, small) → (3×3, stride 2 on 2×2, small) 1×1."""
+    """8×8 → (3×3, stride 2: XLA's) 4×4 → (3×3, stride 2: 2×2 out, small) → (3×3 on 2×2, small)
+    → (3×3, stride 2 on 2×2, small) 1×1."""
 
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding="SAME")(x))
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="SAME")(x))
         x = nn.relu(nn.Conv(7, (3, 3), padding="SAME")(x))
         x = nn.relu(nn.Conv(5, (3, 3), strides=2, padding="SAME")(x))
         return nn.Dense(3)(x.reshape(x.shape[0], -1))
@@ -88,7 +94,7 @@ class SmallMapsCNN(nn.Module):
 
 def _small_maps_setup():
     model = SmallMapsCNN()
-    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 2))
     params = model.init(jax.random.key(1), x[:1])
     task = tasks.image_classification(lambda p, im: model.apply(p, im))
     mask = featurize.select_parameters(params, None)
@@ -101,7 +107,7 @@ def test_small_map_convolutions_factorize_exactly():
     output_fn, diff, paths, batch = _small_maps_setup()
     for factor_dims, proj_dim in ((4, 30), (64, "all")):  # projected sides, then identity sides
         plan = check_exact(output_fn, diff, batch, paths, factor_dims=factor_dims, proj_dim=proj_dim)
-    for name in ("Conv_1", "Conv_2"):
+    for name in ("Conv_1", "Conv_2", "Conv_3"):
         assert plan.leaves[paths.index(f"params/{name}/kernel")].sites == ("conv_general_dilated×1",)
 
 
@@ -115,8 +121,9 @@ def test_the_compiled_step_runs_small_map_convolutions_as_matmuls():
         return factorized.factorized_features(output_fn, leaves, batch, None, plan, factors, kind="rademacher")
 
     hlo = jax.jit(step).lower(list(diff), batch, factors).compile().as_text()
-    # Conv_0 (4×4 map) stays one convolution forward and one for its tap; its activation
-    # backward is not needed (the input is data). Conv_1 and Conv_2 (2×2 maps) add none.
+    # Conv_0 (8×8 → 4×4) stays one convolution forward and one for its tap; its activation
+    # backward is not needed (the input is data). Conv_1 to Conv_3 (2×2 outputs or inputs) add
+    # none, forward or backward.
     assert hlo.count("convolution(") == 2, hlo.count("convolution(")
 
 

@@ -1,7 +1,8 @@
 """Convolutions over maps smaller than their window, evaluated as matmuls of their patches.
 
 XLA's CPU backend swaps the operands of a convolution whose input has fewer spatial positions
-than its window (ResNet's last stage at 32×32 images: 3×3 kernels over 2×2 and 1×1 maps). The
+than its window (ResNet's last stages at 32×32 images: 3×3 kernels over 2×2 and 1×1 maps), and of
+the activation backward of one whose output has (a strided 3×3 convolution from 4×4 to 2×2). The
 swapped convolution materializes a reversed copy of the kernel and runs at a few GFLOP/s, in the
 forward pass and again in the activation backward: measured, 89 → 26 ms per batch of the HF
 ResNet-18 featurize step (benchmarks/README.md).
@@ -16,8 +17,8 @@ convolution's up to the order of float32 summation; its autodiff is matmuls, sli
 no reversed kernel.
 
 :mod:`~trakjax.factorized.evaluation` takes the patch route for a convolution equation only where
-:func:`is_small` holds (one feature group, one batch group, no input dilation, fewer input
-positions than window positions), and so does a tap's P_Cᵀ·patch convolution
+:func:`is_small` holds (one feature group, one batch group, no input dilation, fewer input or
+output positions than window positions), and so does a tap's P_Cᵀ·patch convolution
 (:mod:`~trakjax.factorized.taps`); every other convolution is XLA's. :func:`window_patches` gives
 a tap with an identity C side the patches themselves, by slices (no multiply-adds).
 """
@@ -36,7 +37,9 @@ def is_small(lhs_shape, rhs_shape, params: dict) -> bool:
     """Whether a convolution with these shapes and bind parameters takes the patch route.
 
     True when it has one feature group and one batch group, no input (lhs) dilation, and its
-    input's spatial positions are fewer than its window's: the convolutions XLA would swap.
+    input's or its output's spatial positions are fewer than its window's. XLA swaps the first
+    kind; the second's activation backward, a convolution over the output's cotangent, is swapped
+    in turn (ResNet's strided 3×3 convolution from a 4×4 map to 2×2).
     """
     if params.get("feature_group_count", 1) != 1 or params.get("batch_group_count", 1) != 1:
         return False
@@ -44,9 +47,11 @@ def is_small(lhs_shape, rhs_shape, params: dict) -> bool:
     if any(int(d) != 1 for d in lhs_dilation):
         return False
     lhs_spec, rhs_spec, _ = params["dimension_numbers"]
-    inputs = math.prod(int(lhs_shape[a]) for a in lhs_spec[2:])
-    window = math.prod(int(rhs_shape[a]) for a in rhs_spec[2:])
-    return inputs < window
+    sizes = [int(lhs_shape[a]) for a in lhs_spec[2:]]
+    window = [int(rhs_shape[a]) for a in rhs_spec[2:]]
+    dilation = params.get("rhs_dilation") or (1,) * len(window)
+    outputs = output_sizes(sizes, window, params["padding"], dilation, params["window_strides"])
+    return min(math.prod(sizes), math.prod(outputs)) < math.prod(window)
 
 
 def output_sizes(sizes, window, padding, rhs_dilation, window_strides) -> tuple[int, ...]:

@@ -11,8 +11,8 @@
   kept); a ``cond`` is rebuilt with ``lax.switch``; a ``scan`` is rebuilt with ``lax.scan`` and
   the factor matrices and Z of the leaves it slices are passed as xs (moved to lead with the
   scanned axis), those of the leaves it receives whole as closed-over constants;
-* a convolution whose input has fewer spatial positions than its window is computed as matmuls
-  of its patches (:mod:`~trakjax.factorized.small_convolutions`: XLA's CPU backend runs it
+* a convolution whose input or output has fewer spatial positions than its window is computed
+  as matmuls of its patches (:mod:`~trakjax.factorized.small_convolutions`: XLA's CPU backend runs it
   swapped, slowly);
 * every other equation (custom_jvp/custom_vjp calls included: their rules stay intact) is
   re-bound unchanged.
@@ -87,8 +87,8 @@ def _eval(ctx: Context, jaxpr, consts, args, path: tuple, scope: dict) -> list:
 
 
 def _bind(eqn, invals) -> list:
-    """Evaluate one equation unchanged, except a convolution over a map smaller than its window:
-    that one by patches (:mod:`~trakjax.factorized.small_convolutions`), the same values."""
+    """Evaluate one equation unchanged, except a convolution whose input or output is smaller than
+    its window: that one by patches (:mod:`~trakjax.factorized.small_convolutions`), the same values."""
     if eqn.primitive.name == "conv_general_dilated":
         y = small_convolutions.convolve_bound(invals[0], invals[1], compat.bind_params(eqn))
         if y is not None:

@@ -1,10 +1,10 @@
-"""Convolutions over maps smaller than their window, evaluated as matmuls of their patches.
+"""Convolutions over maps (in or out) smaller than their window, evaluated as matmuls of patches.
 
 XLA's CPU backend swaps the operands of a convolution whose input has fewer spatial positions
 than its window (ResNet's last stages at 32×32 images: 3×3 kernels over 2×2 and 1×1 maps), and of
 the activation backward of one whose output has (a strided 3×3 convolution from 4×4 to 2×2). The
 swapped convolution materializes a reversed copy of the kernel and runs at a few GFLOP/s, in the
-forward pass and again in the activation backward: measured, 89 → 26 ms per batch of the HF
+forward pass and again in the activation backward: measured, 89 → 22 ms per batch of the HF
 ResNet-18 featurize step (benchmarks/README.md).
 
 For such a convolution the patches are few, so the factorized evaluator computes it as

@@ -120,8 +120,8 @@ def _bias_input(cfg: TapConfig, u, p_c):
 
 def _conv_inputs(geo: ConvGeometry, x, p_c, prec):
     """P_Cᵀ patch_t for every output position, as one convolution with P_C as the kernel (by
-    patches where the map is smaller than the window, as the site's own convolution); the patch
-    itself, by slices, for an identity C side."""
+    patches where its input or output is smaller than the window, as the site's own convolution);
+    the patch itself, by slices, for an identity C side."""
     x = x.astype(jnp.float32)
     if p_c is None and all(int(d) == 1 for d in geo.lhs_dilation):
         return _conv_patches(geo, x)
